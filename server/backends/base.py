@@ -1,0 +1,111 @@
+"""The small interface every inference backend implements, and the values that cross it.
+
+A generator yields text pieces (`str`) and then exactly one `GenerationResult`; the consumer
+cancels by closing the iterator (``aclose()``) or cancelling the task that iterates it, and the
+backend must then stop its work at once (close the upstream response, stop the decode loop).
+Embedders and classifiers take a batch of texts. Backends raise only `protocol.errors.SluiceError`:
+each one maps its foreign exceptions in a single function. No transport code lives here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Turn",
+    "SamplingOptions",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationItem",
+    "Generator",
+    "Embedder",
+    "Classifier",
+    "LabelScores",
+    "BackendState",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation. Exactly one of `prompt` and `messages` is set (the protocol checked it)."""
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[Turn, ...] | None = None
+    system: str | None = None
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    format: Literal["json"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    # What the backend itself measured, when it knows (Ollama's final chunk); milliseconds.
+    load_ms: float | None = None
+    prompt_eval_ms: float | None = None
+    eval_ms: float | None = None
+    total_ms: float | None = None
+
+
+GenerationItem = str | GenerationResult
+
+
+class BackendState:
+    LOADING = "loading"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+    FAILED = "failed"
+
+
+class Generator(ABC):
+    """Produces text for the models it serves."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationItem]:
+        """Yield text pieces, then one `GenerationResult`. Raises `SluiceError` only."""
+
+
+LabelScores = list[tuple[str, float]]
+
+
+class Embedder(ABC):
+    dimensions: int
+
+    @abstractmethod
+    async def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        """One float32 row per text, shape ``(len(texts), dimensions)``."""
+
+
+class Classifier(ABC):
+    @abstractmethod
+    async def classify(
+        self, texts: Sequence[str], labels: Sequence[str], *, multi_label: bool = False
+    ) -> list[LabelScores]:
+        """One list of (label, score) per text, sorted by score descending.
+
+        Single-label scores sum to 1; multi-label scores are independent, each in [0, 1].
+        """
