@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ErrorCode", "SluiceError", "is_retryable", "INTERNAL_MESSAGE"]
+__all__ = ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"]
 
 
 class ErrorCode(StrEnum):

@@ -10,42 +10,43 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, TypeAlias
 
-from protocol.errors import ErrorCode
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from protocol.errors import ErrorCode
+
 __all__ = [
-    "PROTOCOL_VERSION",
-    "RequestId",
-    "ChatMessage",
-    "GenerateOptions",
-    "Hello",
-    "Generate",
-    "Embed",
-    "Classify",
-    "Cancel",
-    "Ping",
-    "Ack",
-    "ClientMessage",
-    "Request",
-    "ServerInfo",
-    "Limits",
-    "Models",
-    "Usage",
-    "Timings",
-    "LabelScore",
-    "Welcome",
-    "Delta",
-    "Done",
-    "Embedding",
-    "Classification",
-    "Error",
-    "Pong",
-    "Goaway",
-    "ServerMessage",
-    "LoggedMessage",
-    "FinishReason",
     "MAX_INPUTS",
     "MAX_LABELS",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Cancel",
+    "ChatMessage",
+    "Classification",
+    "Classify",
+    "ClientMessage",
+    "Delta",
+    "Done",
+    "Embed",
+    "Embedding",
+    "Error",
+    "FinishReason",
+    "Generate",
+    "GenerateOptions",
+    "Goaway",
+    "Hello",
+    "LabelScore",
+    "Limits",
+    "LoggedMessage",
+    "Models",
+    "Ping",
+    "Pong",
+    "Request",
+    "RequestId",
+    "ServerInfo",
+    "ServerMessage",
+    "Timings",
+    "Usage",
+    "Welcome",
 ]
 
 PROTOCOL_VERSION = 1
@@ -131,7 +132,9 @@ class Classify(_ClientModel):
     type: Literal["classify"]
     id: RequestId
     input: str | Inputs
-    labels: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=2, max_length=MAX_LABELS)]
+    labels: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=2, max_length=MAX_LABELS)
+    ]
     multi_label: bool = False
     model: str | None = Field(default=None, min_length=1, max_length=256)
 

@@ -1,0 +1,423 @@
+"""The session state machine of PROTOCOL.md §1-2, sans-I/O.
+
+A `Session` takes decoded client messages (`receive`) and the server's progress reports (`start`,
+`delta`, `done`, `embedding`, `classification`, `fail`, `cancelled`, `goaway`) and returns what
+to do or what to send. It owns everything the contract numbers and remembers:
+
+- ``seq``: every server message except ``welcome``/``pong`` gets the next one (from 1, no gaps),
+  and is appended to the event log *before* it is returned, so whatever the caller sends can be
+  replayed;
+- the requests in flight: ids unique among them, at most ``max_inflight``, each walking the
+  lifecycle table to exactly one terminal message, with nothing for that id after it;
+- resume: `replay` gives every event after a ``last_seq`` or ``None`` when that cannot be
+  complete (the caller then opens a new session: never a partial recovery);
+- ``ack`` trimming, and the conversation kept for ``history: true``.
+
+It never awaits, sends, times or runs anything: the transport feeds it and sends what it returns,
+the dispatcher starts and stops work when told to (`Accepted`, `CancelRequested`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeAlias, TypeVar, assert_never
+
+from protocol.errors import ErrorCode, SluiceError
+from protocol.eventlog import EventLog, MemoryEventLog
+from protocol.lifecycle import Event, Lifecycle, State
+from protocol.messages import (
+    Ack,
+    Cancel,
+    ChatMessage,
+    Classification,
+    Classify,
+    ClientMessage,
+    Delta,
+    Done,
+    Embed,
+    Embedding,
+    Error,
+    FinishReason,
+    Generate,
+    Goaway,
+    Hello,
+    LabelScore,
+    LoggedMessage,
+    Ping,
+    Pong,
+    Request,
+    Timings,
+    Usage,
+)
+
+__all__ = [
+    "Accepted",
+    "CancelRequested",
+    "Ignored",
+    "InflightRequest",
+    "Outcome",
+    "Refused",
+    "Reply",
+    "RequestKind",
+    "Session",
+    "SessionLimits",
+]
+
+RequestKind = Literal["generate", "embed", "classify"]
+_E = TypeVar("_E", Delta, Done, Embedding, Classification, Error, Goaway)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_inflight: int = 64
+    replay_events: int = 4096
+    # Messages (user and assistant) kept for ``history: true``; the oldest turns go first.
+    history_messages: int = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# What `Session.receive` tells the caller to do next.
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The request is now queued in the session: start work for it."""
+
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    """The request is in flight: stop its work, then report `Session.cancelled` (or its result)."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An unnumbered answer (``pong``): send it now."""
+
+    message: Pong
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The message did not become a request: send this numbered, already logged error."""
+
+    event: Error
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """Nothing to send and nothing to do."""
+
+
+Outcome: TypeAlias = Accepted | CancelRequested | Reply | Refused | Ignored
+
+_IGNORED = Ignored()
+
+
+class InflightRequest(Lifecycle):
+    """A request between `Accepted` and its terminal message."""
+
+    __slots__ = ("_reply", "request")
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self.request = request
+        # Pieces of generated text, kept only for ``history: true`` generations.
+        self._reply: list[str] | None = [] if isinstance(request, Generate) and request.history else None
+
+    @property
+    def kind(self) -> RequestKind:
+        return self.request.type
+
+
+class Session:
+    """One session's protocol state. See the module docstring for the rules it keeps."""
+
+    __slots__ = ("_history", "_inflight", "_log", "_seq", "id", "limits")
+
+    def __init__(self, session_id: str, limits: SessionLimits, log: EventLog | None = None) -> None:
+        self.id = session_id
+        self.limits = limits
+        self._log: EventLog = MemoryEventLog(limits.replay_events) if log is None else log
+        # A log handed in may already hold this session's past (a store that outlived a node).
+        self._seq = self._log.last_seq
+        self._inflight: dict[str, InflightRequest] = {}
+        self._history: list[ChatMessage] | None = None
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the newest logged event, 0 if none."""
+        return self._seq
+
+    @property
+    def inflight(self) -> Mapping[str, InflightRequest]:
+        return self._inflight
+
+    @property
+    def log(self) -> EventLog:
+        return self._log
+
+    @property
+    def history(self) -> tuple[ChatMessage, ...]:
+        return tuple(self._history or ())
+
+    # -- client messages -------------------------------------------------------------------
+
+    def receive(self, message: ClientMessage) -> Outcome:
+        """Handle one decoded client message and say what the caller must do next."""
+        match message:
+            case Generate() | Embed() | Classify():
+                return self._accept(message)
+            case Cancel(id=request_id):
+                return CancelRequested(request_id) if request_id in self._inflight else _IGNORED
+            case Ping(nonce=nonce):
+                return Reply(Pong(nonce=nonce))
+            case Ack(seq=seq):
+                self._log.trim(min(seq, self._seq))
+                return _IGNORED
+            case Hello():
+                error = SluiceError(ErrorCode.INVALID_MESSAGE, "hello is only allowed as the first message")
+                return Refused(self.refuse(error))
+            case _:
+                assert_never(message)
+
+    def _accept(self, request: Request) -> Accepted | Refused:
+        if request.id in self._inflight:
+            error = SluiceError(
+                ErrorCode.DUPLICATE_ID, f"a request with id {request.id!r} is in flight", ref=request.id
+            )
+            return Refused(self.refuse(error))
+        if len(self._inflight) >= self.limits.max_inflight:
+            error = SluiceError(
+                ErrorCode.TOO_MANY_INFLIGHT,
+                f"at most {self.limits.max_inflight} requests may be in flight",
+                ref=request.id,
+            )
+            return Refused(self.refuse(error))
+        self._inflight[request.id] = InflightRequest(request)
+        return Accepted(request)
+
+    def refuse(self, error: SluiceError) -> Error:
+        """A numbered, logged error for a message that never became a request (``ref`` = its id)."""
+        return self._log_event(
+            Error(
+                seq=self._seq + 1,
+                ref=error.ref,
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                retry_after_ms=error.retry_after_ms,
+            )
+        )
+
+    # -- progress reported by the server ---------------------------------------------------
+
+    def start(self, request_id: str) -> None:
+        """The work for `request_id` began (queued → running). Does nothing if it already ended."""
+        entry = self._inflight.get(request_id)
+        if entry is not None:
+            entry.fire(Event.START)
+
+    def delta(self, request_id: str, text: str) -> Delta | None:
+        """The next piece of a generation; ``None`` when the request already ended."""
+        entry = self._running(request_id, "generate")
+        if entry is None:
+            return None
+        if entry._reply is not None:
+            entry._reply.append(text)
+        return self._log_event(Delta(id=request_id, seq=self._seq + 1, text=text))
+
+    def done(
+        self,
+        request_id: str,
+        *,
+        finish_reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+        model: str,
+    ) -> Done | None:
+        """The terminal ``done`` of a generation; ``None`` when the request already ended."""
+        if finish_reason == "cancelled":
+            return self._cancelled_done(request_id, model=model, usage=usage, timings=timings)
+        entry = self._finish(request_id, "generate", Event.FINISH)
+        if entry is None:
+            return None
+        if entry._reply is not None:
+            self._remember(entry, "".join(entry._reply))
+        return self._log_event(
+            Done(
+                id=request_id,
+                seq=self._seq + 1,
+                finish_reason=finish_reason,
+                usage=usage,
+                timings=timings,
+                model=model,
+            )
+        )
+
+    def embedding(
+        self,
+        request_id: str,
+        *,
+        model: str,
+        dimensions: int,
+        embeddings: list[list[float]] | list[str],
+    ) -> Embedding | None:
+        """The terminal result of an ``embed``; ``None`` when the request already ended."""
+        if self._finish(request_id, "embed", Event.FINISH) is None:
+            return None
+        return self._log_event(
+            Embedding(
+                id=request_id, seq=self._seq + 1, model=model, dimensions=dimensions, embeddings=embeddings
+            )
+        )
+
+    def classification(
+        self, request_id: str, *, model: str, results: list[list[LabelScore]]
+    ) -> Classification | None:
+        """The terminal result of a ``classify``; ``None`` when the request already ended."""
+        if self._finish(request_id, "classify", Event.FINISH) is None:
+            return None
+        return self._log_event(Classification(id=request_id, seq=self._seq + 1, model=model, results=results))
+
+    def fail(self, request_id: str, error: SluiceError) -> Error | None:
+        """The terminal ``error`` of a request; ``None`` when the request already ended."""
+        if self._finish(request_id, None, Event.FAIL) is None:
+            return None
+        return self._log_event(
+            Error(
+                id=request_id,
+                seq=self._seq + 1,
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                retry_after_ms=error.retry_after_ms,
+            )
+        )
+
+    def cancelled(
+        self,
+        request_id: str,
+        *,
+        model: str,
+        usage: Usage | None = None,
+        timings: Timings | None = None,
+    ) -> Done | Error | None:
+        """The terminal message of a cancelled request: ``done`` (``finish_reason: cancelled``) for
+        a generation, ``error`` code ``cancelled`` otherwise; ``None`` when it already ended."""
+        entry = self._inflight.get(request_id)
+        if entry is None:
+            return None
+        if entry.kind == "generate":
+            return self._cancelled_done(request_id, model=model, usage=usage, timings=timings)
+        self._finish(request_id, None, Event.CANCEL)
+        return self._log_event(
+            Error(
+                id=request_id,
+                seq=self._seq + 1,
+                code=ErrorCode.CANCELLED,
+                message="request cancelled",
+                retryable=False,
+            )
+        )
+
+    def goaway(self, reason: str, retry_after_ms: int) -> Goaway:
+        """A numbered ``goaway``: the server is draining."""
+        return self._log_event(Goaway(seq=self._seq + 1, reason=reason, retry_after_ms=retry_after_ms))
+
+    # -- resume and history ----------------------------------------------------------------
+
+    def replay(self, last_seq: int) -> list[LoggedMessage] | None:
+        """Every logged event with ``seq > last_seq``, in order; ``None`` when that list could not be
+        complete (trimmed or evicted events, or a ``last_seq`` this session never reached)."""
+        if last_seq > self._seq or last_seq < 0:
+            return None
+        return self._log.after(last_seq)
+
+    def conversation(self, request: Generate) -> list[ChatMessage]:
+        """The turns to generate from: ``system`` first if given, then (for ``history: true``) the
+        session's earlier turns, then this request's own prompt or messages."""
+        turns: list[ChatMessage] = []
+        if request.system is not None:
+            turns.append(ChatMessage(role="system", content=request.system))
+        if request.history and self._history:
+            turns.extend(self._history)
+        turns.extend(_own_turns(request))
+        return turns
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _log_event(self, event: _E) -> _E:
+        self._log.append(event)
+        self._seq = event.seq
+        return event
+
+    def _running(self, request_id: str, kind: RequestKind) -> InflightRequest | None:
+        entry = self._inflight.get(request_id)
+        if entry is None:
+            return None
+        _check_kind(entry, kind)
+        if entry.state is State.QUEUED:
+            # Output proves the work started, even if the caller never said so.
+            entry.fire(Event.START)
+        return entry
+
+    def _finish(self, request_id: str, kind: RequestKind | None, event: Event) -> InflightRequest | None:
+        entry = self._inflight.get(request_id)
+        if entry is None:
+            return None
+        if kind is not None:
+            _check_kind(entry, kind)
+        if event is Event.FINISH and entry.state is State.QUEUED:
+            entry.fire(Event.START)
+        entry.fire(event)
+        del self._inflight[request_id]
+        return entry
+
+    def _cancelled_done(
+        self, request_id: str, *, model: str, usage: Usage | None, timings: Timings | None
+    ) -> Done | None:
+        entry = self._finish(request_id, "generate", Event.CANCEL)
+        if entry is None:
+            return None
+        return self._log_event(
+            Done(
+                id=request_id,
+                seq=self._seq + 1,
+                finish_reason="cancelled",
+                usage=usage if usage is not None else Usage(prompt_tokens=0, completion_tokens=0),
+                timings=timings if timings is not None else Timings(queue_ms=0.0, ttft_ms=None, total_ms=0.0),
+                model=model,
+            )
+        )
+
+    def _remember(self, entry: InflightRequest, reply: str) -> None:
+        request = entry.request
+        assert isinstance(request, Generate)
+        history = self._history if self._history is not None else []
+        history.extend(_own_turns(request, include_system=False))
+        history.append(ChatMessage(role="assistant", content=reply))
+        excess = len(history) - self.limits.history_messages
+        if excess > 0:
+            del history[:excess]
+        self._history = history
+
+
+def _own_turns(request: Generate, *, include_system: bool = True) -> list[ChatMessage]:
+    if request.messages is None:
+        assert request.prompt is not None  # the model guarantees exactly one of them
+        return [ChatMessage(role="user", content=request.prompt)]
+    if include_system:
+        return list(request.messages)
+    return [turn for turn in request.messages if turn.role != "system"]
+
+
+def _check_kind(entry: InflightRequest, kind: RequestKind) -> None:
+    if entry.kind != kind:
+        raise ValueError(f"request {entry.request.id!r} is a {entry.kind} request, not {kind}")

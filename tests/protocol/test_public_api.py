@@ -1,0 +1,91 @@
+"""The public names of every protocol module, pinned: changing them is a contract change."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "protocol": ["codec", "errors", "eventlog", "lifecycle", "messages", "schema", "session", "sse"],
+    "protocol.codec": ["decode", "encode"],
+    "protocol.errors": ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"],
+    "protocol.eventlog": ["EventLog", "MemoryEventLog"],
+    "protocol.lifecycle": [
+        "TERMINAL",
+        "TRANSITIONS",
+        "Event",
+        "Lifecycle",
+        "LifecycleError",
+        "State",
+        "next_state",
+    ],
+    "protocol.messages": [
+        "MAX_INPUTS",
+        "MAX_LABELS",
+        "PROTOCOL_VERSION",
+        "Ack",
+        "Cancel",
+        "ChatMessage",
+        "Classification",
+        "Classify",
+        "ClientMessage",
+        "Delta",
+        "Done",
+        "Embed",
+        "Embedding",
+        "Error",
+        "FinishReason",
+        "Generate",
+        "GenerateOptions",
+        "Goaway",
+        "Hello",
+        "LabelScore",
+        "Limits",
+        "LoggedMessage",
+        "Models",
+        "Ping",
+        "Pong",
+        "Request",
+        "RequestId",
+        "ServerInfo",
+        "ServerMessage",
+        "Timings",
+        "Usage",
+        "Welcome",
+    ],
+    "protocol.schema": [
+        "ASYNCAPI_FILE",
+        "DEFAULT_DIRECTORY",
+        "SCHEMA_FILE",
+        "asyncapi",
+        "json_schema",
+        "render",
+        "write",
+    ],
+    "protocol.session": [
+        "Accepted",
+        "CancelRequested",
+        "Ignored",
+        "InflightRequest",
+        "Outcome",
+        "Refused",
+        "Reply",
+        "RequestKind",
+        "Session",
+        "SessionLimits",
+    ],
+    "protocol.sse": ["encode_comment", "encode_event", "encode_message"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_names_are_pinned_and_exist(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__all__ == PUBLIC[name]
+    for attribute in module.__all__:
+        if name == "protocol":
+            importlib.import_module(f"protocol.{attribute}")
+        else:
+            assert hasattr(module, attribute), f"{name}.{attribute}"
+    assert module.__doc__, f"{name} has no module docstring"
