@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     outbound_soft_bytes: int = Field(default=256 * 1024, ge=1024)
     outbound_hard_bytes: int = Field(default=4 * 1_048_576, ge=4096)
     outbound_stall_s: float = Field(default=30.0, gt=0.0)
+    # SO_SNDBUF of accepted sockets, bytes; 0 leaves it to the OS (autotuned, up to tcp_wmem's
+    # maximum, often 4 MiB). A fixed size bounds the kernel memory a client that stops reading
+    # can hold down, and makes the outbound bounds above take effect that much sooner.
+    socket_send_buffer_bytes: int = Field(default=0, ge=0)
 
     # Liveness and shutdown.
     ws_ping_interval_s: float = Field(default=20.0, gt=0.0)

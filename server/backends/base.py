@@ -18,16 +18,16 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "Turn",
-    "SamplingOptions",
+    "BackendState",
+    "Classifier",
+    "Embedder",
+    "GenerationItem",
     "GenerationRequest",
     "GenerationResult",
-    "GenerationItem",
     "Generator",
-    "Embedder",
-    "Classifier",
     "LabelScores",
-    "BackendState",
+    "SamplingOptions",
+    "Turn",
 ]
 
 

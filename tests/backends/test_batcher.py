@@ -1,0 +1,289 @@
+"""The micro-batcher with a fake forward function: batching, waiting, routing, dropping, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from protocol.errors import ErrorCode, SluiceError
+from server.backends.batcher import BatchRecord, MicroBatcher, forward_error
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    """A forward function that records every batch it sees; optionally blocks or fails."""
+
+    def __init__(self, fail_on: str | None = None, exc: Exception | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.fail_on = fail_on
+        self.exc = exc or RuntimeError("boom")
+        self.gate: threading.Event | None = None  # set: forward waits for it on "gate" items
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[str]) -> Sequence[str]:
+        self.batches.append(list(items))
+        if self.gate is not None and "gate" in items:
+            self.entered.set()
+            self.gate.wait(10)
+        if self.fail_on is not None and self.fail_on in items:
+            raise self.exc
+        return [item.upper() for item in items]
+
+    @property
+    def seen(self) -> list[str]:
+        return [item for batch in self.batches for item in batch]
+
+
+Factory = Callable[..., MicroBatcher[str, str]]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Factory]:
+    made: list[MicroBatcher[str, str]] = []
+
+    def factory(
+        forward: Callable[[list[str]], Sequence[str]],
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1000,
+        sort: bool = True,
+    ) -> MicroBatcher[str, str]:
+        batcher: MicroBatcher[str, str] = MicroBatcher(
+            "fake",
+            forward,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            length=len if sort else None,
+        )
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield factory
+    for batcher in made:
+        await batcher.close()
+
+
+async def hold_worker(batcher: MicroBatcher[str, str], recorder: Recorder) -> asyncio.Task[list[str]]:
+    """Start a pass that blocks on ``recorder.gate`` and return once the worker is inside it."""
+    recorder.gate = threading.Event()
+    task = asyncio.create_task(batcher.submit(["gate"]))
+    assert await asyncio.to_thread(recorder.entered.wait, 5)
+    return task
+
+
+async def test_results_are_routed_to_their_requests_under_concurrency(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=16, max_wait_ms=2)
+    requests = [[f"r{i}-t{j}-{'x' * ((i * 7 + j) % 5)}" for j in range(1 + i % 4)] for i in range(60)]
+    results = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
+    for texts, got in zip(requests, results, strict=True):
+        assert got == [text.upper() for text in texts]
+    assert sorted(recorder.seen) == sorted(text for texts in requests for text in texts)
+    assert batcher.stats.items == sum(map(len, requests))
+    assert batcher.stats.batches == len(recorder.batches) < 60  # batching happened
+
+
+async def test_max_batch_is_respected(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=4, max_wait_ms=200)
+    results = await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(10)))
+    assert results == [[f"T{i}"] for i in range(10)]
+    assert [len(batch) for batch in recorder.batches] == [4, 4, 2]
+    assert batcher.stats.size_buckets[4] == 3 and batcher.stats.size_buckets[2] == 1
+
+
+async def test_a_lone_request_waits_at_most_max_wait(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=100, max_wait_ms=80)
+    started = time.perf_counter()
+    assert await batcher.submit(["only"]) == ["ONLY"]
+    elapsed = time.perf_counter() - started
+    assert 0.075 <= elapsed < 3.0  # waited for company, then ran without it
+    assert batcher.stats.queue_wait_ms_max >= 75
+
+
+async def test_zero_max_wait_runs_at_once(make: Factory) -> None:
+    batcher = make(Recorder(), max_batch=100, max_wait_ms=0)
+    started = time.perf_counter()
+    await batcher.submit(["now"])
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_a_full_batch_does_not_wait(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=8, max_wait_ms=5_000)
+    started = time.perf_counter()
+    await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(8)))
+    assert time.perf_counter() - started < 2.0
+    assert [len(batch) for batch in recorder.batches] == [8]
+
+
+async def test_items_are_sorted_by_length_within_a_batch(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=10, max_wait_ms=100)
+    texts = ["ccc", "a", "eeeee", "bb", "dddd"]
+    results = await asyncio.gather(*(batcher.submit([text]) for text in texts))
+    assert recorder.batches == [["a", "bb", "ccc", "dddd", "eeeee"]]
+    assert results == [[text.upper()] for text in texts]
+
+
+async def test_a_large_request_is_split_across_passes(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=3, max_wait_ms=0, sort=False)
+    texts = [f"t{i}" for i in range(8)]
+    assert await batcher.submit(texts) == [text.upper() for text in texts]
+    assert recorder.batches == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6", "t7"]]
+
+
+async def test_a_cancelled_request_is_dropped_before_it_runs(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=4, max_wait_ms=0)
+    gate = await hold_worker(batcher, recorder)
+    victim = asyncio.create_task(batcher.submit(["drop-1", "drop-2"]))
+    survivor = asyncio.create_task(batcher.submit(["keep"]))
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 3
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    assert batcher.queued == 1
+    assert recorder.gate is not None
+    recorder.gate.set()
+    assert await survivor == ["KEEP"]
+    assert await gate == ["GATE"]
+    assert "drop-1" not in recorder.seen and "drop-2" not in recorder.seen
+    assert batcher.stats.dropped_items == 2
+
+
+async def test_a_cancelled_split_request_drops_only_what_has_not_run(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    recorder.gate = threading.Event()
+    task = asyncio.create_task(batcher.submit(["gate", "a", "b", "c", "d"]))
+    assert await asyncio.to_thread(recorder.entered.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    recorder.gate.set()
+    assert await batcher.submit(["after"]) == ["AFTER"]
+    assert recorder.batches == [["gate", "a"], ["after"]]
+    assert batcher.stats.dropped_items == 3
+
+
+async def test_a_full_queue_answers_overloaded(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=2, max_wait_ms=0, max_queue=4)
+    gate = await hold_worker(batcher, recorder)
+    queued = [asyncio.create_task(batcher.submit([f"q{i}", f"q{i}!"])) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 4
+    with pytest.raises(SluiceError) as caught:
+        await batcher.submit(["one too many"])
+    assert caught.value.code is ErrorCode.OVERLOADED and caught.value.retryable
+    assert batcher.stats.rejected_requests == 1
+    assert recorder.gate is not None
+    recorder.gate.set()
+    assert await asyncio.gather(*queued) == [["Q0", "Q0!"], ["Q1", "Q1!"]]
+    await gate
+    assert await batcher.submit(["room again"]) == ["ROOM AGAIN"]
+
+
+async def test_a_request_larger_than_the_queue_is_refused(make: Factory) -> None:
+    batcher = make(Recorder(), max_queue=3)
+    with pytest.raises(SluiceError) as caught:
+        await batcher.submit(["a", "b", "c", "d"])
+    assert caught.value.code is ErrorCode.OVERLOADED
+
+
+async def test_a_failed_pass_fails_only_the_requests_in_it(make: Factory) -> None:
+    recorder = Recorder(fail_on="boom")
+    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    gate = await hold_worker(batcher, recorder)
+    same_batch = [asyncio.create_task(batcher.submit([text])) for text in ("boom", "neighbour")]
+    later = asyncio.create_task(batcher.submit(["later"]))
+    await asyncio.sleep(0.01)
+    assert recorder.gate is not None
+    recorder.gate.set()
+    outcomes = await asyncio.gather(*same_batch, return_exceptions=True)
+    for outcome in outcomes:
+        assert isinstance(outcome, SluiceError) and outcome.code is ErrorCode.INTERNAL
+        assert "boom" not in outcome.message
+    assert await later == ["LATER"]
+    assert await gate == ["GATE"]
+    assert batcher.stats.failed_batches == 1
+    assert await batcher.submit(["still works"]) == ["STILL WORKS"]
+
+
+async def test_a_failed_split_request_does_not_run_its_rest(make: Factory) -> None:
+    recorder = Recorder(fail_on="boom")
+    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    with pytest.raises(SluiceError):
+        await batcher.submit(["x", "boom", "y", "z"])
+    assert recorder.batches == [["x", "boom"]]
+    assert batcher.queued == 0
+
+
+async def test_a_wrong_number_of_results_is_an_internal_error(make: Factory) -> None:
+    batcher = make(lambda items: ["only one"], max_wait_ms=0)
+    with pytest.raises(SluiceError) as caught:
+        await batcher.submit(["a", "b"])
+    assert caught.value.code is ErrorCode.INTERNAL
+
+
+def test_forward_errors_map_in_one_place() -> None:
+    own = SluiceError(ErrorCode.INVALID_REQUEST, "bad input")
+    assert forward_error(own) is own
+    assert forward_error(MemoryError()).code is ErrorCode.OVERLOADED
+    mapped = forward_error(ValueError("secret detail"))
+    assert mapped.code is ErrorCode.INTERNAL and "secret" not in mapped.message
+
+
+async def test_close_fails_waiting_requests_and_refuses_new_ones(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch=1, max_wait_ms=0)
+    gate = await hold_worker(batcher, recorder)
+    waiting = asyncio.create_task(batcher.submit(["waiting"]))
+    await asyncio.sleep(0.01)
+    assert recorder.gate is not None
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.01)
+    recorder.gate.set()
+    await closing
+    with pytest.raises(SluiceError) as caught:
+        await waiting
+    assert caught.value.code is ErrorCode.SHUTTING_DOWN
+    assert await gate == ["GATE"]  # the pass already running still delivers
+    with pytest.raises(SluiceError) as caught:
+        await batcher.submit(["late"])
+    assert caught.value.code is ErrorCode.SHUTTING_DOWN
+
+
+async def test_observers_see_every_pass(make: Factory) -> None:
+    records: list[BatchRecord] = []
+    batcher = make(Recorder(), max_batch=3, max_wait_ms=0, sort=False)
+    batcher.add_observer(records.append)
+    await batcher.submit(["a", "b", "c", "d"])
+    for _ in range(200):  # observers run after the results are handed back
+        if len(records) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [(r.model, r.size, r.requests, r.ok) for r in records] == [
+        ("fake", 3, 1, True),
+        ("fake", 1, 1, True),
+    ]
+    assert all(r.run_ms >= 0 and r.queue_wait_ms >= 0 for r in records)
+
+
+async def test_empty_submit_returns_at_once(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder)
+    assert await batcher.submit([]) == []
+    assert recorder.batches == []

@@ -1,0 +1,161 @@
+"""Sentence embeddings: the real shipped MiniLM (marked ``models``) and the embedder's own logic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from protocol.errors import ErrorCode, SluiceError
+from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path, normalize_rows
+from server.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(ollama_urls=[], **overrides)  # type: ignore[arg-type]
+
+
+class _Remember(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+LOAD_LOG = _Remember()
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Iterator[SentenceEmbedder]:
+    logger = logging.getLogger("server.backends.embedding")
+    logger.addHandler(LOAD_LOG)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
+        embedder = SentenceEmbedder.load(MINILM, minilm_path(), settings())
+    finally:
+        logger.removeHandler(LOAD_LOG)
+        logger.setLevel(level)
+    embedder.start()
+    yield embedder
+    asyncio.run(embedder.close())
+
+
+def cosine(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.models
+async def test_embeddings_have_the_right_shape_type_and_norm(minilm: SentenceEmbedder) -> None:
+    texts = ["Hello there.", "A second, somewhat longer sentence about nothing much.", "Third."]
+    vectors = await minilm.embed(texts)
+    assert vectors.shape == (3, 384) and minilm.dimensions == 384
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert (await minilm.embed([])).shape == (0, 384)
+
+
+@pytest.mark.models
+async def test_paraphrases_are_close_and_unrelated_texts_are_not(minilm: SentenceEmbedder) -> None:
+    # Paraphrases that keep most content words. Looser ones that swap words for synonyms ("sofa" /
+    # "couch", "stock market fell" / "shares dropped") score 0.67-0.80 with this small model.
+    pairs = [
+        ("The cat is sleeping on the sofa.", "A cat is asleep on the sofa."),
+        ("How do I reset my password?", "How can I reset my password?"),
+        ("How do I reset my password?", "What are the steps to change my password?"),
+        ("A man is playing a guitar on stage.", "On stage, a man plays the guitar."),
+    ]
+    unrelated = "Volcanic eruptions release large amounts of sulfur dioxide."
+    vectors = await minilm.embed([text for pair in pairs for text in pair] + [unrelated])
+    for i in range(len(pairs)):
+        close = cosine(vectors[2 * i], vectors[2 * i + 1])
+        far = cosine(vectors[2 * i], vectors[-1])
+        print(f"paraphrase {close:.3f} vs unrelated {far:.3f}: {pairs[i][0]!r}")
+        assert close > 0.8
+        assert far < 0.3
+
+
+@pytest.mark.models
+async def test_concurrent_calls_share_passes_and_match_direct_encoding(minilm: SentenceEmbedder) -> None:
+    texts = [f"Sentence number {i} talks about {'apples ' * (i % 4)}and more." for i in range(32)]
+    before = minilm.batcher.stats.batches
+    results = await asyncio.gather(*(minilm.embed([text]) for text in texts))
+    passes = minilm.batcher.stats.batches - before
+    assert passes < len(texts) / 2, passes
+    direct = minilm.encode(texts)
+    # Batched with padding vs one big batch: the same vectors up to float noise.
+    np.testing.assert_allclose(np.vstack(results), direct, atol=1e-4)
+
+
+@pytest.mark.models
+def test_the_load_time_is_logged(minilm: SentenceEmbedder) -> None:
+    assert any(
+        re.match(r"loaded embed model all-MiniLM-L6-v2 \(384 dimensions\) from .* in \d+\.\d\d s", m)
+        for m in LOAD_LOG.messages
+    ), LOAD_LOG.messages
+
+
+def test_a_bad_path_is_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(SluiceError) as caught:
+        SentenceEmbedder.load("broken", str(tmp_path), settings())
+    assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
+    assert str(tmp_path) not in caught.value.message
+
+
+async def test_normalize_is_applied_per_request_on_raw_vectors() -> None:
+    rows = {"a": [3.0, 4.0], "b": [0.0, 0.0], "c": [1.0, 0.0]}
+    raw = np.array([rows[t] for t in "abc"], dtype=np.float32)
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        return np.array([rows[t] for t in texts], dtype=np.float32)
+
+    embedder = SentenceEmbedder("fake", encode, 2, settings(embed_max_wait_ms=20))
+    embedder.start()
+    try:
+        plain, unit = await asyncio.gather(
+            embedder.embed(["a", "b", "c"], normalize=False), embedder.embed(["a", "b"], normalize=True)
+        )
+    finally:
+        await embedder.close()
+    np.testing.assert_array_equal(plain, raw)
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
+    assert unit.dtype == np.float32
+
+
+async def test_a_wrong_shape_from_the_model_is_an_internal_error() -> None:
+    embedder = SentenceEmbedder("fake", lambda texts: np.zeros((1, 3), np.float32), 2, settings())
+    embedder.start()
+    try:
+        with pytest.raises(SluiceError) as caught:
+            await embedder.embed(["a", "b"])
+    finally:
+        await embedder.close()
+    assert caught.value.code is ErrorCode.INTERNAL
+
+
+def test_the_embedder_follows_the_batching_settings() -> None:
+    embedder = SentenceEmbedder(
+        "fake",
+        lambda texts: np.zeros((len(texts), 2), np.float32),
+        2,
+        settings(embed_max_batch=7, embed_max_wait_ms=3.0, embed_max_queue=99),
+    )
+    assert (embedder.batcher.max_batch, embedder.batcher.max_wait_s, embedder.batcher.max_queue) == (
+        7,
+        0.003,
+        99,
+    )
+
+
+def test_normalize_rows_keeps_zero_rows_zero() -> None:
+    rows = normalize_rows(np.array([[0.0, 2.0], [0.0, 0.0]], dtype=np.float32))
+    np.testing.assert_array_equal(rows, [[0.0, 1.0], [0.0, 0.0]])
