@@ -1,0 +1,132 @@
+"""Python arguments → protocol requests, checked before they are sent.
+
+The request models are ``protocol.messages``' own, so a request the server would refuse as
+invalid is refused here first, as a `SluiceError` with code ``invalid_message`` naming the field —
+except Python misuse (an unknown keyword), which is a ``TypeError`` like any other call. Ids are
+made here too: short, readable in server logs, unique within the client. Nothing here sends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Literal
+
+from pydantic import ValidationError
+
+from protocol.messages import MAX_INPUTS, ChatMessage, Classify, Embed, Generate, GenerateOptions
+from sluice_client.errors import SluiceError, invalid_argument
+
+__all__ = [
+    "MessageLike",
+    "RequestIds",
+    "check_batch_size",
+    "classify_request",
+    "embed_request",
+    "generate_request",
+    "text_list",
+]
+
+MessageLike = ChatMessage | Mapping[str, str]
+_OPTION_NAMES: Final = frozenset(GenerateOptions.model_fields)
+
+
+class RequestIds:
+    """``g-3f2a-17``: a kind letter, a per-client tag, a counter."""
+
+    def __init__(self) -> None:
+        self._tag = secrets.token_hex(2)
+        self._counter = itertools.count(1)
+
+    def next(self, kind: Literal["g", "e", "c"]) -> str:
+        return f"{kind}-{self._tag}-{next(self._counter)}"
+
+
+def _invalid(exc: ValidationError) -> SluiceError:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "request"
+    return invalid_argument(f"invalid {where}: {str(first['msg']).removeprefix('Value error, ')}")
+
+
+def _chat_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
+    out = []
+    for message in messages:
+        out.append(message if isinstance(message, ChatMessage) else ChatMessage.model_validate(dict(message)))
+    return out
+
+
+def generate_request(
+    request_id: str,
+    *,
+    prompt: str | None,
+    messages: Iterable[MessageLike] | None,
+    model: str | None,
+    system: str | None,
+    history: bool,
+    format: Literal["json"] | None,
+    options: Mapping[str, Any],
+) -> Generate:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(
+            f"unknown generate option(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTION_NAMES))})"
+        )
+    plain = dict(options)
+    stop = plain.get("stop")
+    if isinstance(stop, str):
+        plain["stop"] = [stop]
+    elif isinstance(stop, tuple):
+        plain["stop"] = list(stop)
+    try:
+        return Generate(
+            type="generate",
+            id=request_id,
+            prompt=prompt,
+            messages=None if messages is None else _chat_messages(messages),
+            model=model,
+            system=system,
+            history=history,
+            format=format,
+            options=GenerateOptions.model_validate(plain),
+        )
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def text_list(texts: str | Sequence[str]) -> list[str]:
+    items = [texts] if isinstance(texts, str) else list(texts)
+    for index, text in enumerate(items):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str")
+    return items
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not 1 <= batch_size <= MAX_INPUTS:
+        raise ValueError(f"batch_size must be between 1 and {MAX_INPUTS}")
+
+
+def embed_request(request_id: str, texts: list[str], *, model: str | None, normalize: bool) -> Embed:
+    try:
+        return Embed(
+            type="embed", id=request_id, input=texts, model=model, normalize=normalize, encoding="base64"
+        )
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def classify_request(
+    request_id: str, texts: list[str], labels: Sequence[str], *, multi_label: bool, model: str | None
+) -> Classify:
+    try:
+        return Classify(
+            type="classify",
+            id=request_id,
+            input=texts,
+            labels=list(labels),
+            multi_label=multi_label,
+            model=model,
+        )
+    except ValidationError as exc:
+        raise _invalid(exc) from None
