@@ -1,0 +1,168 @@
+"""The ``sluice`` command: ``sluice serve`` runs the server, ``sluice schema`` writes the contract.
+
+``serve`` reads `Settings` (the only reader of the environment); its flags override the matching
+fields. It runs uvicorn programmatically, as a `server.shutdown.DrainingServer`, so SIGTERM
+drains the sessions (``goaway``, running requests finish, close 1012) before uvicorn closes
+anything. With ``--workers N`` the parent binds the socket once and starts N such servers in
+spawned processes, forwarding SIGTERM/SIGINT to them; each worker keeps its own sessions (a
+client resuming on another worker gets a new session, as PROTOCOL.md allows).
+
+uvicorn is set up for the protocol: WebSocket frames past ``max_frame_bytes`` close 1009,
+keepalive pings every ``ws_ping_interval_s``, and no permessage-deflate (a compressor per socket
+costs more memory than an idle session may use, and CPU on every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.settings import Settings
+
+__all__ = ["ContextFormatter", "configure_logging", "listen_socket", "main", "serve", "uvicorn_config"]
+
+# What uvicorn itself waits for connections after the app drained (stuck peers must not hang exit).
+_GRACE_AFTER_DRAIN_S = 3
+_STARTUP_FAILURE = 3
+
+
+# What code logging about a request passes as ``extra=``; appended to the line as key=value.
+CONTEXT_FIELDS = ("session", "request", "model")
+
+
+class ContextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``: every line about a request can be found by
+    its session or request id. Nothing may log a credential (keys never reach a log record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = [
+            f"{name}={value}" for name in CONTEXT_FIELDS if (value := getattr(record, name, None)) is not None
+        ]
+        return f"{line} {' '.join(context)}" if context else line
+
+
+def configure_logging(level: str) -> None:
+    """Every record at ``level`` or above to stderr, through `ContextFormatter`; uvicorn's loggers
+    propagate here (it gets no ``log_config`` of its own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ContextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """The uvicorn `Config` for ``app`` under ``settings``."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,
+    )
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Run one server process until it is told to stop (blocking)."""
+    from server.app import create_app  # imports the backends: only when serving
+    from server.shutdown import DrainingServer
+
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    if sockets is None and settings.socket_send_buffer_bytes:
+        sockets = [listen_socket(config, settings)]
+    server = DrainingServer(config, app.state.sluice.drainer.drain)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(_STARTUP_FAILURE)
+
+
+def listen_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
+    """The listening socket, bound; accepted connections inherit its send buffer size (Linux)."""
+    listener = config.bind_socket()
+    if settings.socket_send_buffer_bytes:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    return listener
+
+
+def _worker(settings_fields: dict[str, Any], listener: socket.socket) -> None:
+    settings = Settings(**settings_fields)
+    configure_logging(settings.log_level)
+    serve(settings, sockets=[listener])
+
+
+def _serve_workers(settings: Settings) -> None:
+    listener = listen_socket(uvicorn_config(None, settings), settings)
+    multiprocessing.allow_connection_pickling()
+    spawn = multiprocessing.get_context("spawn")
+    fields = settings.model_dump()
+    workers = [
+        spawn.Process(target=_worker, args=(fields, listener), name=f"sluice-worker-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    listener.close()
+    if any(worker.exitcode for worker in workers):
+        sys.exit(1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice", description="Streaming-first realtime AI inference server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the server (settings from SLUICE_* variables)")
+    serve_cmd.add_argument("--host", help="address to bind (default 127.0.0.1, SLUICE_HOST)")
+    serve_cmd.add_argument("--port", type=int, help="port to bind (default 8000, SLUICE_PORT)")
+    serve_cmd.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve_cmd.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    schema_cmd = commands.add_parser("schema", help="write the JSON Schema and AsyncAPI contract files")
+    schema_cmd.add_argument("--out", type=Path, help="directory (default: protocol/schema in the package)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        from protocol import schema
+
+        written = schema.write(args.out) if args.out is not None else schema.write()
+        for path in written:
+            print(path)
+        return
+    flags = {"host": args.host, "port": args.port, "workers": args.workers, "log_level": args.log_level}
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    configure_logging(settings.log_level)
+    if settings.workers > 1:
+        _serve_workers(settings)
+    else:
+        serve(settings)

@@ -1,0 +1,301 @@
+"""Runs protocol requests on the backends: the one place a request becomes backend work.
+
+`Dispatcher` turns a `Generate` into a stream of text pieces and one `Finished`, an `Embed` into
+an `EmbedResult` and a `Classify` into a `ClassifyResult`. It resolves the model through the
+registry, measures ``queue_ms`` / ``ttft_ms`` / ``total_ms``, feeds metrics and the per-key token
+budget, and maps every exception to a `SluiceError` in one place (`_accounting`): an unexpected
+one is logged with its session and request id and leaves as ``internal``, with no text of it.
+
+It knows nothing of sessions, seq or transports, so every transport uses it as it is: the
+WebSocket and SSE session runtime (`server.runtime`) and the plain HTTP APIs, which call
+`admit` and then `generate` / `embed` / `classify` directly. Cancelling is the caller's: cancel
+the task awaiting it, or ``aclose()`` the `generate` iterator (use ``contextlib.aclosing``), and
+the backend stops at once (Ollama's stream is closed, local decoding stops within a token,
+queued batch items are dropped).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.errors import ErrorCode, SluiceError
+from protocol.messages import ChatMessage, Classify, Embed, Generate, LabelScore, Timings, Usage
+from server.backends.base import (
+    Classifier,
+    Embedder,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    SamplingOptions,
+    Turn,
+)
+from server.metrics import Metrics
+from server.ratelimit import RateLimiter
+
+__all__ = [
+    "ClassifyResult",
+    "Dispatcher",
+    "EmbedResult",
+    "Finished",
+    "ModelSource",
+    "RequestKind",
+    "RequestTrace",
+    "encode_vectors",
+    "generation_request",
+]
+
+log = logging.getLogger("sluice.dispatcher")
+
+RequestKind = Literal["generate", "embed", "classify"]
+
+
+class ModelSource(Protocol):
+    """What the dispatcher needs of `server.backends.registry.ModelRegistry`."""
+
+    def generator(self, model: str | None) -> tuple[str, Generator]: ...
+    def embedder(self, model: str | None) -> tuple[str, Embedder]: ...
+    def classifier(self, model: str | None) -> tuple[str, Classifier]: ...
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """What is known about one request while it runs; the caller may read it at any time (a
+    runtime cancelling a generation reports its model, tokens so far and timings from it)."""
+
+    kind: RequestKind
+    session: str | None = None
+    request: str | None = None
+    model: str | None = None  # resolved name, once known
+    accepted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    pieces: int = 0
+
+    def timings(self, now: float | None = None) -> Timings:
+        end = time.perf_counter() if now is None else now
+        started = self.started_at if self.started_at is not None else end
+        first = self.first_token_at
+        return Timings(
+            queue_ms=_ms(started - self.accepted_at),
+            ttft_ms=None if first is None else _ms(first - self.accepted_at),
+            total_ms=_ms(end - self.accepted_at),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last item of `Dispatcher.generate`: how the generation ended."""
+
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    model: str
+    dimensions: int
+    vectors: npt.NDArray[np.float32]
+    # What goes on the wire: float lists, or base64 strings when ``encoding`` was "base64".
+    embeddings: list[list[float]] | list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    model: str
+    results: list[list[LabelScore]]
+
+
+class Dispatcher:
+    """Runs requests on the models of one registry; see the module docstring."""
+
+    def __init__(self, registry: ModelSource, *, limiter: RateLimiter, metrics: Metrics) -> None:
+        self._registry = registry
+        self._limiter = limiter
+        self._metrics = metrics
+        # Set while the server drains: new requests are refused with ``shutting_down``.
+        self.draining = False
+
+    def admit(self, key_id: str) -> None:
+        """Count one new request for ``key_id``, or refuse it (``shutting_down``, ``rate_limited``).
+
+        Call it before a message becomes a request: a refusal is not a request's terminal error.
+        """
+        if self.draining:
+            raise SluiceError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after_ms=1000)
+        self._limiter.check_request(key_id)
+
+    async def generate(
+        self,
+        message: Generate,
+        *,
+        key_id: str,
+        conversation: Sequence[ChatMessage] | None = None,
+        trace: RequestTrace | None = None,
+    ) -> AsyncGenerator[str | Finished, None]:
+        """Text pieces as the model produces them, then one `Finished`. Raises `SluiceError` only.
+
+        ``conversation`` is the session's view of the turns (`protocol.session.Session.conversation`);
+        without it the turns come from the message alone.
+        """
+        trace = trace if trace is not None else RequestTrace("generate", request=message.id)
+        with self._accounting(trace) as outcome:
+            name, backend = self._registry.generator(message.model)
+            trace.model = name
+            request = generation_request(name, message, conversation)
+            self._started(trace)
+            result: GenerationResult | None = None
+            stream = backend.generate(request)
+            try:
+                async for item in stream:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                    elif item:
+                        self._piece(trace, key_id, name)
+                        yield item
+            finally:
+                await _aclose(stream)
+            if result is None:
+                raise SluiceError(ErrorCode.UPSTREAM_ERROR, "the model stopped without finishing its reply")
+            outcome.append("done")
+            yield Finished(
+                finish_reason=result.finish_reason,
+                usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+                timings=trace.timings(),
+                model=name,
+            )
+
+    async def embed(self, message: Embed, *, key_id: str, trace: RequestTrace | None = None) -> EmbedResult:
+        """One vector per input, as float lists or base64 strings. Raises `SluiceError` only."""
+        trace = trace if trace is not None else RequestTrace("embed", request=message.id)
+        with self._accounting(trace) as outcome:
+            name, embedder = self._registry.embedder(message.model)
+            trace.model = name
+            texts = message.texts
+            self._started(trace)
+            vectors = await embedder.embed(texts, normalize=message.normalize)
+            if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+                raise RuntimeError(f"embedder {name} returned shape {vectors.shape} for {len(texts)} texts")
+            result = EmbedResult(
+                model=name,
+                dimensions=int(vectors.shape[1]),
+                vectors=vectors,
+                embeddings=encode_vectors(vectors, message.encoding),
+            )
+            outcome.append("done")
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover  (the with block returns or raises)
+
+    async def classify(
+        self, message: Classify, *, key_id: str, trace: RequestTrace | None = None
+    ) -> ClassifyResult:
+        """Zero-shot scores per input, sorted by score descending. Raises `SluiceError` only."""
+        trace = trace if trace is not None else RequestTrace("classify", request=message.id)
+        with self._accounting(trace) as outcome:
+            name, classifier = self._registry.classifier(message.model)
+            trace.model = name
+            texts = message.texts
+            self._started(trace)
+            scored = await classifier.classify(texts, message.labels, multi_label=message.multi_label)
+            if len(scored) != len(texts):
+                raise RuntimeError(f"classifier {name} returned {len(scored)} results for {len(texts)} texts")
+            results = [
+                [LabelScore(label=label, score=float(score)) for label, score in row] for row in scored
+            ]
+            outcome.append("done")
+            return ClassifyResult(model=name, results=results)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    @contextmanager
+    def _accounting(self, trace: RequestTrace) -> Iterator[list[str]]:
+        """Counts the request in flight and finished, and is the one place exceptions from the
+        backends become `SluiceError`. The body appends "done" to the yielded list on success;
+        leaving without it and without an error means the request was cancelled."""
+        outcome: list[str] = []
+        self._metrics.request_started(trace.kind)
+        try:
+            yield outcome
+        except SluiceError as exc:
+            outcome.append(exc.code.value)
+            raise
+        except Exception:
+            outcome.append(ErrorCode.INTERNAL.value)
+            log.exception(
+                "%s request failed unexpectedly",
+                trace.kind,
+                extra={"session": trace.session, "request": trace.request, "model": trace.model},
+            )
+            raise SluiceError.internal() from None
+        finally:
+            self._metrics.request_finished(trace.kind, outcome[0] if outcome else "cancelled")
+
+    def _started(self, trace: RequestTrace) -> None:
+        trace.started_at = time.perf_counter()
+        self._metrics.queue_wait(trace.kind, trace.started_at - trace.accepted_at)
+
+    def _piece(self, trace: RequestTrace, key_id: str, model: str) -> None:
+        if trace.first_token_at is None:
+            trace.first_token_at = time.perf_counter()
+            self._metrics.ttft(trace.first_token_at - trace.accepted_at)
+        trace.pieces += 1
+        self._metrics.tokens(1, model)
+        self._limiter.consume_tokens(key_id, 1)
+
+
+def generation_request(
+    model: str, message: Generate, conversation: Sequence[ChatMessage] | None = None
+) -> GenerationRequest:
+    """The backend request for a `Generate`, with ``conversation`` (system and history included)
+    as its turns when given; a plain prompt without history stays a prompt."""
+    options = message.options
+    sampling = SamplingOptions(
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        max_tokens=options.max_tokens,
+        stop=tuple(options.stop or ()),
+        seed=options.seed,
+    )
+    if message.prompt is not None and not message.history:
+        return GenerationRequest(
+            model=model, prompt=message.prompt, system=message.system, options=sampling, format=message.format
+        )
+    if conversation is None:
+        conversation = (
+            [ChatMessage(role="system", content=message.system)] if message.system else []
+        ) + list(message.messages or [ChatMessage(role="user", content=message.prompt or "")])
+    turns = tuple(Turn(role=turn.role, content=turn.content) for turn in conversation)
+    return GenerationRequest(model=model, messages=turns, options=sampling, format=message.format)
+
+
+def encode_vectors(
+    vectors: npt.NDArray[np.float32], encoding: Literal["float", "base64"]
+) -> list[list[float]] | list[str]:
+    """Vectors as JSON-ready float lists, or as base64 of their little-endian float32 bytes."""
+    if encoding == "float":
+        rows: list[list[float]] = vectors.astype(np.float32, copy=False).tolist()
+        return rows
+    little = np.ascontiguousarray(vectors, dtype="<f4")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+
+
+async def _aclose(stream: AsyncIterator[object]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _ms(seconds: float) -> float:
+    return round(max(seconds, 0.0) * 1000.0, 3)

@@ -1,0 +1,247 @@
+"""The bounded outbound buffer of one connection: backpressure between a session and its peer.
+
+A transport's sender takes frames from its `Outbox` one at a time (`next_frame`) and writes them
+to the peer; the session runtime pushes into it without ever awaiting. Everything pushed is
+already numbered and in the session's event log (or is an unnumbered ``welcome``/``pong``), so
+the outbox may drop what it holds at any time without losing anything a resuming client needs.
+
+Bounds, all in bytes of encoded frames:
+
+- below ``soft_bytes`` the outbox `has_room`: the runtime numbers each token as its own delta;
+- at or above it (or while a replay is still being sent) the runtime keeps new text pending and
+  merges it into one delta per request, numbered when room comes back (`on_room`);
+- past ``hard_bytes`` (queued frames plus what the runtime holds pending) the outbox closes
+  itself with 4008 (`CloseCode.SLOW_CONSUMER`) and drops its frames.
+
+A replay is queued as references to messages the log already holds and encoded one at a time as
+it is sent, so a 4,096-event replay costs no extra memory and does not count against the bounds.
+
+The outbox never sends, never times anything and never numbers a message. Whoever drains it must
+bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
+write takes longer: a peer that stops reading blocks the write, not the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from enum import IntEnum
+from typing import TypeAlias
+
+from protocol.messages import LoggedMessage, Pong, Welcome
+
+__all__ = ["CloseCode", "Frame", "OutboundMessage", "Outbox"]
+
+OutboundMessage: TypeAlias = LoggedMessage | Welcome | Pong
+Frame: TypeAlias = str | bytes
+
+
+class CloseCode(IntEnum):
+    """Why a connection ends (the WebSocket close codes of PROTOCOL.md §3)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY = 1008
+    TOO_LARGE = 1009
+    INTERNAL = 1011
+    SERVICE_RESTART = 1012
+    SLOW_CONSUMER = 4008
+    TAKEN_OVER = 4009
+
+
+class Outbox:
+    """Frames waiting for one connection's sender, in the order they must reach the peer."""
+
+    __slots__ = (
+        "_bytes",
+        "_close_code",
+        "_close_reason",
+        "_encode",
+        "_finishing",
+        "_frames",
+        "_full",
+        "_hard",
+        "_replay_left",
+        "_soft",
+        "_waiter",
+        "dropped",
+        "on_close",
+        "on_room",
+    )
+
+    def __init__(
+        self,
+        *,
+        encode: Callable[[OutboundMessage], Frame],
+        soft_bytes: int,
+        hard_bytes: int,
+    ) -> None:
+        if not 0 < soft_bytes <= hard_bytes:
+            raise ValueError("need 0 < soft_bytes <= hard_bytes")
+        self._encode = encode
+        self._soft = soft_bytes
+        self._hard = hard_bytes
+        # Encoded frames with their sizes, and replays (runs of logged messages, encoded when
+        # taken) in between, in the order they were queued.
+        self._frames: deque[tuple[Frame, int] | deque[LoggedMessage]] = deque()
+        self._replay_left = 0
+        self._bytes = 0
+        self._full = False
+        # The sender's wait for the next frame, while it waits (a future, not an Event: an idle
+        # connection should hold no deque of waiters).
+        self._waiter: asyncio.Future[None] | None = None
+        self._close_code: CloseCode | None = None
+        self._close_reason = ""
+        self._finishing: tuple[CloseCode, str] | None = None
+        # Frames dropped unsent when the outbox was failed (they stay in the event log).
+        self.dropped = 0
+        # Called (synchronously, from `next_frame`) when the outbox had no room and has room again.
+        self.on_room: Callable[[], None] | None = None
+        # Called once when the outbox closes (`fail`, or `finish` once drained): the transport
+        # stops its sender, which may be stuck writing to a peer that does not read.
+        self.on_close: Callable[[], None] | None = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._close_code is not None
+
+    @property
+    def close_code(self) -> CloseCode | None:
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def replaying(self) -> bool:
+        return self._replay_left > 0
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a new token may be numbered and queued now rather than merged later. A "no"
+        also arms `on_room`, which then fires once when room comes back."""
+        room = self._close_code is None and not self._replay_left and self._bytes < self._soft
+        if not room:
+            self._full = True
+        return room
+
+    # -- producer side (never awaits) --------------------------------------------------------
+
+    def push(self, message: OutboundMessage) -> None:
+        """Queue one message behind everything queued so far; past the hard bound, fail 4008."""
+        if self._close_code is not None or self._finishing is not None:
+            return
+        frame = self._encode(message)
+        size = len(frame)
+        self._frames.append((frame, size))
+        self._bytes += size
+        if not self.check_bound():
+            self._wake()
+
+    def push_replay(self, messages: Iterable[LoggedMessage]) -> None:
+        """Queue logged messages to send again, behind what is queued; they are encoded as they are
+        taken and not counted against the bounds (the log holds them anyway)."""
+        if self._close_code is not None or self._finishing is not None:
+            return
+        run = deque(messages)
+        if run:
+            self._frames.append(run)
+            self._replay_left += len(run)
+            self._full = True
+            self._wake()
+
+    def check_bound(self, pending_bytes: int = 0) -> bool:
+        """Fail 4008 when the backlog is past the hard bound; whether it failed.
+
+        The backlog is what waits behind the message at the head of the queue, plus the
+        runtime's ``pending_bytes`` (text it holds to merge), so that merging cannot grow without
+        limit either. The head itself is not counted: a single message larger than the bound (a
+        large embedding) cannot be split and must still go out. The most a connection holds is
+        the hard bound plus one message."""
+        if self._close_code is not None:
+            return False
+        head = self._frames[0] if self._frames else None
+        head_bytes = head[1] if isinstance(head, tuple) else 0
+        over = self._bytes - head_bytes + pending_bytes > self._hard
+        if over:
+            self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
+        return over
+
+    def fail(self, code: CloseCode, reason: str) -> None:
+        """Close now: drop everything queued (it is all in the event log) and wake the sender."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        self._close_reason = reason
+        self.dropped += sum(len(item) if isinstance(item, deque) else 1 for item in self._frames)
+        self._frames.clear()
+        self._replay_left = 0
+        self._bytes = 0
+        self.on_room = None
+        self._wake()
+        self._closed()
+
+    def finish(self, code: CloseCode, reason: str) -> None:
+        """Close once everything queued so far has been taken; nothing more is queued after."""
+        if self._close_code is not None or self._finishing is not None:
+            return
+        self._finishing = (code, reason)
+        self._wake()
+
+    # -- consumer side -----------------------------------------------------------------------
+
+    async def next_frame(self) -> Frame | None:
+        """The next frame to write, or None once the outbox is closed (see `close_code`)."""
+        while True:
+            if self._close_code is not None:
+                return None
+            if self._frames:
+                return self._take()
+            if self._finishing is not None:
+                self._close_code, self._close_reason = self._finishing
+                self._closed()
+                return None
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _closed(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+    def _take(self) -> Frame:
+        head = self._frames[0]
+        frame: Frame
+        if isinstance(head, deque):
+            frame = self._encode(head.popleft())
+            self._replay_left -= 1
+            if not head:
+                self._frames.popleft()
+        else:
+            self._frames.popleft()
+            frame, size = head
+            self._bytes -= size
+        self._room_check()
+        return frame
+
+    def _room_check(self) -> None:
+        if self._full and not self._replay_left and self._bytes < self._soft:
+            self._full = False
+            if self.on_room is not None:
+                self.on_room()

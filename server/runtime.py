@@ -1,0 +1,374 @@
+"""The server side of one session: its request tasks, its attached connection, its pending text.
+
+A `SessionRuntime` wraps a pure `protocol.session.Session` and does what the session says:
+starts one task per accepted request (through the `Dispatcher`), cancels it on ``cancel``, and
+sends every numbered event it is given to the connection attached at the time (an `Outbox`), or
+to nobody: the session's event log has it either way, and a client that resumes gets it there.
+
+Backpressure lives here because only here can text be merged before it is numbered: while the
+outbox has no room (or no connection is attached), a request's tokens gather as pending text and
+become one delta when room comes back, when the request ends (its pending text is numbered before
+its terminal message, so order holds), when the next connection attaches, or (detached) when it
+reaches `DETACHED_CHUNK_CHARS`. Past the outbox's hard bound the connection is closed 4008.
+
+Everything here runs on the event loop and nothing in the transport-facing methods awaits, so a
+replay snapshot and the switch to live events happen with no event in between. This module never
+touches a socket and never decodes or encodes a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import assert_never
+
+from protocol.errors import SluiceError
+from protocol.messages import (
+    Classify,
+    ClientMessage,
+    Embed,
+    Generate,
+    LoggedMessage,
+    Pong,
+    Request,
+    Usage,
+    Welcome,
+)
+from protocol.session import Accepted, CancelRequested, Ignored, Outcome, Refused, Reply, Session
+from server.dispatcher import Dispatcher, Finished, RequestTrace
+from server.metrics import Metrics
+from server.outbox import CloseCode, Outbox
+
+__all__ = ["DETACHED_CHUNK_CHARS", "SessionRuntime"]
+
+log = logging.getLogger("sluice.runtime")
+
+_IGNORED = Ignored()
+
+# With no connection attached, a generation's text is numbered in pieces of about this size, so a
+# long generation costs the replay log a few large deltas instead of thousands of tiny ones.
+DETACHED_CHUNK_CHARS = 16 * 1024
+
+
+@dataclass(slots=True)
+class _Work:
+    task: asyncio.Task[None]
+    trace: RequestTrace
+
+
+class SessionRuntime:
+    """One live session on this server. See the module docstring."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        key_id: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.key_id = key_id
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._clock = clock
+        self._work: dict[str, _Work] = {}
+        self._pending: dict[str, list[str]] = {}
+        self._pending_chars: dict[str, int] = {}
+        self._pending_total = 0
+        self._outbox: Outbox | None = None
+        self._closed = False
+        # When the last connection went away (None while one is attached).
+        self.detached_since: float | None = clock()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def attached(self) -> bool:
+        return self._live() is not None
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self._outbox
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is still running."""
+        return bool(self._work)
+
+    @property
+    def pending_chars(self) -> int:
+        return self._pending_total
+
+    # -- connections (synchronous: no event can slip between a snapshot and going live) -------
+
+    def attach(
+        self, outbox: Outbox, last_seq: int, welcome: Callable[[str, int], Welcome] | None = None
+    ) -> bool:
+        """Make ``outbox`` the live connection: queue ``welcome(session_id, last_seq)`` (when given:
+        an SSE stream carries no welcome), then every event after ``last_seq``, then live events.
+        False (and nothing changed) when the replay could not be complete; the caller then opens
+        a new session. A connection already attached is taken over: its outbox is closed 4009."""
+        if self._closed:
+            return False
+        self._flush_pending()
+        replay = self.session.replay(last_seq)
+        if replay is None:
+            return False
+        previous = self._live()
+        if previous is not None:
+            previous.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
+        if welcome is not None:
+            outbox.push(welcome(self.id, self.session.last_seq))
+        outbox.push_replay(replay)
+        outbox.on_room = self._on_room
+        self._outbox = outbox
+        self.detached_since = None
+        if replay:
+            self._metrics.replay(len(replay))
+        return True
+
+    def detach(self, outbox: Outbox) -> None:
+        """The connection behind ``outbox`` is gone; a newer one may already have taken over."""
+        if self._outbox is outbox:
+            self._outbox = None
+            self.detached_since = self._clock()
+            outbox.on_room = None
+
+    # -- client messages ---------------------------------------------------------------------
+
+    def handle(self, message: ClientMessage) -> Outcome:
+        """Act on one decoded client message (never awaits); what became of it, for transports
+        that answer per message (SSE's ``POST .../messages``)."""
+        if self._closed:
+            return _IGNORED
+        match message:
+            case Generate() | Embed() | Classify():
+                if message.id not in self.session.inflight:
+                    try:
+                        self._dispatcher.admit(self.key_id)
+                    except SluiceError as exc:
+                        exc.ref = message.id
+                        refusal = self.session.refuse(exc)
+                        self._send(refusal)
+                        return Refused(refusal)
+            case _:
+                pass
+        outcome = self.session.receive(message)
+        match outcome:
+            case Accepted(request=request):
+                self._start(request)
+            case CancelRequested(id=request_id):
+                self._cancel(request_id)
+            case Reply(message=pong):
+                self._send_unnumbered(pong)
+            case Refused(event=event):
+                self._send(event)
+            case Ignored():
+                pass
+            case _:
+                assert_never(outcome)
+        return outcome
+
+    def refuse(self, error: SluiceError) -> None:
+        """A message that never became a request: a numbered, id-less error (``ref`` = its id)."""
+        if not self._closed:
+            self._send(self.session.refuse(error))
+
+    # -- server life -------------------------------------------------------------------------
+
+    def goaway(self, reason: str, retry_after_ms: int) -> None:
+        if not self._closed:
+            self._flush_pending()
+            self._send(self.session.goaway(reason, retry_after_ms))
+
+    def fail_all(self, error: SluiceError) -> None:
+        """End every running request with ``error`` and stop its work (drain timeout)."""
+        for request_id, work in list(self._work.items()):
+            self._flush_one(request_id)
+            self._send(self.session.fail(request_id, error))
+            work.task.cancel()
+
+    def finish_connection(self, code: CloseCode, reason: str) -> None:
+        """Close the attached connection once what it has queued is sent (drain)."""
+        outbox = self._live()
+        if outbox is not None:
+            self._flush_pending()
+            outbox.finish(code, reason)
+
+    async def close(self) -> None:
+        """Stop everything: cancel the running requests and wait for their tasks to end."""
+        self._closed = True
+        outbox = self._live()
+        if outbox is not None:
+            outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        tasks = [work.task for work in self._work.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        trace = RequestTrace(request.type, session=self.id, request=request.id)
+        task = asyncio.create_task(self._run(request, trace), name=f"sluice {self.id}/{request.id}")
+        self._work[request.id] = _Work(task, trace)
+        task.add_done_callback(functools.partial(self._ended, request.id))
+
+    def _ended(self, request_id: str, task: asyncio.Task[None]) -> None:
+        work = self._work.get(request_id)
+        if work is None or work.task is not task:
+            return  # the id was reused by a newer request after this one ended
+        del self._work[request_id]
+        if not self._closed and request_id in self.session.inflight and not task.cancelled():
+            # Every way out of `_run` reports a terminal message; should one ever not, the
+            # client still gets exactly one, rather than a request that never ends.
+            log.error(
+                "request ended without a terminal message", extra={"session": self.id, "request": request_id}
+            )
+            self._flush_one(request_id)
+            self._send(self.session.fail(request_id, SluiceError.internal()))
+
+    async def _run(self, request: Request, trace: RequestTrace) -> None:
+        request_id = request.id
+        self.session.start(request_id)
+        try:
+            match request:
+                case Generate():
+                    await self._generate(request, trace)
+                case Embed():
+                    embedded = await self._dispatcher.embed(request, key_id=self.key_id, trace=trace)
+                    self._flush_one(request_id)
+                    self._send(
+                        self.session.embedding(
+                            request_id,
+                            model=embedded.model,
+                            dimensions=embedded.dimensions,
+                            embeddings=embedded.embeddings,
+                        )
+                    )
+                case Classify():
+                    classified = await self._dispatcher.classify(request, key_id=self.key_id, trace=trace)
+                    self._send(
+                        self.session.classification(
+                            request_id, model=classified.model, results=classified.results
+                        )
+                    )
+                case _:
+                    assert_never(request)
+        except SluiceError as exc:
+            self._flush_one(request_id)
+            self._send(self.session.fail(request_id, exc))
+        except Exception:
+            # The dispatcher maps backend exceptions; anything here is a bug of ours.
+            log.exception("request crashed", extra={"session": self.id, "request": request_id})
+            self._flush_one(request_id)
+            self._send(self.session.fail(request_id, SluiceError.internal()))
+
+    async def _generate(self, request: Generate, trace: RequestTrace) -> None:
+        request_id = request.id
+        conversation = self.session.conversation(request)
+        stream = self._dispatcher.generate(
+            request, key_id=self.key_id, conversation=conversation, trace=trace
+        )
+        async with aclosing(stream):
+            async for item in stream:
+                if isinstance(item, Finished):
+                    # Pending text of this request is numbered before its terminal message.
+                    self._flush_one(request_id)
+                    self._send(
+                        self.session.done(
+                            request_id,
+                            finish_reason=item.finish_reason,
+                            usage=item.usage,
+                            timings=item.timings,
+                            model=item.model,
+                        )
+                    )
+                else:
+                    self._delta(request_id, item)
+
+    def _cancel(self, request_id: str) -> None:
+        """The terminal message goes out now; the work is stopped after (the session drops any
+        late event of it), so a backend slow to stop cannot delay the client."""
+        request = self.session.inflight[request_id].request
+        work = self._work.get(request_id)
+        trace = work.trace if work is not None else RequestTrace(request.type)
+        self._flush_one(request_id)
+        self._send(
+            self.session.cancelled(
+                request_id,
+                model=trace.model or request.model or "",
+                usage=Usage(prompt_tokens=0, completion_tokens=trace.pieces),
+                timings=trace.timings(),
+            )
+        )
+        if work is not None:
+            work.task.cancel()
+
+    # -- outbound: merging and sending -------------------------------------------------------
+
+    def _live(self) -> Outbox | None:
+        outbox = self._outbox
+        if outbox is not None and outbox.closed:
+            return None
+        return outbox
+
+    def _delta(self, request_id: str, text: str) -> None:
+        outbox = self._live()
+        if outbox is not None and outbox.has_room:
+            if self._pending:
+                self._flush_pending()
+            self._send(self.session.delta(request_id, text))
+            return
+        parts = self._pending.get(request_id)
+        if parts is None:
+            parts = self._pending[request_id] = []
+            self._pending_chars[request_id] = 0
+        else:
+            self._metrics.outbound_merge()
+        parts.append(text)
+        # Characters stand in for bytes here: near enough for a bound, and free to count.
+        self._pending_chars[request_id] += len(text)
+        self._pending_total += len(text)
+        if outbox is not None:
+            outbox.check_bound(self._pending_total)
+        elif self._pending_chars[request_id] >= DETACHED_CHUNK_CHARS:
+            self._flush_one(request_id)
+
+    def _on_room(self) -> None:
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        for request_id in list(self._pending):
+            self._flush_one(request_id)
+
+    def _flush_one(self, request_id: str) -> None:
+        parts = self._pending.pop(request_id, None)
+        if parts is None:
+            return
+        self._pending_total -= self._pending_chars.pop(request_id)
+        self._send(self.session.delta(request_id, "".join(parts)))
+
+    def _send(self, event: LoggedMessage | None) -> None:
+        if event is None:
+            return
+        outbox = self._live()
+        if outbox is not None:
+            outbox.push(event)
+
+    def _send_unnumbered(self, message: Pong) -> None:
+        outbox = self._live()
+        if outbox is not None:
+            outbox.push(message)

@@ -1,0 +1,149 @@
+"""The bounded outbound buffer (server/outbox.py): room, bounds, lazy replay, closing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.codec import encode
+from protocol.messages import Delta, Pong
+from server.outbox import CloseCode, Outbox
+
+
+def delta(seq: int, text: str = "x" * 90) -> Delta:
+    return Delta(id="r", seq=seq, text=text)
+
+
+def make(soft: int = 1000, hard: int = 3000) -> Outbox:
+    return Outbox(encode=encode, soft_bytes=soft, hard_bytes=hard)
+
+
+async def test_frames_come_out_in_order_and_room_tracks_soft_bound() -> None:
+    outbox = make(soft=250)
+    assert outbox.has_room
+    for seq in range(1, 4):
+        outbox.push(delta(seq))
+    assert outbox.queued_bytes > 250
+    assert not outbox.has_room
+    seqs = []
+    for _ in range(3):
+        frame = await outbox.next_frame()
+        assert isinstance(frame, str)
+        seqs.append(int(frame.split('"seq":')[1].split(",")[0]))
+    assert seqs == [1, 2, 3]
+    assert outbox.queued_bytes == 0
+    assert outbox.has_room
+
+
+async def test_on_room_fires_once_when_room_comes_back() -> None:
+    outbox = make(soft=250)
+    calls: list[int] = []
+    outbox.on_room = lambda: calls.append(outbox.queued_bytes)
+    for seq in range(1, 5):
+        outbox.push(delta(seq))
+    assert not outbox.has_room  # marks the outbox as full
+    for _ in range(4):
+        await outbox.next_frame()
+    assert len(calls) == 1
+    assert calls[0] < 250
+
+
+async def test_past_hard_bound_closes_4008_and_drops_everything() -> None:
+    outbox = make(soft=200, hard=1000)
+    seq = 0
+    while not outbox.closed:
+        seq += 1
+        outbox.push(delta(seq))
+        assert seq < 100
+    assert outbox.close_code is CloseCode.SLOW_CONSUMER
+    assert outbox.queued_bytes == 0
+    assert outbox.dropped == seq
+    assert await outbox.next_frame() is None
+    outbox.push(delta(seq + 1))  # ignored once closed
+    assert outbox.queued_bytes == 0
+
+
+async def test_pending_text_counts_against_the_hard_bound() -> None:
+    outbox = make(soft=200, hard=1000)
+    outbox.push(delta(1))
+    outbox.push(delta(2))
+    assert not outbox.check_bound(pending_bytes=500)
+    assert outbox.check_bound(pending_bytes=950)
+    assert outbox.close_code is CloseCode.SLOW_CONSUMER
+
+
+async def test_replay_is_lazy_uncounted_and_first() -> None:
+    outbox = make(soft=100, hard=200)
+    logged = [delta(seq, "y" * 500) for seq in range(1, 50)]
+    outbox.push(Pong(nonce=1))
+    outbox.push_replay(logged)
+    # 49 x 500 bytes would be far past the hard bound if they were counted.
+    assert not outbox.closed
+    assert not outbox.has_room  # no live token is numbered while a replay is still going out
+    first = await outbox.next_frame()
+    assert first == '{"type":"pong","nonce":1}'
+    replayed = [await outbox.next_frame() for _ in logged]
+    assert replayed == [encode(event) for event in logged]
+    assert outbox.has_room
+
+
+async def test_next_frame_waits_for_a_push() -> None:
+    outbox = make()
+    waiter = asyncio.create_task(outbox.next_frame())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    outbox.push(delta(1))
+    assert await asyncio.wait_for(waiter, 1) == encode(delta(1))
+
+
+async def test_fail_wakes_a_waiting_sender_and_calls_on_close_once() -> None:
+    outbox = make()
+    closes: list[CloseCode | None] = []
+    outbox.on_close = lambda: closes.append(outbox.close_code)
+    waiter = asyncio.create_task(outbox.next_frame())
+    await asyncio.sleep(0.01)
+    outbox.fail(CloseCode.TAKEN_OVER, "taken over")
+    assert await asyncio.wait_for(waiter, 1) is None
+    assert closes == [CloseCode.TAKEN_OVER]
+    outbox.fail(CloseCode.SLOW_CONSUMER, "later")  # the first reason stays
+    assert outbox.close_code is CloseCode.TAKEN_OVER and len(closes) == 1
+
+
+async def test_finish_sends_what_is_queued_then_closes() -> None:
+    outbox = make()
+    closes: list[CloseCode | None] = []
+    outbox.on_close = lambda: closes.append(outbox.close_code)
+    outbox.push(delta(1))
+    outbox.push(delta(2))
+    outbox.finish(CloseCode.SERVICE_RESTART, "bye")
+    outbox.push(delta(3))  # nothing is queued after finish
+    assert await outbox.next_frame() == encode(delta(1))
+    assert not outbox.closed
+    assert await outbox.next_frame() == encode(delta(2))
+    assert closes == []
+    assert await outbox.next_frame() is None
+    assert outbox.close_code is CloseCode.SERVICE_RESTART and closes == [CloseCode.SERVICE_RESTART]
+
+
+def test_bounds_must_be_ordered() -> None:
+    with pytest.raises(ValueError):
+        Outbox(encode=encode, soft_bytes=10, hard_bytes=5)
+
+
+async def test_one_message_larger_than_the_hard_bound_is_let_through_but_not_a_backlog() -> None:
+    outbox = make(soft=200, hard=1000)
+    big = delta(1, "z" * 5000)
+    outbox.push(big)
+    assert not outbox.closed
+    assert await outbox.next_frame() == encode(big)
+    outbox.push(delta(2, "z" * 5000))
+    small = len(encode(delta(3)))
+    behind = 0
+    for seq in range(3, 100):  # a backlog behind the big one: closed once it passes the bound
+        outbox.push(delta(seq))
+        behind += small
+        if outbox.closed:
+            break
+    assert outbox.close_code is CloseCode.SLOW_CONSUMER
+    assert 1000 < behind <= 1000 + small

@@ -1,0 +1,157 @@
+"""The session registry (server/sessions.py): connect, resume, ownership, expiry, limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.codec import encode
+from protocol.errors import ErrorCode, SluiceError
+from protocol.messages import Generate, Limits, Models, ServerInfo, Welcome
+from protocol.session import SessionLimits
+from server.dispatcher import Dispatcher
+from server.metrics import Metrics
+from server.outbox import Outbox
+from server.ratelimit import RateLimiter
+from server.sessions import SessionRegistry
+from server.settings import Settings
+from tests.server.fakes import FakeRegistry, ScriptedGenerator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
+    return Welcome(
+        session=session_id,
+        resumed=resumed,
+        last_seq=last_seq,
+        server=ServerInfo(version="test"),
+        limits=Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10),
+        models=Models(generate=[], embed=[], classify=[]),
+    )
+
+
+def make(
+    registry: FakeRegistry | None = None, *, sessions_per_key: int = 0, ttl_s: float = 10
+) -> tuple[SessionRegistry, Clock, Metrics]:
+    settings = Settings(sessions_per_key=sessions_per_key)
+    limiter = RateLimiter(settings)
+    metrics = Metrics()
+    dispatcher = Dispatcher(registry or FakeRegistry(), limiter=limiter, metrics=metrics)
+    clock = Clock()
+    sessions = SessionRegistry(
+        limits=SessionLimits(max_inflight=8, replay_events=16),
+        ttl_s=ttl_s,
+        dispatcher=dispatcher,
+        limiter=limiter,
+        metrics=metrics,
+        clock=clock,
+    )
+    return sessions, clock, metrics
+
+
+def box() -> Outbox:
+    return Outbox(encode=encode, soft_bytes=4096, hard_bytes=65536)
+
+
+async def first_frame(outbox: Outbox) -> str:
+    frame = await outbox.next_frame()
+    assert isinstance(frame, str)
+    return frame
+
+
+async def test_new_session_then_resume_by_the_same_key() -> None:
+    sessions, _, _ = make()
+    first = sessions.connect(box(), key_id="k", welcome=welcome)
+    assert not first.resumed and len(sessions) == 1
+    session_id = first.runtime.id
+    first.runtime.refuse(SluiceError(ErrorCode.INVALID_MESSAGE, "x"))
+    outbox = box()
+    again = sessions.connect(outbox, key_id="k", welcome=welcome, resume=session_id, last_seq=0)
+    assert again.resumed and again.runtime is first.runtime
+    assert '"resumed":true' in await first_frame(outbox)
+    assert '"seq":1' in await first_frame(outbox)  # the replay follows the welcome
+    await sessions.close()
+
+
+async def test_another_key_or_an_unknown_id_gets_a_new_session() -> None:
+    sessions, _, _ = make()
+    mine = sessions.connect(box(), key_id="k", welcome=welcome)
+    theirs = sessions.connect(box(), key_id="other", welcome=welcome, resume=mine.runtime.id)
+    assert not theirs.resumed and theirs.runtime is not mine.runtime
+    unknown = sessions.connect(box(), key_id="k", welcome=welcome, resume="s_nope")
+    assert not unknown.resumed and unknown.runtime.id != "s_nope"
+    assert len(sessions) == 3
+    await sessions.close()
+
+
+async def test_resume_past_what_the_log_holds_is_a_new_session() -> None:
+    sessions, _, _ = make()
+    mine = sessions.connect(box(), key_id="k", welcome=welcome)
+    for _ in range(40):  # more than replay_events=16
+        mine.runtime.refuse(SluiceError(ErrorCode.INVALID_MESSAGE, "x"))
+    again = sessions.connect(box(), key_id="k", welcome=welcome, resume=mine.runtime.id, last_seq=2)
+    assert not again.resumed
+    ahead = sessions.connect(box(), key_id="k", welcome=welcome, resume=mine.runtime.id, last_seq=999)
+    assert not ahead.resumed
+    await sessions.close()
+
+
+async def test_detached_sessions_expire_after_the_ttl_and_their_work_is_cancelled() -> None:
+    gate = asyncio.Event()
+    generator = ScriptedGenerator(gate=gate)
+    sessions, clock, _ = make(FakeRegistry(generator))
+    outbox = box()
+    connected = sessions.connect(outbox, key_id="k", welcome=welcome)
+    runtime = connected.runtime
+    runtime.handle(Generate(type="generate", id="g", prompt="hi"))
+    await asyncio.sleep(0.02)
+    clock.now += 60
+    assert await sessions.sweep() == 0  # attached sessions never expire
+    runtime.detach(outbox)
+    clock.now += 9
+    assert await sessions.sweep() == 0
+    clock.now += 2
+    assert await sessions.sweep() == 1
+    assert len(sessions) == 0 and not runtime.busy
+    assert generator.records[0].closed_early
+    gone = sessions.connect(box(), key_id="k", welcome=welcome, resume=runtime.id)
+    assert not gone.resumed
+    await sessions.close()
+
+
+async def test_sessions_per_key_limit_and_release() -> None:
+    sessions, _, _ = make(sessions_per_key=2)
+    a = sessions.connect(box(), key_id="k", welcome=welcome)
+    sessions.connect(box(), key_id="k", welcome=welcome)
+    with pytest.raises(SluiceError) as refused:
+        sessions.connect(box(), key_id="k", welcome=welcome)
+    assert refused.value.code is ErrorCode.RATE_LIMITED and refused.value.retry_after_ms
+    sessions.connect(box(), key_id="other", welcome=welcome)
+    # Resuming an existing session needs no new slot.
+    assert sessions.connect(box(), key_id="k", welcome=welcome, resume=a.runtime.id).resumed
+    assert await sessions.end(a.runtime.id)
+    sessions.connect(box(), key_id="k", welcome=welcome)
+    await sessions.close()
+    assert len(sessions) == 0
+
+
+async def test_sweeper_task_runs_and_stops() -> None:
+    sessions, clock, _ = make(ttl_s=0.2)  # sweeps every 0.05 s
+    outbox = box()
+    sessions.connect(outbox, key_id="k", welcome=welcome).runtime.detach(outbox)
+    clock.now += 1
+    sessions.start_sweeper()
+    for _ in range(100):
+        if not len(sessions):
+            break
+        await asyncio.sleep(0.02)
+    assert len(sessions) == 0
+    await sessions.close()
