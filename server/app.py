@@ -29,6 +29,7 @@ from starlette.routing import WebSocketRoute
 from protocol.session import SessionLimits
 from server import api, ws
 from server.auth import Authenticator
+from server.cors import PolicyCORSMiddleware
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics, metrics_router
 from server.ratelimit import RateLimiter
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
     app.include_router(tickets_router)
     app.include_router(metrics_router(services.metrics))
     api.install(app)
+    app.add_middleware(PolicyCORSMiddleware, policy=services.auth.origins)
     # Last: a mount at "/" matches every path, so anything added after it would be unreachable.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
