@@ -85,3 +85,18 @@ def test_serve_flags_parse_and_default_to_settings() -> None:
     assert args.port == 9001 and args.log_level == "debug" and args.host is None and args.workers is None
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--log-level", "loud"])
+
+
+def test_serve_refuses_cluster_mode_it_does_not_have() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "1"],
+        env={"SLUICE_REDIS_URL": "redis://127.0.0.1:6379", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "not implemented" in result.stderr
