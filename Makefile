@@ -47,5 +47,12 @@ test: lint typecheck pytest test-js
 schema: $(STAMP)
 	$(BIN)/sluice schema
 
+# Every benchmark, side by side with its baselines (< 15 min on 2 cores); results in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

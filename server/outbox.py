@@ -15,6 +15,10 @@ Bounds, all in bytes of encoded frames:
 
 A replay is queued as references to messages the log already holds and encoded one at a time as
 it is sent, so a 4,096-event replay costs no extra memory and does not count against the bounds.
+Live results (everything logged but deltas: embeddings, classifications, done, errors) are queued
+the same way: a burst of large results that a reader takes at full speed must not look like a
+slow consumer. Their number is bounded instead (``max_refs``, the size of the event log): past
+it the log no longer holds what the outbox refers to, and the outbox fails 4008.
 
 The outbox never sends, never times anything and never numbers a message. Whoever drains it must
 bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
@@ -29,7 +33,7 @@ from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import TypeAlias
 
-from protocol.messages import LoggedMessage, Pong, Welcome
+from protocol.messages import Delta, LoggedMessage, Pong, Welcome
 
 __all__ = ["CloseCode", "Frame", "OutboundMessage", "Outbox"]
 
@@ -62,6 +66,8 @@ class Outbox:
         "_frames",
         "_full",
         "_hard",
+        "_max_refs",
+        "_refs",
         "_replay_left",
         "_soft",
         "_waiter",
@@ -76,16 +82,19 @@ class Outbox:
         encode: Callable[[OutboundMessage], Frame],
         soft_bytes: int,
         hard_bytes: int,
+        max_refs: int = 4096,
     ) -> None:
         if not 0 < soft_bytes <= hard_bytes:
             raise ValueError("need 0 < soft_bytes <= hard_bytes")
         self._encode = encode
         self._soft = soft_bytes
         self._hard = hard_bytes
-        # Encoded frames with their sizes, and replays (runs of logged messages, encoded when
-        # taken) in between, in the order they were queued.
-        self._frames: deque[tuple[Frame, int] | deque[LoggedMessage]] = deque()
+        self._max_refs = max_refs
+        # Encoded frames with their sizes, replays (runs of logged messages, encoded when taken)
+        # and single live results (logged, encoded when taken), in the order they were queued.
+        self._frames: deque[tuple[Frame, int] | deque[LoggedMessage] | LoggedMessage] = deque()
         self._replay_left = 0
+        self._refs = 0
         self._bytes = 0
         self._full = False
         # The sender's wait for the next frame, while it waits (a future, not an Event: an idle
@@ -125,6 +134,11 @@ class Outbox:
         return self._replay_left > 0
 
     @property
+    def backlog(self) -> bool:
+        """Whether `next_frame` would return at once."""
+        return bool(self._frames)
+
+    @property
     def has_room(self) -> bool:
         """Whether a new token may be numbered and queued now rather than merged later. A "no"
         also arms `on_room`, which then fires once when room comes back."""
@@ -138,6 +152,14 @@ class Outbox:
     def push(self, message: OutboundMessage) -> None:
         """Queue one message behind everything queued so far; past the hard bound, fail 4008."""
         if self._close_code is not None or self._finishing is not None:
+            return
+        if not isinstance(message, Delta | Welcome | Pong):
+            self._frames.append(message)
+            self._refs += 1
+            if self._refs > self._max_refs:
+                self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
+            else:
+                self._wake()
             return
         frame = self._encode(message)
         size = len(frame)
@@ -184,6 +206,7 @@ class Outbox:
         self.dropped += sum(len(item) if isinstance(item, deque) else 1 for item in self._frames)
         self._frames.clear()
         self._replay_left = 0
+        self._refs = 0
         self._bytes = 0
         self.on_room = None
         self._wake()
@@ -233,10 +256,14 @@ class Outbox:
             self._replay_left -= 1
             if not head:
                 self._frames.popleft()
-        else:
+        elif isinstance(head, tuple):
             self._frames.popleft()
             frame, size = head
             self._bytes -= size
+        else:
+            self._frames.popleft()
+            self._refs -= 1
+            frame = self._encode(head)
         self._room_check()
         return frame
 

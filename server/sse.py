@@ -255,7 +255,10 @@ class _SessionStream:
         settings = services.settings
         self.runtime = runtime
         self.outbox = Outbox(
-            encode=_frame, soft_bytes=settings.outbound_soft_bytes, hard_bytes=settings.outbound_hard_bytes
+            encode=_frame,
+            soft_bytes=settings.outbound_soft_bytes,
+            hard_bytes=settings.outbound_hard_bytes,
+            max_refs=settings.replay_events,
         )
         self._services = services
         self._retry = f"retry: {settings.sse_retry_ms}\n\n".encode()
@@ -266,9 +269,7 @@ class _SessionStream:
         try:
             yield self._retry
             while (frame := await outbox.next_frame()) is not None:
-                chunk = (
-                    await self._coalesce(frame) if outbox.queued_bytes or outbox.replaying else _bytes(frame)
-                )
+                chunk = await self._coalesce(frame) if outbox.backlog else _bytes(frame)
                 if chunk:
                     yield chunk
             if outbox.close_code is not None:
@@ -281,7 +282,7 @@ class _SessionStream:
         outbox = self.outbox
         parts = [_bytes(first)]
         size = len(parts[0])
-        while size < _COALESCE_BYTES and (outbox.queued_bytes or outbox.replaying):
+        while size < _COALESCE_BYTES and outbox.backlog:
             frame = await outbox.next_frame()
             if frame is None:
                 break
@@ -409,7 +410,13 @@ def _decode_body(raw: bytes, max_bytes: int) -> tuple[list[ClientMessage], bool]
     messages: list[ClientMessage] = []
     for index, item in enumerate(items):
         try:
-            messages.append(decode(orjson.dumps(item), max_bytes=max_bytes))
+            try:
+                # Re-encoded so each message meets the size limit on its own, as over the WebSocket.
+                text = orjson.dumps(item)
+            except orjson.JSONEncodeError:
+                # orjson parses 1024 levels of nesting but writes only 255.
+                raise SluiceError(ErrorCode.INVALID_MESSAGE, "message is nested too deeply") from None
+            messages.append(decode(text, max_bytes=max_bytes))
         except SluiceError as exc:
             exc.message = f"message [{index}]: {exc.message}"
             raise

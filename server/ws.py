@@ -139,6 +139,7 @@ class WebSocketConnection:
             encode=encode,
             soft_bytes=self._settings.outbound_soft_bytes,
             hard_bytes=self._settings.outbound_hard_bytes,
+            max_refs=self._settings.replay_events,
         )
         try:
             connected = services.sessions.connect(

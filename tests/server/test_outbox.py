@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from protocol.codec import encode
-from protocol.messages import Delta, Pong
+from protocol.messages import Delta, Embedding, Pong
 from server.outbox import CloseCode, Outbox
 
 
@@ -147,3 +147,34 @@ async def test_one_message_larger_than_the_hard_bound_is_let_through_but_not_a_b
             break
     assert outbox.close_code is CloseCode.SLOW_CONSUMER
     assert 1000 < behind <= 1000 + small
+
+
+def embedding(seq: int, rows: int = 64) -> Embedding:
+    return Embedding(id=f"e{seq}", seq=seq, model="m", dimensions=384, embeddings=[[0.5] * 384] * rows)
+
+
+async def test_burst_of_large_results_is_not_a_slow_consumer() -> None:
+    # Each embedding encodes to ~100 KB, far past the hard bound: a burst of them, finished by
+    # one micro-batch and read at full speed, must go out in order rather than close 4008.
+    outbox = make(soft=1000, hard=3000)
+    for seq in range(1, 9):
+        outbox.push(embedding(seq))
+    outbox.push(delta(9))
+    assert not outbox.closed
+    assert outbox.queued_bytes < 1000  # only the delta is counted: the results are in the log
+    seqs = []
+    for _ in range(9):
+        frame = await outbox.next_frame()
+        assert isinstance(frame, str)
+        seqs.append(int(frame.split('"seq":')[1].split(",")[0]))
+    assert seqs == list(range(1, 10))
+
+
+async def test_results_past_the_log_size_close_4008() -> None:
+    outbox = Outbox(encode=encode, soft_bytes=1000, hard_bytes=3000, max_refs=5)
+    for seq in range(1, 6):
+        outbox.push(embedding(seq, rows=1))
+    assert not outbox.closed
+    outbox.push(embedding(6, rows=1))
+    assert outbox.close_code is CloseCode.SLOW_CONSUMER
+    assert await outbox.next_frame() is None
