@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     nli_classify_models: CommaList = []
     load_local_generation: bool = True
     local_max_batch: int = Field(default=8, ge=1, le=64)
+    # Torch intra-op threads of each model worker thread (the decode loop, each batcher); 0 = auto:
+    # the decode loop takes all cores but one, embed/classify passes take all cores.
+    torch_threads: int = Field(default=0, ge=0, le=256)
     cache_dir: Path = Path("~/.cache/sluice").expanduser()
 
     # Micro-batching of embed and classify.

@@ -148,6 +148,8 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._observers: list[Callable[[BatchRecord], None]] = []
+        # Runs first on the worker thread (e.g. to set that thread's torch intra-op threads).
+        self.on_thread_start: Callable[[], None] | None = None
 
     def add_observer(self, observer: Callable[[BatchRecord], None]) -> None:
         """Call ``observer`` after every pass. It runs on the worker thread: keep it quick and thread-safe."""
@@ -263,6 +265,8 @@ class MicroBatcher(Generic[T, R]):
             return taken, oldest_wait
 
     def _run(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -302,12 +306,7 @@ class MicroBatcher(Generic[T, R]):
                     pending.done = True
                     # Every slot is filled now, so the list holds no None.
                     outcomes.setdefault(pending.loop, []).append((pending, cast(list[R], pending.results)))
-        for loop, settled in outcomes.items():
-            try:
-                loop.call_soon_threadsafe(_settle, settled)
-            except RuntimeError:  # that loop is closed; nobody is waiting any more
-                pass
-
+        # Counted before the waiters wake, so that whoever a result reaches sees its pass counted.
         requests = len({id(pending) for pending, _ in taken})
         record = BatchRecord(self.name, len(taken), requests, oldest_wait * 1000.0, run_ms, error is None)
         self.stats.record(record)
@@ -316,6 +315,11 @@ class MicroBatcher(Generic[T, R]):
                 observer(record)
             except Exception:
                 log.exception("batch observer failed")
+        for loop, settled in outcomes.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
 
     def _forget(self, pending: _Pending[T, R]) -> None:
         """Remove a failed request's items that have not run yet (caller holds the lock)."""

@@ -15,6 +15,7 @@ Nothing here runs a forward pass on the event loop or reads the environment.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ import numpy.typing as npt
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import Classifier, Embedder, LabelScores
 from server.backends.batcher import MicroBatcher
-from server.backends.embedding import normalize_rows
+from server.backends.embedding import normalize_rows, set_torch_threads
 from server.settings import Settings
 
 __all__ = [
@@ -190,6 +191,7 @@ class NliClassifier(Classifier):
             max_queue=settings.embed_max_queue,
             length=lambda item: len(item.text),
         )
+        self.batcher.on_thread_start = functools.partial(set_torch_threads, settings.torch_threads)
 
     @classmethod
     def load(cls, name: str, path: str, settings: Settings) -> NliClassifier:

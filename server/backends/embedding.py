@@ -11,7 +11,9 @@ load from local paths only.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,6 +72,7 @@ class SentenceEmbedder(Embedder):
             max_queue=settings.embed_max_queue,
             length=len,
         )
+        self.batcher.on_thread_start = functools.partial(set_torch_threads, settings.torch_threads)
 
     @classmethod
     def load(cls, name: str, path: str, settings: Settings) -> SentenceEmbedder:
@@ -120,3 +123,14 @@ class SentenceEmbedder(Embedder):
         if matrix.shape != (len(texts), self.dimensions):
             raise RuntimeError(f"{self.name} returned shape {matrix.shape} for {len(texts)} texts")
         return list(matrix)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op threads for the calling worker thread (0: all cores).
+
+    Per thread on purpose: the local decode loop wants fewer threads than a batched encode, and
+    torch takes the count from the thread that runs the ops.
+    """
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

@@ -287,3 +287,20 @@ async def test_empty_submit_returns_at_once(make: Factory) -> None:
     batcher = make(recorder)
     assert await batcher.submit([]) == []
     assert recorder.batches == []
+
+
+async def test_on_thread_start_runs_first_on_the_worker_thread() -> None:
+    seen: list[str] = []
+
+    def forward(items: Sequence[str]) -> list[str]:
+        seen.append(f"forward:{threading.current_thread().name}")
+        return list(items)
+
+    batcher: MicroBatcher[str, str] = MicroBatcher("t", forward, max_batch=4, max_wait_ms=0, max_queue=16)
+    batcher.on_thread_start = lambda: seen.append(f"start:{threading.current_thread().name}")
+    batcher.start()
+    try:
+        assert await batcher.submit(["a"]) == ["a"]
+    finally:
+        await batcher.close()
+    assert seen == ["start:batcher-t", "forward:batcher-t"]
