@@ -6,6 +6,10 @@ grows with the square of the pool's size. With 100 concurrent streams of 100 tok
 ~75% of the relay's CPU (230 µs/token against 53 µs/token split over 16 pools, measured on this
 machine). `ShardedTransport` spreads requests over `shards` small pools in turn, which keeps each
 one short. It changes nothing else: same limits in total, same httpx behaviour per request.
+
+Each pool reads through `LoopBackend` (plain asyncio protocols) instead of httpcore's anyio
+backend, whose cancel scope and pause/resume around every read cost about a quarter of the CPU
+per streamed chunk (see `server.backends.ollama_net`).
 """
 
 from __future__ import annotations
@@ -14,19 +18,19 @@ import functools
 import itertools
 import ssl
 
+import httpcore
 import httpx
+
+from server.backends.ollama_net import LoopBackend
 
 __all__ = ["ShardedTransport"]
 
 
 class ShardedTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, shards: int, max_connections: int, keepalive_expiry: float) -> None:
-        per_shard = max(1, max_connections // shards)
-        # Keep-alive limit = connection limit: httpcore closes idle connections once the pool
-        # holds more than this many connections in all (busy ones included), which would churn.
-        self._limits = httpx.Limits(
-            max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=keepalive_expiry
-        )
+        self._per_shard = max(1, max_connections // shards)
+        self._keepalive_s = keepalive_expiry
+        self._backend = LoopBackend()
         # Built on first use: a backend that never sees concurrency never pays for 32 pools.
         self._shards: list[httpx.AsyncHTTPTransport | None] = [None] * shards
         self._turn = itertools.cycle(range(shards)).__next__
@@ -35,8 +39,23 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         index = self._turn()
         shard = self._shards[index]
         if shard is None:
-            shard = self._shards[index] = httpx.AsyncHTTPTransport(verify=_tls(), limits=self._limits)
+            shard = self._shards[index] = self._shard()
         return await shard.handle_async_request(request)
+
+    def _shard(self) -> httpx.AsyncHTTPTransport:
+        shard = httpx.AsyncHTTPTransport(verify=_tls())
+        # httpx takes no network backend, so the pool it built is swapped for one on ours;
+        # httpx's request conversion and exception mapping around it stay as they are.
+        # Keep-alive limit = connection limit: httpcore closes idle connections once the pool
+        # holds more than this many connections in all (busy ones included), which would churn.
+        shard._pool = httpcore.AsyncConnectionPool(
+            ssl_context=_tls(),
+            max_connections=self._per_shard,
+            max_keepalive_connections=self._per_shard,
+            keepalive_expiry=self._keepalive_s,
+            network_backend=self._backend,
+        )
+        return shard
 
     async def aclose(self) -> None:
         for shard in self._shards:
