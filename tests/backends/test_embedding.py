@@ -40,11 +40,14 @@ def minilm() -> Iterator[SentenceEmbedder]:
     logger = logging.getLogger("server.backends.embedding")
     logger.addHandler(LOAD_LOG)
     level, logger.level = logger.level, logging.DEBUG
+    # Another test in the same process may have configured logging with existing loggers disabled.
+    disabled, logger.disabled = logger.disabled, False
     try:
         embedder = SentenceEmbedder.load(MINILM, minilm_path(), settings())
     finally:
         logger.removeHandler(LOAD_LOG)
         logger.setLevel(level)
+        logger.disabled = disabled
     embedder.start()
     yield embedder
     asyncio.run(embedder.close())
