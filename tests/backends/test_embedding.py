@@ -39,15 +39,15 @@ LOAD_LOG = _Remember()
 def minilm() -> Iterator[SentenceEmbedder]:
     logger = logging.getLogger("server.backends.embedding")
     logger.addHandler(LOAD_LOG)
-    level, logger.level = logger.level, logging.DEBUG
-    # Another test in the same process may have configured logging with existing loggers disabled.
-    disabled, logger.disabled = logger.disabled, False
+    # setLevel, not `.level =`: only setLevel clears the logger's cached isEnabledFor answers,
+    # which an earlier load in this process has already filled.
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     try:
         embedder = SentenceEmbedder.load(MINILM, minilm_path(), settings())
     finally:
         logger.removeHandler(LOAD_LOG)
         logger.setLevel(level)
-        logger.disabled = disabled
     embedder.start()
     yield embedder
     asyncio.run(embedder.close())
