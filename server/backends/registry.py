@@ -78,6 +78,14 @@ def parse_named_paths(entries: Sequence[str], setting: str) -> dict[str, str]:
     return named
 
 
+def _import_all(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the load that needs it reports the failure, in its own slot
+            log.warning("importing %s failed", name, exc_info=True)
+
+
 def _load_local_generator(settings: Settings) -> Generator:
     # Imported by name so this module loads (and its tests run) without the local backend.
     module = importlib.import_module("server.backends.local")
@@ -190,7 +198,24 @@ class ModelRegistry:
         loads.extend(self._load_nli(name, path) for name, path in nli_paths.items())
         if settings.ollama_urls:
             loads.append(self._start_ollama())
+        modules = self._model_modules()
+        if modules:
+            await asyncio.to_thread(_import_all, modules)
         await asyncio.gather(*loads)
+
+    def _model_modules(self) -> list[str]:
+        """The model libraries the real loaders below will import.
+
+        transformers builds its namespace lazily, and two threads importing it for the first time
+        at once can see it half built (``cannot import name 'DynamicCache' from 'transformers'``):
+        so they are imported once, in one thread, before the loads run concurrently.
+        """
+        modules = []
+        if self.settings.load_local_generation and self._local_factory is _load_local_generator:
+            modules.append("server.backends.local")
+        if self._embed_loader == SentenceEmbedder.load or self._nli_loader == NliClassifier.load:
+            modules.extend(["transformers", "sentence_transformers"])
+        return modules
 
     async def close(self) -> None:
         if self._refresh_task is not None:
