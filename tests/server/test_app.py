@@ -100,3 +100,26 @@ def test_serve_refuses_cluster_mode_it_does_not_have() -> None:
     )
     assert result.returncode != 0
     assert "not implemented" in result.stderr
+
+
+def test_fresh_server_with_ollama_down_serves_the_embedded_models() -> None:
+    """What `make run` gives on a fresh machine: the default Ollama URL answers nothing, and the
+    server still becomes ready and generates, embeds and classifies with its embedded models."""
+    import httpx
+
+    from tests.support.server import free_port, run_server
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with run_server({"SLUICE_OLLAMA_URLS": dead}) as base_url:
+        ready = httpx.get(f"{base_url}/ready", timeout=10).json()
+        assert ready["ollama"]["urls"] == {dead: False}
+        reply = httpx.post(
+            f"{base_url}/api/v1/generate",
+            json={"prompt": "What is the capital of France?", "max_tokens": 12},
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "smollm2:135m"
+        assert reply.json()["text"].strip()
+        vectors = httpx.post(f"{base_url}/api/v1/embeddings", json={"texts": ["a", "b"]}, timeout=60)
+        assert vectors.json()["dimensions"] == 384
