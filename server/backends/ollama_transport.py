@@ -1,15 +1,19 @@
-"""One httpx transport made of several connection pools, so hundreds of streams stay cheap.
+"""The httpx transport the Ollama backend uses, and the httpcore-based one it replaced.
 
-httpcore's pool re-examines every connection it holds whenever a request starts or ends, and its
-idle-connection check walks the whole list again for each idle connection: the cost per request
-grows with the square of the pool's size. With 100 concurrent streams of 100 tokens that cost was
-~75% of the relay's CPU (230 µs/token against 53 µs/token split over 16 pools, measured on this
-machine). `ShardedTransport` spreads requests over `shards` small pools in turn, which keeps each
-one short. It changes nothing else: same limits in total, same httpx behaviour per request.
+`UpstreamTransport` is what the backend builds: by default `HttpcoreTransport`. Clearing
+`USE_HTTPCORE` selects `FastTransport` (asyncio protocols parsed by httptools, see
+`server.backends.ollama_fast`): on `bench.relay` with 500 streams it cut the server's CPU per
+relayed token from ~94-100 µs to ~69-80 µs on this machine, but its p99 added inter-token delay
+was worse in every run (230-449 ms against 29-282 ms), for reasons not yet found, so it is not
+the default until that is understood.
 
-Each pool reads through `LoopBackend` (plain asyncio protocols) instead of httpcore's anyio
-backend, whose cancel scope and pause/resume around every read cost about a quarter of the CPU
-per streamed chunk (see `server.backends.ollama_net`).
+`HttpcoreTransport` is several httpcore connection pools. httpcore's pool re-examines every
+connection it holds whenever a request starts or ends, and its idle-connection check walks the
+whole list again for each idle connection: the cost per request grows with the square of the
+pool's size. With 100 concurrent streams of 100 tokens that cost was ~75% of the relay's CPU
+(230 µs/token against 53 µs/token split over 16 pools, measured on this machine), so requests are
+spread over `shards` small pools in turn. Each pool reads through `LoopBackend` (plain asyncio
+protocols) instead of httpcore's anyio backend (see `server.backends.ollama_net`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,39 @@ import ssl
 import httpcore
 import httpx
 
+from server.backends.ollama_fast import FastTransport
 from server.backends.ollama_net import LoopBackend
 
-__all__ = ["ShardedTransport"]
+__all__ = ["USE_HTTPCORE", "HttpcoreTransport", "ShardedTransport", "UpstreamTransport"]
+
+# Read when a transport is built: False selects FastTransport (see the module docstring).
+USE_HTTPCORE = True
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
+class UpstreamTransport(httpx.AsyncBaseTransport):
+    """`FastTransport`, or `HttpcoreTransport` over `shards` pools when `USE_HTTPCORE` is set."""
+
+    def __init__(self, *, shards: int, max_connections: int, keepalive_expiry: float) -> None:
+        self._inner: httpx.AsyncBaseTransport
+        if USE_HTTPCORE:
+            self._inner = HttpcoreTransport(
+                shards=shards, max_connections=max_connections, keepalive_expiry=keepalive_expiry
+            )
+        else:
+            self._inner = FastTransport(max_connections=max_connections, keepalive_expiry=keepalive_expiry)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+# The name the backend imports; it will go once `ollama.py` imports `UpstreamTransport`.
+ShardedTransport = UpstreamTransport
+
+
+class HttpcoreTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, shards: int, max_connections: int, keepalive_expiry: float) -> None:
         self._per_shard = max(1, max_connections // shards)
         self._keepalive_s = keepalive_expiry
