@@ -5,4 +5,15 @@ model library (tests/protocol/test_purity.py enforces it). Import the modules th
 (``from protocol.session import Session``); this package object re-exports nothing.
 """
 
-__all__ = ["codec", "errors", "eventlog", "lifecycle", "messages", "schema", "session", "sse"]
+__all__ = [
+    "close",
+    "codec",
+    "conversation",
+    "errors",
+    "eventlog",
+    "lifecycle",
+    "messages",
+    "schema",
+    "session",
+    "sse",
+]

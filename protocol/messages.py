@@ -42,6 +42,7 @@ __all__ = [
     "Pong",
     "Request",
     "RequestId",
+    "RequestKind",
     "ServerInfo",
     "ServerMessage",
     "Timings",
@@ -55,7 +56,9 @@ MAX_LABELS = 64
 MAX_STOP = 16
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+# What a request asks for; each kind has its one terminal result message.
+RequestKind = Literal["generate", "embed", "classify"]
 Nonce = str | int
 
 

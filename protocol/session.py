@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeAlias, TypeVar, assert_never
+from typing import TypeAlias, TypeVar, assert_never
 
+from protocol.conversation import conversation, own_turns
 from protocol.errors import ErrorCode, SluiceError
 from protocol.eventlog import EventLog, MemoryEventLog
 from protocol.lifecycle import Event, Lifecycle, State
@@ -47,6 +48,7 @@ from protocol.messages import (
     Ping,
     Pong,
     Request,
+    RequestKind,
     Timings,
     Usage,
 )
@@ -59,12 +61,10 @@ __all__ = [
     "Outcome",
     "Refused",
     "Reply",
-    "RequestKind",
     "Session",
     "SessionLimits",
 ]
 
-RequestKind = Literal["generate", "embed", "classify"]
 _E = TypeVar("_E", Delta, Done, Embedding, Classification, Error, Goaway)
 
 
@@ -343,13 +343,7 @@ class Session:
     def conversation(self, request: Generate) -> list[ChatMessage]:
         """The turns to generate from: ``system`` first if given, then (for ``history: true``) the
         session's earlier turns, then this request's own prompt or messages."""
-        turns: list[ChatMessage] = []
-        if request.system is not None:
-            turns.append(ChatMessage(role="system", content=request.system))
-        if request.history and self._history:
-            turns.extend(self._history)
-        turns.extend(_own_turns(request))
-        return turns
+        return conversation(request, self._history or ())
 
     # -- internals -------------------------------------------------------------------------
 
@@ -401,21 +395,12 @@ class Session:
         request = entry.request
         assert isinstance(request, Generate)
         history = self._history if self._history is not None else []
-        history.extend(_own_turns(request, include_system=False))
+        history.extend(own_turns(request, include_system=False))
         history.append(ChatMessage(role="assistant", content=reply))
         excess = len(history) - self.limits.history_messages
         if excess > 0:
             del history[:excess]
         self._history = history
-
-
-def _own_turns(request: Generate, *, include_system: bool = True) -> list[ChatMessage]:
-    if request.messages is None:
-        assert request.prompt is not None  # the model guarantees exactly one of them
-        return [ChatMessage(role="user", content=request.prompt)]
-    if include_system:
-        return list(request.messages)
-    return [turn for turn in request.messages if turn.role != "system"]
 
 
 def _check_kind(entry: InflightRequest, kind: RequestKind) -> None:

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import WebSocketRoute
 
 from protocol.session import SessionLimits
-from server import api, ws
+from server import api
 from server.auth import Authenticator
 from server.cors import PolicyCORSMiddleware
 from server.dispatcher import Dispatcher
@@ -38,6 +38,7 @@ from server.sessions import SessionRegistry
 from server.settings import Settings
 from server.shutdown import Drainer
 from server.tickets import tickets_router
+from server.transports import websocket
 
 __all__ = ["build_services", "create_app"]
 
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
     app.state.authenticator = services.auth  # read by server.tickets
     app.add_api_route("/health", health, methods=["GET"], tags=["operations"])
     app.add_api_route("/ready", ready, methods=["GET"], tags=["operations"])
-    app.router.routes.append(WebSocketRoute("/v1/ws", ws.session_socket, name="session_socket"))
+    app.router.routes.append(WebSocketRoute("/v1/ws", websocket.session_socket, name="session_socket"))
     app.include_router(tickets_router)
     app.include_router(metrics_router(services.metrics))
     api.install(app)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,8 +28,9 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from protocol.conversation import conversation as build_conversation
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import ChatMessage, Classify, Embed, Generate, LabelScore, Timings, Usage
+from protocol.messages import ChatMessage, Classify, Embed, Generate, LabelScore, RequestKind, Timings, Usage
 from server.backends.base import (
     Classifier,
     Embedder,
@@ -36,6 +38,7 @@ from server.backends.base import (
     GenerationResult,
     Generator,
     SamplingOptions,
+    ToolCall,
     Turn,
 )
 from server.metrics import Metrics
@@ -47,15 +50,13 @@ __all__ = [
     "EmbedResult",
     "Finished",
     "ModelSource",
-    "RequestKind",
     "RequestTrace",
     "encode_vectors",
     "generation_request",
+    "new_call_id",
 ]
 
 log = logging.getLogger("sluice.dispatcher")
-
-RequestKind = Literal["generate", "embed", "classify"]
 
 
 class ModelSource(Protocol):
@@ -95,7 +96,7 @@ class RequestTrace:
 class Finished:
     """The last item of `Dispatcher.generate`: how the generation ended."""
 
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
     timings: Timings
     model: str
@@ -142,8 +143,9 @@ class Dispatcher:
         key_id: str,
         conversation: Sequence[ChatMessage] | None = None,
         trace: RequestTrace | None = None,
-    ) -> AsyncGenerator[str | Finished, None]:
-        """Text pieces as the model produces them, then one `Finished`. Raises `SluiceError` only.
+    ) -> AsyncGenerator[str | ToolCall | Finished, None]:
+        """Text pieces and tool calls (each with a server-made ``id``, its ``call_id``) as the model
+        produces them, then one `Finished`. Raises `SluiceError` only.
 
         ``conversation`` is the session's view of the turns (`protocol.session.Session.conversation`);
         without it the turns come from the message alone.
@@ -160,6 +162,8 @@ class Dispatcher:
                 async for item in stream:
                     if isinstance(item, GenerationResult):
                         result = item
+                    elif isinstance(item, ToolCall):
+                        yield ToolCall(name=item.name, arguments=item.arguments, id=new_call_id())
                     elif item:
                         self._piece(trace, key_id, name)
                         yield item
@@ -254,6 +258,11 @@ class Dispatcher:
         self._limiter.consume_tokens(key_id, 1)
 
 
+def new_call_id() -> str:
+    """A unique ``call_id`` for one tool call (a later ``tool`` turn names it)."""
+    return "call_" + secrets.token_urlsafe(12)
+
+
 def generation_request(
     model: str, message: Generate, conversation: Sequence[ChatMessage] | None = None
 ) -> GenerationRequest:
@@ -273,9 +282,7 @@ def generation_request(
             model=model, prompt=message.prompt, system=message.system, options=sampling, format=message.format
         )
     if conversation is None:
-        conversation = (
-            [ChatMessage(role="system", content=message.system)] if message.system else []
-        ) + list(message.messages or [ChatMessage(role="user", content=message.prompt or "")])
+        conversation = build_conversation(message)
     turns = tuple(Turn(role=turn.role, content=turn.content) for turn in conversation)
     return GenerationRequest(model=model, messages=turns, options=sampling, format=message.format)
 

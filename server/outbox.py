@@ -30,28 +30,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
-from enum import IntEnum
 from typing import TypeAlias
 
+from protocol.close import CloseCode
 from protocol.messages import Delta, LoggedMessage, Pong, Welcome
 
-__all__ = ["CloseCode", "Frame", "OutboundMessage", "Outbox"]
+__all__ = ["Frame", "OutboundMessage", "Outbox"]
 
 OutboundMessage: TypeAlias = LoggedMessage | Welcome | Pong
 Frame: TypeAlias = str | bytes
-
-
-class CloseCode(IntEnum):
-    """Why a connection ends (the WebSocket close codes of PROTOCOL.md §3)."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    POLICY = 1008
-    TOO_LARGE = 1009
-    INTERNAL = 1011
-    SERVICE_RESTART = 1012
-    SLOW_CONSUMER = 4008
-    TAKEN_OVER = 4009
 
 
 class Outbox:

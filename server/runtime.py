@@ -27,6 +27,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import assert_never
 
+from protocol.close import CloseCode
 from protocol.errors import SluiceError
 from protocol.messages import (
     Classify,
@@ -42,7 +43,7 @@ from protocol.messages import (
 from protocol.session import Accepted, CancelRequested, Ignored, Outcome, Refused, Reply, Session
 from server.dispatcher import Dispatcher, Finished, RequestTrace
 from server.metrics import Metrics
-from server.outbox import CloseCode, Outbox
+from server.outbox import Outbox
 
 __all__ = ["DETACHED_CHUNK_CHARS", "SessionRuntime"]
 
@@ -297,6 +298,8 @@ class SessionRuntime:
                         )
                     )
                 else:
+                    # Tool call events come with the tools work (issue 15); no backend yields one yet.
+                    assert isinstance(item, str), "tool_call events are not wired yet"
                     self._delta(request_id, item)
 
     def _cancel(self, request_id: str) -> None:

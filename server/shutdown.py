@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
-from server.outbox import CloseCode
 
 if TYPE_CHECKING:
     from server.dispatcher import Dispatcher

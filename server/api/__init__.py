@@ -23,9 +23,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server import sse
-from server.api import contract, ollama, openai, seed
+from server.api import contract
+from server.api.compat import ollama, openai, seed
 from server.api.tasks import TaskStore
+from server.transports import sse
 
 __all__ = ["install"]
 

@@ -1,6 +1,7 @@
 """The small interface every inference backend implements, and the values that cross it.
 
-A generator yields text pieces (`str`) and then exactly one `GenerationResult`; the consumer
+A generator yields text pieces (`str`) and complete tool calls (`ToolCall`, ``id`` None: the
+dispatcher names them) and then exactly one `GenerationResult`; the consumer
 cancels by closing the iterator (``aclose()``) or cancelling the task that iterates it, and the
 backend must then stop its work at once (close the upstream response, stop the decode loop).
 Embedders and classifiers take a batch of texts. Backends raise only `protocol.errors.SluiceError`:
@@ -10,9 +11,9 @@ each one maps its foreign exceptions in a single function. No transport code liv
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,16 +26,57 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "Generator",
+    "JsonSchema",
     "LabelScores",
+    "OutputFormat",
     "SamplingOptions",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "Turn",
 ]
+
+# A JSON Schema document, as parsed JSON.
+JsonSchema = Mapping[str, Any]
+# ``"json"``: the reply is one JSON value; a schema: the reply is an instance of it.
+OutputFormat = Literal["json"] | JsonSchema
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete call of a tool: one the model made (yielded by a generator, ``id`` None), or one
+    an earlier assistant turn made (``id`` is the ``call_id`` a later ``tool`` turn answers)."""
+
+    name: str
+    arguments: str  # a JSON text (an object)
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON Schema of its arguments object."""
+
+    name: str
+    description: str | None = None
+    parameters: JsonSchema | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """``auto``: text or calls, the model's choice; ``none``: text only; ``required``: at least one
+    call of a listed tool; ``name`` set (mode ``required``): a call of that tool."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Turn:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    # An assistant turn's calls; a tool turn's answer names the call it answers.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +98,14 @@ class GenerationRequest:
     messages: tuple[Turn, ...] | None = None
     system: str | None = None
     options: SamplingOptions = field(default_factory=SamplingOptions)
-    format: Literal["json"] | None = None
+    format: OutputFormat | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     # What the backend itself measured, when it knows (Ollama's final chunk); milliseconds.
@@ -71,7 +115,7 @@ class GenerationResult:
     total_ms: float | None = None
 
 
-GenerationItem = str | GenerationResult
+GenerationItem = str | ToolCall | GenerationResult
 
 
 class BackendState:
@@ -86,7 +130,10 @@ class Generator(ABC):
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationItem]:
-        """Yield text pieces, then one `GenerationResult`. Raises `SluiceError` only."""
+        """Yield text pieces and tool calls, then one `GenerationResult`. Raises `SluiceError` only.
+
+        A request with ``format``, ``tools`` or a ``tool_choice`` the backend cannot enforce
+        raises ``SluiceError(invalid_request)`` naming it, before any output: never ignored."""
 
 
 LabelScores = list[tuple[str, float]]

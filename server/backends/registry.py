@@ -51,7 +51,7 @@ LOADING_RETRY_MS = 1000
 
 @runtime_checkable
 class OllamaControl(Protocol):
-    """The part of ``server.backends.ollama.OllamaBackend`` the registry drives besides `generate`."""
+    """The part of ``server.backends.ollama.backend.OllamaBackend`` the registry drives besides `generate`."""
 
     async def probe(self) -> dict[str, bool]: ...
     async def list_models(self) -> list[str]: ...
@@ -96,7 +96,7 @@ def _load_local_generator(settings: Settings) -> Generator:
 
 
 def _make_ollama(settings: Settings) -> Generator:
-    module = importlib.import_module("server.backends.ollama")
+    module = importlib.import_module("server.backends.ollama.backend")
     backend = module.OllamaBackend(settings)
     if not isinstance(backend, Generator):
         raise TypeError("OllamaBackend is not a Generator")
@@ -104,7 +104,7 @@ def _make_ollama(settings: Settings) -> Generator:
 
 
 def _make_ollama_embedder(backend: Generator, model: str) -> Embedder:
-    module = importlib.import_module("server.backends.ollama")
+    module = importlib.import_module("server.backends.ollama.backend")
     embedder = module.OllamaEmbedder(backend, model)
     if not isinstance(embedder, Embedder):
         raise TypeError("OllamaEmbedder is not an Embedder")

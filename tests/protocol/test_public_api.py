@@ -7,8 +7,21 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "protocol": ["codec", "errors", "eventlog", "lifecycle", "messages", "schema", "session", "sse"],
+    "protocol": [
+        "close",
+        "codec",
+        "conversation",
+        "errors",
+        "eventlog",
+        "lifecycle",
+        "messages",
+        "schema",
+        "session",
+        "sse",
+    ],
+    "protocol.close": ["CloseCode"],
     "protocol.codec": ["decode", "encode"],
+    "protocol.conversation": ["conversation", "own_turns"],
     "protocol.errors": ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"],
     "protocol.eventlog": ["EventLog", "MemoryEventLog"],
     "protocol.lifecycle": [
@@ -48,6 +61,7 @@ PUBLIC = {
         "Pong",
         "Request",
         "RequestId",
+        "RequestKind",
         "ServerInfo",
         "ServerMessage",
         "Timings",
@@ -71,7 +85,6 @@ PUBLIC = {
         "Outcome",
         "Refused",
         "Reply",
-        "RequestKind",
         "Session",
         "SessionLimits",
     ],

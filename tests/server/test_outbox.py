@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
+from protocol.close import CloseCode
 from protocol.codec import encode
 from protocol.messages import Delta, Embedding, Pong
-from server.outbox import CloseCode, Outbox
+from server.outbox import Outbox
 
 
 def delta(seq: int, text: str = "x" * 90) -> Delta:

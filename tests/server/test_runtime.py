@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from protocol.close import CloseCode
 from protocol.codec import encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
@@ -26,7 +27,7 @@ from protocol.messages import (
 from protocol.session import Session, SessionLimits
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
-from server.outbox import CloseCode, Outbox
+from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.runtime import DETACHED_CHUNK_CHARS, SessionRuntime
 from server.settings import Settings

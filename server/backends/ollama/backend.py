@@ -19,11 +19,11 @@ import numpy as np
 import numpy.typing as npt
 
 from server.backends.base import Embedder, GenerationItem, GenerationRequest, Generator
-from server.backends.ollama_errors import NoUpstream, UpstreamStatus, error_text, retry_after_ms, translate
-from server.backends.ollama_guard import StallGuard
-from server.backends.ollama_pool import Upstream, UpstreamPool
-from server.backends.ollama_transport import ShardedTransport
-from server.backends.ollama_wire import (
+from server.backends.ollama.errors import NoUpstream, UpstreamStatus, error_text, retry_after_ms, translate
+from server.backends.ollama.guard import StallGuard
+from server.backends.ollama.pool import Upstream, UpstreamPool
+from server.backends.ollama.transport import ShardedTransport
+from server.backends.ollama.wire import (
     CHAT_PATH,
     StreamDecoder,
     decode_embed,

@@ -48,6 +48,7 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
+from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
@@ -70,7 +71,7 @@ from server.api.errors import Family, StatusError, error_response, json_response
 from server.api.routing import api_router, error_model
 from server.api.streams import SSE_HEADERS, keepalive
 from server.auth import Principal, key_id_for
-from server.outbox import CloseCode, Frame, OutboundMessage, Outbox
+from server.outbox import Frame, OutboundMessage, Outbox
 from server.runtime import SessionRuntime
 from server.services import Services, services_of
 

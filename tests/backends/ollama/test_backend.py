@@ -18,7 +18,7 @@ import pytest
 
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import GenerationRequest, GenerationResult, SamplingOptions, Turn
-from server.backends.ollama import OllamaBackend, OllamaEmbedder
+from server.backends.ollama.backend import OllamaBackend, OllamaEmbedder
 from server.settings import Settings
 from tests.support.ollama_emulator import Emulator, RequestRecord, start_emulator
 
@@ -573,7 +573,7 @@ async def test_emulator_cuts_lines_across_writes_and_packs_several_per_write(emu
 
 def test_emulator_runs_as_a_process() -> None:
     command = [sys.executable, "-m", "tests.support.ollama_emulator", "--port", "0", "--tokens", "5"]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None

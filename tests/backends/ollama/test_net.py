@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvloop
 
-from server.backends.ollama_net import HIGH_WATER, LoopBackend
-from server.backends.ollama_transport import ShardedTransport
+from server.backends.ollama.net import HIGH_WATER, LoopBackend
+from server.backends.ollama.transport import ShardedTransport
 from tests.support.ollama_emulator import start_emulator
 
 pytestmark = pytest.mark.timeout(30)

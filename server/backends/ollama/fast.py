@@ -15,7 +15,7 @@ drains it. Connects honour the ``connect`` timeout; a read waits under the ``rea
 when httpx passes one and nothing is buffered (streamed generations pass none: `StallGuard`
 bounds them). Every failure leaves as httpx's own exception (``ConnectError``, ``ConnectTimeout``,
 ``ReadError``, ``ReadTimeout``, ``WriteError``, ``WriteTimeout``, ``PoolTimeout``,
-``RemoteProtocolError``), so ``ollama_errors.translate`` maps it as before.
+``RemoteProtocolError``), so ``errors.translate`` maps it as before.
 
 It must never know about Ollama's payloads: bytes in, bytes out. No HTTP/2, proxies or upgrades.
 """
@@ -34,7 +34,7 @@ from typing import Any, Self, cast
 import httptools
 import httpx
 
-from server.backends.ollama_net import HIGH_WATER, LOW_WATER
+from server.backends.ollama.net import HIGH_WATER, LOW_WATER
 
 __all__ = ["Connection", "FastTransport"]
 

@@ -2,7 +2,7 @@
 
 `UpstreamTransport` is what the backend builds: by default `HttpcoreTransport`. Clearing
 `USE_HTTPCORE` selects `FastTransport` (asyncio protocols parsed by httptools, see
-`server.backends.ollama_fast`): on `bench.relay` with 500 streams it cut the server's CPU per
+`server.backends.ollama.fast`): on `bench.relay` with 500 streams it cut the server's CPU per
 relayed token from ~94-100 µs to ~69-80 µs on this machine, but its p99 added inter-token delay
 was worse in every run (230-449 ms against 29-282 ms), for reasons not yet found, so it is not
 the default until that is understood.
@@ -13,7 +13,7 @@ whole list again for each idle connection: the cost per request grows with the s
 pool's size. With 100 concurrent streams of 100 tokens that cost was ~75% of the relay's CPU
 (230 µs/token against 53 µs/token split over 16 pools, measured on this machine), so requests are
 spread over `shards` small pools in turn. Each pool reads through `LoopBackend` (plain asyncio
-protocols) instead of httpcore's anyio backend (see `server.backends.ollama_net`).
+protocols) instead of httpcore's anyio backend (see `server.backends.ollama.net`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import ssl
 import httpcore
 import httpx
 
-from server.backends.ollama_fast import FastTransport
-from server.backends.ollama_net import LoopBackend
+from server.backends.ollama.fast import FastTransport
+from server.backends.ollama.net import LoopBackend
 
 __all__ = ["USE_HTTPCORE", "HttpcoreTransport", "ShardedTransport", "UpstreamTransport"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from protocol.errors import INTERNAL_MESSAGE, ErrorCode, SluiceError
 from server.backends.base import GenerationRequest, SamplingOptions, Turn
-from server.backends.ollama_errors import (
+from server.backends.ollama.errors import (
     MalformedResponse,
     NoUpstream,
     StreamEnded,
@@ -22,9 +22,9 @@ from server.backends.ollama_errors import (
     retry_after_ms,
     translate,
 )
-from server.backends.ollama_guard import StallGuard
-from server.backends.ollama_pool import UpstreamPool
-from server.backends.ollama_wire import (
+from server.backends.ollama.guard import StallGuard
+from server.backends.ollama.pool import UpstreamPool
+from server.backends.ollama.wire import (
     StreamDecoder,
     decode_embed,
     decode_tags,

@@ -28,11 +28,12 @@ import logging
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
 from server.auth import Principal, key_id_for
-from server.outbox import CloseCode, Frame, Outbox
+from server.outbox import Frame, Outbox
 from server.runtime import SessionRuntime
 from server.services import Services, services_of
 

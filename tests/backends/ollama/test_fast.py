@@ -14,10 +14,10 @@ import orjson
 import pytest
 import uvloop
 
-from server.backends import ollama_transport
-from server.backends.ollama_fast import Connection, FastTransport
-from server.backends.ollama_net import HIGH_WATER
-from server.backends.ollama_transport import HttpcoreTransport, UpstreamTransport
+from server.backends.ollama import transport as ollama_transport
+from server.backends.ollama.fast import Connection, FastTransport
+from server.backends.ollama.net import HIGH_WATER
+from server.backends.ollama.transport import HttpcoreTransport, UpstreamTransport
 from tests.support.ollama_emulator import start_emulator
 
 pytestmark = pytest.mark.timeout(30)

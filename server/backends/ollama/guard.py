@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from server.backends.ollama_errors import StreamStalled
+from server.backends.ollama.errors import StreamStalled
 
 __all__ = ["StallGuard"]
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import orjson
 
 from server.backends.base import GenerationRequest, GenerationResult
-from server.backends.ollama_errors import MalformedResponse, StreamEnded, UpstreamErrorLine
+from server.backends.ollama.errors import MalformedResponse, StreamEnded, UpstreamErrorLine
 
 __all__ = [
     "CHAT_PATH",
