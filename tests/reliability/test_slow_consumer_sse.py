@@ -1,6 +1,6 @@
 """An SSE client that stops reading never grows server memory past its bound, and loses nothing.
 
-The WebSocket case is `tests/server/test_ws_streams.py` (closed 4008, memory bounded, resumed);
+The WebSocket case is `tests/transports/websocket/test_streams.py` (closed 4008, memory bounded, resumed);
 this is the same promise over the SSE events stream, whose sender is a different code path
 (sse-starlette's send timeout, chunk coalescing). The client opens the stream with a tiny receive
 buffer, starts a 100k-token generation (unpaced upstream), reads a few events and stops. While

@@ -1,4 +1,4 @@
-"""Real servers for the end-to-end tests of tests/server: ``sluice serve`` subprocesses on loopback.
+"""Real servers for the end-to-end tests of the WebSocket transport: ``sluice serve`` subprocesses on loopback.
 
 Three servers start together (their model loading overlaps) the first time a test asks for one:
 ``main`` (the Ollama emulator plus the real local models, small outbound bounds and message

@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
-from tests.http.conftest import MODEL, sluice
-from tests.http.session_helpers import EventStream
+from tests.api.conftest import MODEL, sluice
 from tests.support.ollama_emulator import Emulator
 from tests.support.server import ServerProcess
+from tests.transports.sse.session_helpers import EventStream
 
 pytestmark = pytest.mark.timeout(120)
 

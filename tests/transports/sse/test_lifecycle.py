@@ -11,10 +11,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.http.conftest import MODEL, SERVER_ENV
-from tests.http.session_helpers import EventStream, open_session, post
+from tests.api.conftest import MODEL, SERVER_ENV
 from tests.support.ollama_emulator import Emulator
 from tests.support.server import start_server
+from tests.transports.sse.session_helpers import EventStream, open_session, post
 
 pytestmark = pytest.mark.timeout(120)
 

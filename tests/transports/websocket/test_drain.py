@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from tests.server.conftest import Servers
-from tests.server.wsclient import Client, terminal_of, text_of
 from tests.support.ollama_emulator import Emulator
+from tests.transports.websocket.conftest import Servers
+from tests.transports.websocket.wsclient import Client, terminal_of, text_of
 
 pytestmark = pytest.mark.models
 

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.server.conftest import ALLOWED_ORIGIN, Servers
-from tests.server.wsclient import Client, close_code, terminal_of
+from tests.transports.websocket.conftest import ALLOWED_ORIGIN, Servers
+from tests.transports.websocket.wsclient import Client, close_code, terminal_of
 
 pytestmark = pytest.mark.models
 

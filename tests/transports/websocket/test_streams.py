@@ -10,9 +10,9 @@ import numpy as np
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from tests.server.conftest import Servers
-from tests.server.wsclient import Client, terminal_of, text_of
 from tests.support.ollama_emulator import Emulator, RequestRecord
+from tests.transports.websocket.conftest import Servers
+from tests.transports.websocket.wsclient import Client, terminal_of, text_of
 
 pytestmark = pytest.mark.models
 

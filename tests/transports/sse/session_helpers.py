@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.http.sse_client import SseItem, read_sse
+from tests.api.sse_client import SseItem, read_sse
 
 __all__ = ["EventStream", "open_session", "post"]
 

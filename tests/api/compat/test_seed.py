@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.http.conftest import MODEL
-from tests.http.sse_client import read_sse
+from tests.api.conftest import MODEL
+from tests.api.sse_client import read_sse
 from tests.support.ollama_emulator import Emulator
 
 pytestmark = pytest.mark.timeout(120)

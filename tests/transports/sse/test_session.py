@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from tests.http.conftest import MODEL
-from tests.http.session_helpers import EventStream, open_session, post
+from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
+from tests.transports.sse.session_helpers import EventStream, open_session, post
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import ollama
 import orjson
 import pytest
 
-from tests.http.conftest import MODEL
+from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http.conftest import MODEL, TOKENS
+from tests.api.conftest import MODEL, TOKENS
 from tests.support.ollama_emulator import Emulator, RequestRecord
 
 pytestmark = pytest.mark.timeout(120)

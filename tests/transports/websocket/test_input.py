@@ -9,9 +9,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.server.conftest import Servers
-from tests.server.wsclient import Client, close_code, terminal_of
 from tests.support.ollama_emulator import Emulator
+from tests.transports.websocket.conftest import Servers
+from tests.transports.websocket.wsclient import Client, close_code, terminal_of
 
 pytestmark = pytest.mark.models
 

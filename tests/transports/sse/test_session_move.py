@@ -12,9 +12,9 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.http.conftest import MODEL
-from tests.http.session_helpers import EventStream
+from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
+from tests.transports.sse.session_helpers import EventStream
 
 pytestmark = pytest.mark.timeout(120)
 
