@@ -37,7 +37,6 @@ from server.services import SERVER_VERSION, ModelBackends, Services, services_of
 from server.sessions import SessionRegistry
 from server.settings import Settings
 from server.shutdown import Drainer
-from server.tickets import tickets_router
 from server.transports import websocket
 
 __all__ = ["build_services", "create_app"]
@@ -104,11 +103,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
         lifespan=lifespan,
     )
     app.state.sluice = services
-    app.state.authenticator = services.auth  # read by server.tickets
     app.add_api_route("/health", health, methods=["GET"], tags=["operations"])
     app.add_api_route("/ready", ready, methods=["GET"], tags=["operations"])
     app.router.routes.append(WebSocketRoute("/v1/ws", websocket.session_socket, name="session_socket"))
-    app.include_router(tickets_router)
     app.include_router(metrics_router(services.metrics))
     api.install(app)
     app.add_middleware(PolicyCORSMiddleware, policy=services.auth.origins)

@@ -1,4 +1,4 @@
-"""Short-lived, signed, single-use tickets, and the `POST /v1/tickets` route that issues them.
+"""Short-lived, signed, single-use tickets (issued by `POST /v1/tickets`, `server.api.tickets`).
 
 Browsers cannot set headers on a WebSocket or an ``EventSource``, so they trade their API key
 (sent once, in an ``Authorization`` header) for a ticket that may travel in a URL (``?ticket=``).
@@ -25,18 +25,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.errors import ErrorCode, SluiceError
 
-if TYPE_CHECKING:
-    from server.auth import Authenticator
-
-__all__ = ["TicketBook", "TicketClaims", "TicketRequest", "error_response", "tickets_router"]
+__all__ = ["TicketBook", "TicketClaims"]
 
 # A ticket is a few hundred bytes; anything far longer is not one of ours, and refusing it
 # before any decoding bounds the work a stranger can make us do.
@@ -163,52 +155,3 @@ class TicketBook:
             if expires_at > now:
                 return
             del self._used[nonce]
-
-
-def error_response(error: SluiceError, status_code: int) -> JSONResponse:
-    """The typed HTTP error body of PROTOCOL.md: ``{"error": {code, message, retryable}}``."""
-    body: dict[str, object] = {
-        "code": error.code.value,
-        "message": error.message,
-        "retryable": error.retryable,
-    }
-    headers: dict[str, str] = {}
-    if error.retry_after_ms is not None:
-        body["retry_after_ms"] = error.retry_after_ms
-        headers["Retry-After"] = str(max(1, -(-error.retry_after_ms // 1000)))
-    if error.code is ErrorCode.UNAUTHORIZED:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"error": body}, status_code=status_code, headers=headers)
-
-
-class TicketRequest(BaseModel):
-    """Optional body of ``POST /v1/tickets``: bind the ticket to one session."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    session: str | None = Field(default=None, min_length=1, max_length=128)
-
-
-tickets_router = APIRouter()
-
-
-@tickets_router.post("/v1/tickets", tags=["auth"])
-async def create_ticket(request: Request, body: TicketRequest | None = None) -> JSONResponse:
-    """Trade the ``Authorization: Bearer`` key for a short-lived single-use ticket.
-
-    Needs ``app.state.authenticator`` (an `Authenticator`). With auth off, it still issues a
-    ticket (for the anonymous principal), so browser code need not know whether auth is on.
-    """
-    authenticator: Authenticator = request.app.state.authenticator
-    try:
-        principal = authenticator.authenticate(authorization=request.headers.get("authorization"))
-        ticket, expires_in_s = authenticator.issue_ticket(
-            principal, session=body.session if body is not None else None
-        )
-    except SluiceError as error:
-        status = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.OVERLOADED: 503}.get(error.code, 400)
-        return error_response(error, status)
-    return JSONResponse(
-        {"ticket": ticket, "expires_in_s": expires_in_s},
-        headers={"Cache-Control": "no-store"},
-    )

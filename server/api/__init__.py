@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import contract
+from server.api import contract, tickets
 from server.api.compat import ollama, openai, seed
 from server.api.tasks import TaskStore
 from server.transports import sse
@@ -43,6 +43,7 @@ def install(app: FastAPI) -> None:
     for router in ollama.routers:
         app.include_router(router)
     app.include_router(contract.router)
+    app.include_router(tickets.router)
     _close_on_shutdown(app, store)
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
 from protocol.errors import ErrorCode, SluiceError
 from server.auth import ANONYMOUS, Authenticator, OriginPolicy, Principal, key_id_for
 from server.settings import Settings
-from server.tickets import TicketBook, tickets_router
+from server.tickets import TicketBook
 
 KEY = "sk-test-0123456789"
 OTHER_KEY = "sk-other-abcdef"
@@ -252,55 +249,3 @@ def test_star_allows_any_origin_and_bad_entries_fail_fast() -> None:
         OriginPolicy(["example.com"])
     with pytest.raises(ValueError):
         OriginPolicy(["ftp://example.com"])
-
-
-# The tickets route.
-
-
-def _app(api_keys: list[str]) -> tuple[FastAPI, Authenticator]:
-    app = FastAPI()
-    authenticator = Authenticator(Settings(api_keys=api_keys))
-    app.state.authenticator = authenticator
-    app.include_router(tickets_router)
-    return app, authenticator
-
-
-async def test_tickets_route_issues_a_ticket_for_a_valid_key(caplog: pytest.LogCaptureFixture) -> None:
-    app, authenticator = _app([KEY])
-    caplog.set_level(logging.DEBUG)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        response = await client.post("/v1/tickets", headers={"Authorization": f"Bearer {KEY}"})
-        bound = await client.post(
-            "/v1/tickets", headers={"Authorization": f"Bearer {KEY}"}, json={"session": "s-9"}
-        )
-    assert response.status_code == 200
-    body = response.json()
-    assert set(body) == {"ticket", "expires_in_s"} and body["expires_in_s"] == 60
-    assert response.headers["cache-control"] == "no-store"
-    assert authenticator.authenticate(ticket=body["ticket"]) == Principal(KEY_ID)
-    assert bound.status_code == 200
-    assert authenticator.authenticate(ticket=bound.json()["ticket"]) == Principal(KEY_ID, session="s-9")
-    assert KEY not in caplog.text
-
-
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
-async def test_tickets_route_refuses_without_a_valid_key(headers: dict[str, str]) -> None:
-    app, _ = _app([KEY])
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        response = await client.post("/v1/tickets", headers=headers)
-    assert response.status_code == 401
-    assert response.headers["www-authenticate"] == "Bearer"
-    error = response.json()["error"]
-    assert error["code"] == "unauthorized" and error["retryable"] is False and error["message"]
-
-
-async def test_tickets_route_with_auth_off_issues_anonymous_tickets() -> None:
-    app, authenticator = _app([])
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        response = await client.post("/v1/tickets")
-    assert response.status_code == 200
-    assert response.json()["ticket"]
-    assert authenticator.authenticate(ticket=response.json()["ticket"]) is None
