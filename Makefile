@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-js install lint typecheck pytest schema bench bench-quick clean
+.PHONY: run test test-js install lint typecheck pytest redis-server schema bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,14 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict clients/python/sluice_client
 
-pytest: $(STAMP)
+# The cluster tests run a real redis-server (Debian package), installed here when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "make: no redis-server and cannot install it: the Redis tests will skip" >&2; fi; }
+
+pytest: $(STAMP) redis-server
 	$(BIN)/pytest -q
 
 # The JS client's unit, integration (real server) and browser (Debian Chromium) tests; the
