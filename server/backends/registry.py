@@ -376,6 +376,11 @@ class ModelRegistry:
 
     # -- what is served ------------------------------------------------------------------------
 
+    @property
+    def ollama(self) -> Generator | None:
+        """The Ollama backend, when one is configured and was created (for its metadata calls)."""
+        return self._ollama
+
     def models(self) -> dict[str, list[str]]:
         """Model names per kind, for ``welcome.models`` and ``/v1/models`` (local ones first).
 

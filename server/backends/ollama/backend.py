@@ -2,8 +2,8 @@
 
 `OllamaBackend` is a `Generator` (``/api/chat`` for messages, ``/api/generate`` for a prompt,
 NDJSON streamed and decoded by `StreamDecoder`) and also lists models (``/api/tags``), embeds
-(``/api/embed``) and probes (``/api/version``). Each request goes to the least busy healthy base
-URL (`UpstreamPool`); a connect failure before any output moves on to the next one. A consumer
+(``/api/embed``), probes (``/api/version``) and relays model metadata (``/api/show``,
+``/api/ps``). Each request goes to the least busy healthy base URL (`UpstreamPool`); a connect failure before any output moves on to the next one. A consumer
 that closes the generator or cancels its task closes the upstream response at once, never
 draining it: that is how Ollama learns to stop generating. Every exception leaves through
 `translate`, so callers only ever see `SluiceError`. No transport or protocol code lives here.
@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from server.backends.base import Embedder, GenerationItem, GenerationRequest, Generator
-from server.backends.ollama.errors import NoUpstream, UpstreamStatus, error_text, retry_after_ms, translate
+from server.backends.ollama.errors import (
+    MalformedResponse,
+    NoUpstream,
+    UpstreamStatus,
+    error_text,
+    retry_after_ms,
+    translate,
+)
 from server.backends.ollama.guard import StallGuard
 from server.backends.ollama.pool import Upstream, UpstreamPool
 from server.backends.ollama.transport import ShardedTransport
@@ -154,6 +163,33 @@ class OllamaBackend(Generator):
             raise translate(failure)
         return sorted(names)
 
+    async def show(self, model: str) -> dict[str, Any]:
+        """Ollama's ``/api/show`` answer for ``model``, as it sent it (404: ``model_not_found``)."""
+        try:
+            upstream, response = await self._open(
+                "/api/show", orjson.dumps({"model": model}), self._call_timeout
+            )
+            try:
+                if response.status_code != 200:
+                    raise await _status_error(response)
+                body = orjson.loads(await response.aread())
+            finally:
+                await response.aclose()
+                upstream.inflight -= 1
+        except Exception as exc:
+            raise translate(exc, model=model) from exc
+        if not isinstance(body, dict):
+            raise translate(MalformedResponse(), model=model)
+        return body
+
+    async def running(self) -> list[dict[str, Any]]:
+        """The ``models`` of ``/api/ps`` from every base URL that answers; ``[]`` when none does
+        (what is loaded upstream is information, never a reason to fail)."""
+        answers = await asyncio.gather(
+            *(self._ps(upstream) for upstream in self._pool.upstreams), return_exceptions=True
+        )
+        return [entry for answer in answers if isinstance(answer, list) for entry in answer]
+
     async def probe(self) -> dict[str, bool]:
         """Base URL → whether ``/api/version`` answered; updates each URL's health."""
         answers = await asyncio.gather(
@@ -200,6 +236,11 @@ class OllamaBackend(Generator):
         if response.status_code != 200:
             raise UpstreamStatus(response.status_code, error_text(response.content), None)
         return decode_tags(response.content)
+
+    async def _ps(self, upstream: Upstream) -> list[dict[str, Any]]:
+        response = await self._client.get(upstream.url + "/api/ps", timeout=self._probe_timeout)
+        models = orjson.loads(response.content).get("models") if response.status_code == 200 else None
+        return [entry for entry in models if isinstance(entry, dict)] if isinstance(models, list) else []
 
     async def _version(self, upstream: Upstream) -> bool:
         response = await self._client.get(upstream.url + "/api/version", timeout=self._probe_timeout)
