@@ -72,7 +72,8 @@ Text = Annotated[str, StringConstraints(max_length=1_000_000)]
 
 
 class SeedGenerateRequest(_Body):
-    prompt: Text
+    # The seed declares min_length=1: an empty prompt is a 422, not a generation from nothing.
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)]
     model: str | None = Field(default=None, min_length=1, max_length=256)
     system: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=32768)

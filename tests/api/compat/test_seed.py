@@ -128,6 +128,8 @@ async def test_batch_job_that_fails_reports_its_typed_error(client: httpx.AsyncC
     ("path", "body", "field"),
     [
         ("/api/v1/generate", {"model": MODEL}, "prompt"),
+        ("/api/v1/generate", {"model": MODEL, "prompt": ""}, "prompt"),
+        ("/api/v1/generate/stream", {"model": MODEL, "prompt": ""}, "prompt"),
         ("/api/v1/generate", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/api/v1/embeddings", {"texts": []}, "texts"),
         ("/api/v1/embeddings", {"texts": ["ok", 3]}, "texts[1]"),
