@@ -44,6 +44,22 @@ async def test_generate_streams_pieces_then_result(fake: FakeServer) -> None:
         assert sent.options.temperature == 0.5 and sent.options.max_tokens == 100
 
 
+async def test_options_dict_beside_keyword_options(fake: FakeServer) -> None:
+    async with AsyncClient(fake.url, backoff=FAST) as client:
+        s = await client.session()
+        result = await s.generate("opts", options={"temperature": 0.25, "stop": "\n"}, max_tokens=4)
+        assert result.text == expected_text("opts", 4) and result.finish_reason == "length"
+        sent = fake.received_of(Generate)[-1]
+        assert (sent.options.temperature, sent.options.stop, sent.options.max_tokens) == (0.25, ["\n"], 4)
+        await s.chat("hi", options={"seed": 3})
+        assert fake.received_of(Generate)[-1].options.seed == 3
+        with pytest.raises(TypeError, match="num_predict"):
+            s.generate("x", options={"num_predict": 3})
+        with pytest.raises(TypeError, match="both in options= and as keywords: seed"):
+            s.chat("x", options={"seed": 1}, seed=2)
+        assert len(fake.received_of(Generate)) == 2
+
+
 async def test_await_stream_and_length_limit(fake: FakeServer) -> None:
     s = await sluice_client.connect(fake.url, backoff=FAST)
     try:

@@ -33,6 +33,7 @@ def test_sync_streaming_and_result(fake: FakeServer) -> None:
         assert "".join(pieces) == expected_text("sync hello", 12) and len(pieces) == 12
         assert stream.result is not None and stream.result.finish_reason == "stop"
         assert s.chat("hi").collect().text.startswith("[1] ")
+        assert s.generate("opts", options={"max_tokens": 2}).collect().text == expected_text("opts", 2)
         with pytest.raises(SluiceError) as failure:
             s.generate("x", model="error:model_not_found").collect()
         assert failure.value.code is ErrorCode.MODEL_NOT_FOUND

@@ -2,8 +2,9 @@
 
 The request models are ``protocol.messages``' own, so a request the server would refuse as
 invalid is refused here first, as a `SluiceError` with code ``invalid_message`` naming the field —
-except Python misuse (an unknown keyword), which is a ``TypeError`` like any other call. Ids are
-made here too: short, readable in server logs, unique within the client. Nothing here sends.
+except Python misuse (an unknown option name, or one given twice), which is a ``TypeError`` like
+any other call. Ids are made here too: short, readable in server logs, unique within the client.
+Nothing here sends.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from sluice_client.errors import SluiceError, invalid_argument
 
 __all__ = [
     "MessageLike",
+    "OptionsLike",
     "RequestIds",
     "check_batch_size",
     "classify_request",
     "embed_request",
+    "generate_options",
     "generate_request",
     "text_list",
 ]
 
 MessageLike = ChatMessage | Mapping[str, str]
+OptionsLike = GenerateOptions | Mapping[str, Any]
 _OPTION_NAMES: Final = frozenset(GenerateOptions.model_fields)
+# What the ``ollama`` package's users call some of them, for the error naming an unknown option.
+_OLLAMA_NAMES: Final = {"num_predict": "max_tokens"}
 
 
 class RequestIds:
@@ -43,9 +49,9 @@ class RequestIds:
         return f"{kind}-{self._tag}-{next(self._counter)}"
 
 
-def _invalid(exc: ValidationError) -> SluiceError:
+def _invalid(exc: ValidationError, prefix: str | None = None) -> SluiceError:
     first = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(part) for part in first["loc"]) or "request"
+    where = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"])) or "request"
     return invalid_argument(f"invalid {where}: {str(first['msg']).removeprefix('Value error, ')}")
 
 
@@ -54,6 +60,49 @@ def _chat_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
     for message in messages:
         out.append(message if isinstance(message, ChatMessage) else ChatMessage.model_validate(dict(message)))
     return out
+
+
+def generate_options(options: OptionsLike | None, keywords: Mapping[str, Any]) -> GenerateOptions:
+    """``options={...}`` (as the ``ollama`` package passes them) merged with keyword options.
+
+    An unknown name, or one given both ways, is a ``TypeError`` naming it; a bad value is a
+    `SluiceError` (``invalid_message``) naming the option.
+    """
+    if isinstance(options, GenerateOptions):
+        given: dict[str, Any] = options.model_dump(exclude_none=True)
+    elif options is None:
+        given = {}
+    elif isinstance(options, Mapping):
+        given = dict(options)
+    else:
+        raise TypeError(f"options must be a dict of generate options, not {type(options).__name__}")
+    _check_names(given, "options")
+    _check_names(keywords, "keyword")
+    twice = sorted(set(given) & set(keywords))
+    if twice:
+        raise TypeError(f"generate option(s) given both in options= and as keywords: {', '.join(twice)}")
+    plain = given | dict(keywords)
+    stop = plain.get("stop")
+    if isinstance(stop, str):
+        plain["stop"] = [stop]
+    elif isinstance(stop, tuple):
+        plain["stop"] = list(stop)
+    try:
+        return GenerateOptions.model_validate(plain)
+    except ValidationError as exc:
+        raise _invalid(exc, prefix="options") from None
+
+
+def _check_names(options: Mapping[str, Any], how: Literal["options", "keyword"]) -> None:
+    unknown = sorted(str(name) for name in set(options) - _OPTION_NAMES)
+    if not unknown:
+        return
+    hints = [f"{name} is called {_OLLAMA_NAMES[name]} here" for name in unknown if name in _OLLAMA_NAMES]
+    where = "in options=" if how == "options" else "keyword"
+    raise TypeError(
+        f"unknown generate option(s) {where}: {', '.join(unknown)} "
+        f"(known: {', '.join(sorted(_OPTION_NAMES))}{'; ' + '; '.join(hints) if hints else ''})"
+    )
 
 
 def generate_request(
@@ -65,19 +114,8 @@ def generate_request(
     system: str | None,
     history: bool,
     format: Literal["json"] | None,
-    options: Mapping[str, Any],
+    options: GenerateOptions,
 ) -> Generate:
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise TypeError(
-            f"unknown generate option(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTION_NAMES))})"
-        )
-    plain = dict(options)
-    stop = plain.get("stop")
-    if isinstance(stop, str):
-        plain["stop"] = [stop]
-    elif isinstance(stop, tuple):
-        plain["stop"] = list(stop)
     try:
         return Generate(
             type="generate",
@@ -88,7 +126,7 @@ def generate_request(
             system=system,
             history=history,
             format=format,
-            options=GenerateOptions.model_validate(plain),
+            options=options,
         )
     except ValidationError as exc:
         raise _invalid(exc) from None

@@ -27,10 +27,12 @@ from protocol.messages import Classification, Embedding, Limits, Models, Request
 from sluice_client.batching import in_batches, with_retries
 from sluice_client.build import (
     MessageLike,
+    OptionsLike,
     RequestIds,
     check_batch_size,
     classify_request,
     embed_request,
+    generate_options,
     generate_request,
     text_list,
 )
@@ -189,12 +191,15 @@ class AsyncSession:
         system: str | None = None,
         history: bool = False,
         format: Literal["json"] | None = None,
+        options: OptionsLike | None = None,
         display: bool = False,
-        **options: Any,
+        **keyword_options: Any,
     ) -> AsyncGenerateStream:
         """Start a generation (sent at once) and return its stream of text pieces.
 
-        ``options``: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop``, ``seed``.
+        Options (``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop``, ``seed``) go as
+        keywords, or as ``options={...}`` like the ``ollama`` package's, or both (a name given
+        twice, or unknown, is a ``TypeError``).
         ``display=True`` shows the reply in one notebook output area as it is read.
         """
         request = generate_request(
@@ -205,7 +210,7 @@ class AsyncSession:
             system=system,
             history=history,
             format=format,
-            options=options,
+            options=generate_options(options, keyword_options),
         )
         stream = AsyncGenerateStream(request, self._connection.cancel, LiveText() if display else None)
         self._connection.submit(request, stream)
@@ -218,8 +223,10 @@ class AsyncSession:
         history: bool = True,
         model: str | None = None,
         system: str | None = None,
+        format: Literal["json"] | None = None,
+        options: OptionsLike | None = None,
         display: bool = False,
-        **options: Any,
+        **keyword_options: Any,
     ) -> AsyncGenerateStream:
         """One user turn. With ``history`` (the default) the session keeps the conversation."""
         return self.generate(
@@ -227,8 +234,10 @@ class AsyncSession:
             model=model,
             system=system,
             history=history,
+            format=format,
+            options=options,
             display=display,
-            **options,
+            **keyword_options,
         )
 
     async def embed(

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.messages import Limits, Models, ServerInfo, Welcome
-from sluice_client.build import MessageLike, check_batch_size, text_list
+from sluice_client.build import MessageLike, OptionsLike, check_batch_size, text_list
 from sluice_client.connection import Backoff, Status
 from sluice_client.display import LiveText, progress_bar, session_html
 from sluice_client.session import AsyncClient, AsyncSession, Scores
@@ -221,11 +221,13 @@ class Session:
         system: str | None = None,
         history: bool = False,
         format: Literal["json"] | None = None,
+        options: OptionsLike | None = None,
         display: bool = False,
-        **options: Any,
+        **keyword_options: Any,
     ) -> GenerateStream:
-        """Start a generation and return its stream. With ``display=True`` the reply is shown as it
-        streams (one updating notebook output area) and the stream is returned finished."""
+        """Start a generation and return its stream (arguments as `AsyncSession.generate`). With
+        ``display=True`` the reply is shown as it streams (one updating notebook output area) and
+        the stream is returned finished."""
         started = self._loop.call(
             lambda: self._session.generate(
                 prompt,
@@ -234,7 +236,8 @@ class Session:
                 system=system,
                 history=history,
                 format=format,
-                **options,
+                options=options,
+                **keyword_options,
             )
         )
         stream = GenerateStream(self._loop, started)
@@ -249,8 +252,10 @@ class Session:
         history: bool = True,
         model: str | None = None,
         system: str | None = None,
+        format: Literal["json"] | None = None,
+        options: OptionsLike | None = None,
         display: bool = False,
-        **options: Any,
+        **keyword_options: Any,
     ) -> GenerateStream:
         """One user turn; with ``history`` (the default) the session keeps the conversation."""
         return self.generate(
@@ -258,8 +263,10 @@ class Session:
             model=model,
             system=system,
             history=history,
+            format=format,
+            options=options,
             display=display,
-            **options,
+            **keyword_options,
         )
 
     def embed(
