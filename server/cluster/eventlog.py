@@ -1,0 +1,313 @@
+"""The Redis-backed event log: what a session's home node logs, written through to Redis.
+
+`RedisEventLog` is the `protocol.eventlog.EventLog` a cluster-mode session is built with. It
+keeps the events in memory, exactly like `MemoryEventLog` (the home replays from there, with no
+await), and hands each appended event to the node's `LogWriter`, which writes every session's new
+events at most once per event-loop tick: one pipelined `scripts.APPEND` per session that changed,
+all in one round trip, never one per token. While a write is in flight the next events gather, so
+a slow Redis means larger batches, not more round trips. The append script numbers nothing (the
+session did), it checks: same epoch, still the home, seqs that follow; a refusal means the store
+lost the session or another node took it, and the log reports it `lost`.
+
+`read_after` is the other side: any node reads a session's events after a seq straight from
+Redis, exactly or not at all (``None``: the stream no longer holds all of them, the session is
+unknown, or it holds fewer events than the client says it has seen).
+
+The writer retries a batch Redis did not answer (the script makes a retry of an applied batch a
+no-op), so events are never written twice or out of order. It never decides what a lost session
+means for the client: `server.cluster.sessions` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any, NamedTuple
+
+import orjson
+from pydantic import TypeAdapter
+from redis.exceptions import NoScriptError, RedisError
+
+from protocol.codec import encode
+from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
+from server.cluster.redis import RedisStore
+from server.cluster.scripts import feed_channel, log_key, meta_key
+
+__all__ = ["LogWriter", "RedisEventLog", "decode_event", "read_after"]
+
+log = logging.getLogger("sluice.cluster.eventlog")
+
+# After a failed write, wait this long before the next try (Redis is down or restarting).
+RETRY_AFTER_S = 0.25
+
+_ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
+
+
+def decode_event(data: bytes | str) -> LoggedMessage:
+    """A logged event from the JSON `protocol.codec.encode` wrote (a delta takes a fast path)."""
+    fields = orjson.loads(data)
+    if fields.get("type") == "delta":
+        return Delta.model_construct(id=fields["id"], seq=fields["seq"], text=fields["text"])
+    return _ADAPTER.validate_python(fields)
+
+
+def _terminal_id(event: LoggedMessage) -> str | None:
+    if isinstance(event, Done | Embedding | Classification) or (isinstance(event, Error) and event.id):
+        return event.id
+    return None
+
+
+class _Taken(NamedTuple):
+    """How much of a log's pending state one write carries."""
+
+    events: int
+    started: int
+    ended: int
+    release: bool
+
+
+class RedisEventLog:
+    """One session's `EventLog` on its home node: memory for replay, Redis for every other node."""
+
+    __slots__ = (
+        "_capacity",
+        "_ended",
+        "_events",
+        "_last",
+        "_pending",
+        "_pending_first",
+        "_started",
+        "epoch",
+        "lost",
+        "on_lost",
+        "release",
+        "session_id",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        epoch: str,
+        *,
+        capacity: int,
+        writer: LogWriter,
+        past: Iterable[LoggedMessage] = (),
+        last_seq: int = 0,
+    ) -> None:
+        self.session_id = session_id
+        self.epoch = epoch
+        self.writer = writer
+        self._capacity = capacity
+        self._events: deque[LoggedMessage] = deque(past, maxlen=capacity)
+        self._last = last_seq
+        if self._events and self._events[-1].seq != last_seq:
+            raise ValueError("the past events must end at last_seq")
+        # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended.
+        self._pending: list[str] = []
+        self._pending_first = last_seq + 1
+        self._started: list[str] = []
+        self._ended: list[str] = []
+        self.release = False
+        self.lost = False
+        self.on_lost: Callable[[RedisEventLog], None] | None = None
+
+    # -- EventLog ----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._last
+
+    @property
+    def oldest_seq(self) -> int:
+        return self._last - len(self._events) + 1
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def append(self, event: LoggedMessage) -> None:
+        if event.seq != self._last + 1:
+            raise ValueError(f"event seq {event.seq} does not follow {self._last}")
+        self._events.append(event)
+        self._last = event.seq
+        self._pending.append(encode(event))
+        terminal = _terminal_id(event)
+        if terminal is not None:
+            self._ended.append(terminal)
+        self.writer.dirty(self)
+
+    def after(self, seq: int) -> list[LoggedMessage] | None:
+        if seq >= self._last:
+            return [] if seq == self._last else None
+        oldest = self.oldest_seq
+        if seq < oldest - 1:
+            return None
+        return list(islice(self._events, seq - oldest + 1, None))
+
+    def trim(self, upto: int) -> None:
+        # Only the memory copy: Redis keeps them (holding more than the client needs is harmless).
+        drop = min(upto, self._last) - self.oldest_seq + 1
+        for _ in range(min(drop, len(self._events))):
+            self._events.popleft()
+
+    # -- what the writer needs ---------------------------------------------------------------
+
+    def started(self, request_id: str) -> None:
+        """A request began on this home: recorded so survivors can end it if this node dies."""
+        self._started.append(request_id)
+        self.writer.dirty(self)
+
+    def let_go(self) -> None:
+        """This node stops being the session's home once what is pending is written."""
+        self.release = True
+        self.writer.dirty(self)
+
+    def take_batch(self) -> tuple[_Taken, list[Any]] | None:
+        """What is pending, and the `scripts.APPEND` keys and arguments that write it (all but the
+        node's own: node id, maxlen, ttl); None when nothing is pending."""
+        if not (self._pending or self._started or self._ended or self.release):
+            return None
+        taken = _Taken(len(self._pending), len(self._started), len(self._ended), self.release)
+        sid = self.session_id
+        args: list[Any] = [meta_key(sid), log_key(sid), self.epoch, self._pending_first]
+        args += [feed_channel(sid), "1" if self.release else "0"]
+        args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]
+        return taken, args
+
+    def written(self, taken: _Taken, last: int) -> None:
+        """The batch `take_batch` gave is in Redis, ending at seq ``last``."""
+        del self._pending[: taken.events]
+        del self._started[: taken.started]
+        del self._ended[: taken.ended]
+        self._pending_first = last + 1
+        if taken.release:
+            self.release = False
+
+    def mark_lost(self) -> None:
+        self.lost = True
+        self._pending.clear()
+        self._started.clear()
+        self._ended.clear()
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class LogWriter:
+    """Writes every dirty `RedisEventLog` of this node, one pipeline per event-loop tick."""
+
+    def __init__(self, store: RedisStore, node_id: str, *, maxlen: int, ttl_ms: int) -> None:
+        self._store = store
+        self._node_id = node_id
+        self._maxlen = maxlen
+        self._ttl_ms = ttl_ms
+        self._dirty: dict[int, RedisEventLog] = {}
+        self._scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self.round_trips = 0
+
+    def dirty(self, event_log: RedisEventLog) -> None:
+        if event_log.lost:
+            return
+        self._dirty[id(event_log)] = event_log
+        if not self._scheduled and self._task is None:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if self._task is None and self._dirty:
+            self._task = asyncio.create_task(self._write_all(), name="sluice redis log writer")
+
+    async def _write_all(self) -> None:
+        try:
+            while self._dirty:
+                logs = list(self._dirty.values())
+                self._dirty.clear()
+                if not await self._write(logs):
+                    for event_log in logs:
+                        self._dirty.setdefault(id(event_log), event_log)
+                    await asyncio.sleep(RETRY_AFTER_S)
+        finally:
+            self._task = None
+
+    async def _write(self, logs: list[RedisEventLog]) -> bool:
+        """One pipelined round trip for ``logs``; False when some of it must be tried again."""
+        store = self._store
+        sha = store.append_script.sha
+        batches: list[tuple[RedisEventLog, _Taken]] = []
+        pipe = store.client.pipeline(transaction=False)
+        for event_log in logs:
+            batch = event_log.take_batch()
+            if batch is None or event_log.lost:
+                continue
+            taken, args = batch
+            meta, stream, epoch, first, *rest = args
+            pipe.evalsha(sha, 2, meta, stream, self._node_id, epoch, first, self._maxlen, self._ttl_ms, *rest)
+            batches.append((event_log, taken))
+        if not batches:
+            return True
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:  # a lost connection: every batch is tried again
+            store.mark_down(type(exc).__name__)
+            return False
+        self.round_trips += 1
+        retry = False
+        for (event_log, taken), reply in zip(batches, replies, strict=True):
+            if isinstance(reply, Exception):
+                retry = True
+                if isinstance(reply, NoScriptError):  # Redis restarted: its script cache is empty
+                    await store.load_scripts()
+            elif reply < 0:
+                log.warning(
+                    "session store refused a write (%d): the session is lost",
+                    reply,
+                    extra={"session": event_log.session_id},
+                )
+                event_log.mark_lost()
+            else:
+                event_log.written(taken, int(reply))
+        return not retry
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is written (or given up as lost)."""
+        while self._dirty or self._task is not None or self._scheduled:
+            task = self._task
+            if task is not None:
+                await asyncio.shield(task)
+            else:
+                await asyncio.sleep(0)
+
+
+async def read_after(store: RedisStore, session_id: str, last_seq: int) -> list[LoggedMessage] | None:
+    """Every event of ``session_id`` with ``seq > last_seq``, read from Redis: exactly all of them
+    or None (unknown session, events no longer held, or a ``last_seq`` the store never reached)."""
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=True)
+        pipe.hget(meta_key(session_id), "seq")
+        pipe.xrange(log_key(session_id), min=f"{last_seq + 1}-0", max="+")
+        seq_raw, entries = await pipe.execute()
+    if seq_raw is None:
+        return None
+    return exact_after(int(seq_raw), last_seq, entries)
+
+
+def exact_after(
+    top: int, last_seq: int, entries: list[tuple[bytes, dict[bytes, bytes]]]
+) -> list[LoggedMessage] | None:
+    """The events of ``entries`` (XRANGE from ``last_seq + 1``) if they are exactly seqs
+    ``last_seq + 1 .. top``; None otherwise."""
+    if last_seq < 0 or last_seq > top:
+        return None
+    events = [decode_event(fields[b"m"]) for _, fields in entries]
+    expected = last_seq + 1
+    for event in events:
+        if event.seq != expected:
+            return None
+        expected += 1
+    if expected != top + 1:
+        return None
+    return events

@@ -1,0 +1,147 @@
+"""The one Redis connection pool of a cluster-mode node, its health, and the scripts it runs.
+
+`RedisStore` owns the redis-py asyncio client (hiredis parses replies when installed, which the
+``redis[hiredis]`` dependency makes sure of), registers the Lua scripts of `server.cluster.scripts`
+once, and watches the server with a PING every `HEALTH_EVERY_S`: `healthy` is the one answer to
+"can this node do cluster work now", read by ``/ready`` and by everything that would start new
+work. Redis's exceptions become `SluiceError` ``upstream_unavailable`` (retryable) here and only
+here (`translated`), so callers never see a foreign exception.
+
+This module must never hold session state: that is `server.cluster.eventlog` and
+`server.cluster.sessions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from protocol.errors import ErrorCode, SluiceError
+from server.cluster.scripts import APPEND, CLAIM
+
+__all__ = ["HEALTH_EVERY_S", "RedisStore", "store_unavailable"]
+
+log = logging.getLogger("sluice.cluster.redis")
+
+HEALTH_EVERY_S = 0.5
+# A command that takes longer than this counts as Redis being unreachable.
+_SOCKET_TIMEOUT_S = 2.0
+
+
+def store_unavailable() -> SluiceError:
+    """The error new work gets while the session store cannot be reached."""
+    return SluiceError(
+        ErrorCode.UPSTREAM_UNAVAILABLE, "the session store (Redis) is unreachable", retry_after_ms=1000
+    )
+
+
+class RedisStore:
+    """A Redis server shared by every node of the cluster, seen from this node."""
+
+    def __init__(self, url: str, *, client: Redis | None = None) -> None:
+        self.url = url
+        self.client: Redis = (
+            client
+            if client is not None
+            else Redis.from_url(
+                url,
+                socket_timeout=_SOCKET_TIMEOUT_S,
+                socket_connect_timeout=_SOCKET_TIMEOUT_S,
+                health_check_interval=0,
+            )
+        )
+        self.append_script = self.client.register_script(APPEND)
+        self.claim_script = self.client.register_script(CLAIM)
+        self._healthy = False
+        self._reason = "not checked yet"
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- health ------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def status(self) -> dict[str, object]:
+        """What ``/ready`` reports about the store."""
+        body: dict[str, object] = {"reachable": self._healthy}
+        if not self._healthy:
+            body["error"] = self._reason
+        return body
+
+    def check(self) -> None:
+        """Raise `store_unavailable` unless the store answered its last check."""
+        if not self._healthy:
+            raise store_unavailable()
+
+    def mark_down(self, reason: str) -> None:
+        if self._healthy:
+            log.warning("redis unreachable: %s", reason)
+        self._healthy = False
+        self._reason = reason
+
+    async def ping(self) -> bool:
+        """Check the server now; whether it answered."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            self.mark_down(type(exc).__name__)
+            return False
+        if not self._healthy:
+            # Back (or first seen): a restarted server has an empty script cache.
+            try:
+                await self.load_scripts()
+            except SluiceError:
+                return False
+            log.info("redis reachable")
+        self._healthy = True
+        self._reason = ""
+        return True
+
+    async def start(self) -> None:
+        """Check once, then keep checking in the background."""
+        await self.ping()
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="sluice redis health")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_EVERY_S)
+            await self.ping()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        await self.client.aclose()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def translated(self) -> AsyncIterator[None]:
+        """Run Redis commands; a Redis failure becomes `store_unavailable` (and marks the store
+        down until the next successful check)."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            self.mark_down(type(exc).__name__)
+            raise store_unavailable() from None
+
+    async def load_scripts(self) -> None:
+        """Load the scripts into the server's cache (after a restart emptied it)."""
+        async with self.translated():
+            for script in (self.append_script, self.claim_script):
+                script.sha = await self.client.script_load(script.script)
+
+    async def run(self, coro: Any) -> Any:
+        """Await one redis-py call through `translated`."""
+        async with self.translated():
+            return await coro

@@ -1,0 +1,119 @@
+"""The Redis key layout of cluster mode and the Lua scripts that change more than one key at once.
+
+Every key of one session carries the session id as its hash tag (``sluice:{s_…}:meta``,
+``sluice:{s_…}:log``) and the session's live feed is the channel ``sluice:{s_…}:feed``, so each
+script touches one hash slot and runs unchanged on Redis Cluster. Per session:
+
+- ``meta`` (hash): ``key`` (the owner key id), ``epoch`` (made when the session is created:
+  a writer holding another epoch is writing to a session the store lost), ``seq`` (the newest
+  logged seq), ``home`` (the node holding the live session; empty while none does), ``att``
+  (the token of the transport attached last, wherever it is) and one ``r:<request id>`` field
+  per request in flight on the home;
+- ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
+  capped with ``MAXLEN ~`` (which keeps at least that many).
+
+Per node: ``sluice:node:<id>`` (heartbeat, with a TTL) and ``sluice:node:<id>:sessions`` (the
+sessions it is home of), its control channel ``sluice:node:<id>:ctl``, and ``sluice:nodes``
+(sorted set of every node by last heartbeat, so survivors find the dead).
+
+This module only names keys and holds script text: it never talks to Redis.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APPEND",
+    "CLAIM",
+    "NODES",
+    "control_channel",
+    "feed_channel",
+    "log_key",
+    "meta_key",
+    "node_key",
+    "node_sessions_key",
+]
+
+NODES = "sluice:nodes"
+
+
+def meta_key(session_id: str) -> str:
+    return f"sluice:{{{session_id}}}:meta"
+
+
+def log_key(session_id: str) -> str:
+    return f"sluice:{{{session_id}}}:log"
+
+
+def feed_channel(session_id: str) -> str:
+    return f"sluice:{{{session_id}}}:feed"
+
+
+def node_key(node_id: str) -> str:
+    return f"sluice:node:{node_id}"
+
+
+def node_sessions_key(node_id: str) -> str:
+    return f"sluice:node:{node_id}:sessions"
+
+
+def control_channel(node_id: str) -> str:
+    return f"sluice:node:{node_id}:ctl"
+
+
+# Append a batch of events numbered first..first+n-1, written by the session's home, and publish
+# them (newline-joined: JSON text never holds a raw newline) in the same step, so the live feed
+# and the log always carry the same events with the same seqs.
+#
+# KEYS: meta, log.  ARGV: node, epoch, first seq, maxlen, ttl ms, channel, release (1: the home
+# lets go of the session after this batch), then a count and that many request ids that started,
+# a count and that many that ended, then the events' JSON.
+#
+# Returns the new last seq; the batch already applied (a retry after a lost reply) returns it too.
+# -1: no such session or another epoch (the store lost it), -2: seqs do not follow, -3: the node
+# is not the session's home.
+APPEND = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch or epoch ~= ARGV[2] then return -1 end
+if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return -3 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local first = tonumber(ARGV[3])
+local i = 8
+local started = tonumber(ARGV[i])
+local starts = {}
+for j = 1, started do starts[j] = ARGV[i + j] end
+i = i + started + 1
+local ended = tonumber(ARGV[i])
+local ends = {}
+for j = 1, ended do ends[j] = ARGV[i + j] end
+i = i + ended + 1
+local n = #ARGV - i + 1
+if last == first + n - 1 and n > 0 then return last end
+if last ~= first - 1 then return -2 end
+for j = 1, started do redis.call('HSET', KEYS[1], 'r:' .. starts[j], '1') end
+for j = 0, n - 1 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
+end
+for j = 1, ended do redis.call('HDEL', KEYS[1], 'r:' .. ends[j]) end
+if n > 0 then
+  redis.call('HSET', KEYS[1], 'seq', first + n - 1)
+  redis.call('PUBLISH', ARGV[6], table.concat(ARGV, '\\n', i))
+end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'home', '') end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return first + n - 1
+"""
+
+# Become the home of a session that has none (or whose home is ``expected``, a node known dead).
+#
+# KEYS: meta.  ARGV: node, expected old home ('' for none).
+# Returns {epoch, seq, key} once claimed; nil when there is no such session; the current home (a
+# string) when another node holds it.
+CLAIM = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'key', 'home')
+if not meta[1] then return nil end
+local home = meta[4] or ''
+if home ~= '' and home ~= ARGV[1] and home ~= ARGV[2] then return home end
+redis.call('HSET', KEYS[1], 'home', ARGV[1])
+return {meta[1], meta[2], meta[3]}
+"""

@@ -1,0 +1,211 @@
+"""The Redis-backed event log against a real redis-server: written through in pipelined batches,
+read back exactly or not at all, refused when the store lost the session or another node took it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.errors import ErrorCode
+from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
+from server.cluster.eventlog import LogWriter, RedisEventLog, decode_event, read_after
+from server.cluster.redis import RedisStore
+from server.cluster.scripts import feed_channel, log_key, meta_key
+from tests.support.redis_server import RedisServer
+
+NODE = "n_a"
+SESSION = "s_test"
+
+
+async def _create(store: RedisStore, session: str = SESSION, *, home: str = NODE) -> None:
+    await store.client.hset(meta_key(session), mapping={"key": "k", "epoch": "e1", "seq": 0, "home": home})
+
+
+def _log(writer: LogWriter, session: str = SESSION) -> RedisEventLog:
+    return RedisEventLog(session, "e1", capacity=4096, writer=writer)
+
+
+def _deltas(first: int, count: int, request: str = "r1") -> list[Delta]:
+    return [Delta(id=request, seq=seq, text=f"t{seq} ") for seq in range(first, first + count)]
+
+
+def _writer(store: RedisStore, maxlen: int = 4096) -> LogWriter:
+    return LogWriter(store, NODE, maxlen=maxlen, ttl_ms=60_000)
+
+
+def _calls(redis_server: RedisServer, command: str) -> int:
+    info = redis_server.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    for line in info.decode().splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_a_burst_of_events_is_one_round_trip_and_lands_with_seq_ids(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    events = _deltas(1, 300)
+    for event in events:  # all in one tick, as a fast stream's tokens are
+        event_log.append(event)
+    await writer.flush()
+    assert writer.round_trips == 1
+    assert _calls(redis_server, "evalsha") == 1
+    entries = await store.client.xrange(log_key(SESSION))
+    assert [entry_id for entry_id, _ in entries] == [f"{seq}-0".encode() for seq in range(1, 301)]
+    assert [decode_event(fields[b"m"]) for _, fields in entries] == events
+    assert await store.client.hget(meta_key(SESSION), "seq") == b"300"
+    assert await read_after(store, SESSION, 250) == events[250:]
+    assert await read_after(store, SESSION, 300) == []
+
+
+async def test_events_appended_while_a_write_is_in_flight_go_in_the_next_batch(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for round_ in range(5):
+        for event in _deltas(round_ * 20 + 1, 20):
+            event_log.append(event)
+        await asyncio.sleep(0)
+    await writer.flush()
+    assert 1 < writer.round_trips < 5 * 20
+    assert await read_after(store, SESSION, 0) == _deltas(1, 100)
+    assert event_log.after(90) == _deltas(91, 10)
+
+
+async def test_requests_in_flight_are_recorded_until_their_terminal_event(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    event_log.started("r1")
+    event_log.started("r2")
+    event_log.append(Delta(id="r1", seq=1, text="a"))
+    await writer.flush()
+    meta = await store.client.hgetall(meta_key(SESSION))
+    assert meta[b"r:r1"] == b"1" and meta[b"r:r2"] == b"1"
+    usage, timings = Usage(prompt_tokens=1, completion_tokens=1), Timings(queue_ms=0, ttft_ms=1, total_ms=2)
+    event_log.append(Done(id="r1", seq=2, finish_reason="stop", usage=usage, timings=timings, model="m"))
+    event_log.append(Error(id="r2", seq=3, code=ErrorCode.TIMEOUT, message="slow", retryable=True))
+    event_log.append(Error(seq=4, ref="x", code=ErrorCode.INVALID_MESSAGE, message="no", retryable=False))
+    await writer.flush()
+    meta = await store.client.hgetall(meta_key(SESSION))
+    assert not [field for field in meta if field.startswith(b"r:")]
+    assert meta[b"seq"] == b"4"
+
+
+async def test_the_feed_carries_each_batch_with_the_same_seqs(store: RedisStore) -> None:
+    await _create(store)
+    pubsub = store.client.pubsub()
+    await pubsub.subscribe(feed_channel(SESSION))
+    assert (await pubsub.get_message(timeout=2.0))["type"] == "subscribe"  # type: ignore[index]
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 5):
+        event_log.append(event)
+    await writer.flush()
+    message = await pubsub.get_message(timeout=2.0)
+    assert message is not None and message["type"] == "message"
+    assert [decode_event(line) for line in message["data"].split(b"\n")] == _deltas(1, 5)
+    await pubsub.aclose()
+
+
+@pytest.mark.parametrize("last_seq", [-1, 11, 1000])
+async def test_a_last_seq_the_store_never_reached_is_refused(store: RedisStore, last_seq: int) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 10):
+        event_log.append(event)
+    await writer.flush()
+    assert await read_after(store, SESSION, last_seq) is None
+
+
+async def test_events_no_longer_held_refuse_the_read_never_a_partial_one(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 50):
+        event_log.append(event)
+    await writer.flush()
+    await store.client.xtrim(log_key(SESSION), maxlen=10, approximate=False)
+    assert await read_after(store, SESSION, 39) is None
+    assert await read_after(store, SESSION, 40) == _deltas(41, 10)
+    assert await read_after(store, "s_unknown", 0) is None
+
+
+async def test_the_stream_keeps_at_least_maxlen_events(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store, maxlen=100)
+    event_log = _log(writer)
+    for round_ in range(10):
+        for event in _deltas(round_ * 100 + 1, 100):
+            event_log.append(event)
+        await writer.flush()
+    assert await read_after(store, SESSION, 900) == _deltas(901, 100)
+    assert await store.client.xlen(log_key(SESSION)) < 1000
+
+
+@pytest.mark.parametrize("change", ["epoch", "home", "deleted"])
+async def test_a_write_to_a_session_this_node_no_longer_holds_marks_it_lost(
+    store: RedisStore, change: str
+) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    lost: list[RedisEventLog] = []
+    event_log.on_lost = lost.append
+    event_log.append(Delta(id="r1", seq=1, text="a"))
+    await writer.flush()
+    if change == "epoch":
+        await store.client.hset(meta_key(SESSION), "epoch", "e2")
+    elif change == "home":
+        await store.client.hset(meta_key(SESSION), "home", "n_b")
+    else:
+        await store.client.delete(meta_key(SESSION), log_key(SESSION))
+    event_log.append(Delta(id="r1", seq=2, text="b"))
+    await writer.flush()
+    assert lost == [event_log] and event_log.lost
+    event_log.append(Delta(id="r1", seq=3, text="c"))  # nothing more is written for it
+    await writer.flush()
+    assert await store.client.hget(meta_key(SESSION), "seq") in (b"1", None)
+
+
+async def test_writes_wait_out_a_redis_outage_and_land_once_in_order(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 10):
+        event_log.append(event)
+    await writer.flush()
+    redis_server.command("SAVE")
+    redis_server.stop()
+    for event in _deltas(11, 10):
+        event_log.append(event)
+    await asyncio.sleep(0.6)  # a few failed tries
+    assert not store.healthy
+    redis_server.start()
+    await asyncio.wait_for(writer.flush(), 10)
+    expected: list[LoggedMessage] = [*_deltas(1, 20)]
+    assert await read_after(store, SESSION, 0) == expected
+
+
+async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 3):
+        event_log.append(event)
+    batch = event_log.take_batch()
+    assert batch is not None
+    _, args = batch
+    meta, stream, epoch, first, *rest = args
+    again = [NODE, epoch, first, 4096, 60_000, *rest]
+    assert await store.append_script(keys=[meta, stream], args=again) == 3
+    assert await store.append_script(keys=[meta, stream], args=again) == 3
+    assert await store.client.xlen(log_key(SESSION)) == 3
