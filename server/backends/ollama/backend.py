@@ -31,7 +31,7 @@ from server.backends.ollama.errors import (
 )
 from server.backends.ollama.guard import StallGuard
 from server.backends.ollama.pool import Upstream, UpstreamPool
-from server.backends.ollama.transport import ShardedTransport
+from server.backends.ollama.transport import UpstreamTransport
 from server.backends.ollama.wire import (
     CHAT_PATH,
     StreamDecoder,
@@ -49,7 +49,6 @@ OLLAMA_PREFIX = "ollama/"
 
 # Every stream holds one HTTP/1.1 connection, and the relay must carry hundreds of streams at once.
 _MAX_CONNECTIONS = 4096
-_SHARDS = 32
 _KEEPALIVE_S = 30.0
 _PROBE_TIMEOUT_S = 2.0
 # Error bodies are one short JSON object; never buffer more of a misbehaving one.
@@ -72,9 +71,7 @@ class OllamaBackend(Generator):
         probe = min(connect, _PROBE_TIMEOUT_S)
         self._probe_timeout = httpx.Timeout(probe)
         if transport is None:
-            transport = ShardedTransport(
-                shards=_SHARDS, max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE_S
-            )
+            transport = UpstreamTransport(max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE_S)
         # trust_env=False: a proxy from the environment must never sit between sluice and Ollama.
         self._client = httpx.AsyncClient(transport=transport, headers=_JSON_HEADERS, trust_env=False)
 

@@ -1,98 +1,264 @@
-"""httpcore's network layer for the Ollama pools, on plain asyncio protocols: no timer per read.
+"""One HTTP/1.1 connection to an upstream: an asyncio protocol whose bytes httptools parses.
 
-httpcore reads a streamed body one network read at a time, and its default backend (anyio) wraps
-every read in a cancel scope with a deadline and pauses and resumes the transport around it. At
-one read per token for hundreds of streams that bookkeeping is about a quarter of the reading
-task's CPU (uvloop, one chunk per token: ~50 µs against ~38 µs per chunk through httpx, measured
-on this machine). `LoopBackend` gives the pools the same streams over `asyncio.Protocol`: bytes
-are buffered as they arrive (reading pauses past `HIGH_WATER` buffered bytes and resumes below
-`LOW_WATER`), and a read waits on one future only when nothing is buffered.
+`Connection` is fed by the event loop's callbacks: every read is parsed at once inside
+``data_received`` (llhttp, through ``httptools``: chunked framing costs a few µs, not the tens
+of µs that h11's Python event machinery took), and the body pieces wait in a buffer until the
+reading task takes them (`take`, or `body` when it has to wait). Reading pauses past `HIGH_WATER`
+buffered bytes and resumes below `LOW_WATER`. A read arms a timer only when it is given a
+timeout *and* has to wait: streamed generations pass none (`StallGuard` bounds them, one timer
+per stream), so a token costs no timer.
 
-A read arms a timer only when httpcore passes a read timeout (one-shot calls: embed, tags,
-version) *and* it has to wait. Streamed generations pass none: `StallGuard` bounds them, one
-timer per stream. Connects are bounded by their timeout as before. Errors leave as httpcore's own
-exceptions (``ConnectError``, ``ConnectTimeout``, ``ReadError``, ``ReadTimeout``, ``WriteError``,
-``WriteTimeout``), which httpx maps as it does for its default backend.
-
-This module knows nothing of Ollama, HTTP or sluice: it only moves bytes.
+Every failure is one of httpx's own exceptions (``ReadError``, ``ReadTimeout``, ``WriteError``,
+``WriteTimeout``, ``RemoteProtocolError``), so ``errors.translate`` maps them as for any httpx
+transport. This module must never know about Ollama's payloads, pools or retries (that is
+`server.backends.ollama.transport`): bytes in, bytes out, one exchange at a time.
 """
 
-# httpcore's interface names its deadlines ``timeout``, so these methods must too.
+# httpx's interface names its deadlines ``timeout``.
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
-from collections import deque
-from collections.abc import Iterable
-from typing import Any, cast
+from typing import cast
 
-import httpcore
+import httptools
+import httpx
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "LoopBackend", "LoopStream"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "Connection"]
 
 # Bytes buffered before the transport stops reading (and below which it reads again). A token
 # stream never comes near them; a large embedding body passes through in a few reads.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
-SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+_NO_RESPONSE = "Server disconnected without sending a response."
+_INCOMPLETE = "peer closed connection without sending complete message body"
 
 
-class _Reader(asyncio.Protocol):
-    """The receiving half: buffers what arrives, wakes the one reader waiting."""
+class Connection(asyncio.Protocol):
+    """One upstream connection and the response it is receiving, fed by the loop's callbacks.
+
+    `begin` starts an exchange (a fresh parser); the bytes that arrive are parsed at once in
+    `data_received` and the body pieces wait in a buffer until the reader takes them with `take`
+    (or `body` when it has to wait). `reusable` says, once the response is complete, whether the
+    connection may carry another request.
+    """
 
     __slots__ = (
         "_chunks",
         "_drain",
-        "_eof",
-        "_error",
-        "_lost",
+        "_head_only",
+        "_informational",
+        "_length_known",
+        "_parser",
         "_paused",
         "_size",
         "_waiter",
         "_write_paused",
+        "complete",
+        "eof",
+        "error",
+        "headers",
+        "headers_done",
+        "idle_since",
+        "keep_alive",
         "loop",
+        "lost",
+        "lost_error",
+        "reason",
+        "received",
+        "reused",
+        "status",
+        "stray",
         "transport",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
+        self._parser: httptools.HttpResponseParser | None = None
+        self._chunks: list[bytes] = []
         self._size = 0
-        self._eof = False
-        self._lost = False
-        self._error: Exception | None = None
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._head_only = False
+        self._informational = False
+        self._length_known = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False  # any byte of the current response
+        self.error: httpx.TransportError | None = None
+        self.eof = False
+        self.lost = False
+        self.lost_error: Exception | None = None
+        self.stray = False  # bytes arrived while no request was out: never reuse
+        self.reused = False
+        self.idle_since = 0.0
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- exchange --------------------------------------------------------------------------------
+
+    def begin(self, *, head_only: bool) -> None:
+        """Ready a new response; call before sending its request."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks = []
+        self._size = 0
+        self._head_only = head_only
+        self._informational = False
+        self._length_known = False
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False
+        self.error = None
+
+    def finish(self) -> None:
+        """The exchange is over (the connection is going idle or closing)."""
+        self._parser = None
+        self._chunks = []
+        self._size = 0
+        self._resume()
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and self.keep_alive
+            and not (self.eof or self.lost or self.stray)
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lost:
+            raise httpx.WriteError("connection closed")
+        transport.write(data)
+
+    async def drain(self, timeout: float | None) -> None:
+        while self._write_paused and not self.lost:
+            drain = self._drain = self.loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await drain
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+            finally:
+                self._drain = None
+        if self.lost and not self.received:
+            raise httpx.WriteError("connection lost while sending the request")
+
+    async def head(self, timeout: float | None) -> None:
+        """Wait until the status line and headers are in; raise what ended the exchange first."""
+        while not self.headers_done:
+            if self.error is not None or self.eof or self.lost:
+                raise self._failure()
+            await self._wait(timeout)
+
+    def take(self) -> bytes:
+        """Every body byte buffered now (b"" when none)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        self._resume()
+        return data
+
+    async def body(self, timeout: float | None) -> bytes:
+        """The next body bytes, waiting if need be; b"" once the body is complete."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self.error is not None or self.eof or self.lost:
+                raise self._failure()
+            await self._wait(timeout)
+        return self.take()
+
+    def close(self) -> None:
+        # close(), not abort(): the FIN goes out now (nothing is left to write), so the upstream
+        # sees the client leave on its next write and stops generating.
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+    async def _wait(self, timeout: float | None) -> None:
+        waiter = self._waiter = self.loop.create_future()
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
+        except TimeoutError:
+            raise httpx.ReadTimeout("timed out waiting for the upstream") from None
+        finally:
+            self._waiter = None
+
+    def _failure(self) -> httpx.TransportError:
+        if self.error is not None:
+            return self.error
+        if self.lost_error is not None:
+            return httpx.ReadError(str(self.lost_error) or type(self.lost_error).__name__)
+        if not self.headers_done:
+            return httpx.RemoteProtocolError(_NO_RESPONSE)
+        return httpx.RemoteProtocolError(_INCOMPLETE)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _resume(self) -> None:
+        if self._paused and self._size < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio's classes; they have the same methods.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
+        parser = self._parser
+        if parser is None or self.complete:
+            self.stray = True
+            return
+        self.received = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("the upstream switched protocols")
+        except httptools.HttpParserError as exc:
+            self._protocol_error(f"malformed response from the upstream ({type(exc).__name__})")
         if self._size > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
-        self._eof = True
+        self.eof = True
+        if self.headers_done and not self.complete and not self._length_known and self.error is None:
+            # No Content-Length and not chunked: the body runs to the end of the connection.
+            self.complete = True
+            self.keep_alive = False
         self._wake()
-        return False  # an HTTP/1.1 client has nothing left to say once the server is done
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._error = exc
+        self.lost = True
+        self.lost_error = exc
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
@@ -107,200 +273,70 @@ class _Reader(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    # -- for LoopStream ----------------------------------------------------------------------
+    # -- httptools callbacks ---------------------------------------------------------------------
 
-    @property
-    def readable(self) -> bool:
-        """Whether a read would return at once (data, end of stream or a lost connection)."""
-        return bool(self._chunks) or self._eof or self._lost
+    # llhttp parses on past the end of a message when more bytes came in the same read; those
+    # belong to no request of ours, so every callback drops them once the response is complete.
 
-    async def read(self, max_bytes: int, timeout: float | None) -> bytes:
-        if not self._chunks:
-            if self._eof or self._lost:
-                return self._end()
-            waiter = self._waiter = self.loop.create_future()
-            try:
-                if timeout is None:
-                    await waiter
-                else:
-                    async with asyncio.timeout(timeout):
-                        await waiter
-            except TimeoutError:
-                raise httpcore.ReadTimeout("timed out waiting for data") from None
-            finally:
-                self._waiter = None
-            if not self._chunks:
-                return self._end()  # end of stream, a lost connection, or our own close
-        return self._take(max_bytes)
-
-    async def drain(self, timeout: float | None) -> None:
-        while self._write_paused and not self._lost:
-            drain = self._drain = self.loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await drain
-            except TimeoutError:
-                raise httpcore.WriteTimeout("timed out sending data") from None
-            finally:
-                self._drain = None
-
-    @property
-    def lost(self) -> bool:
-        return self._lost
-
-    def _end(self) -> bytes:
-        """What a read gets once nothing more will arrive: b"" at a clean end, else an error."""
-        if self._error is not None:
-            raise httpcore.ReadError(str(self._error) or type(self._error).__name__)
-        return b""
-
-    def _take(self, max_bytes: int) -> bytes:
-        chunks = self._chunks
-        first = chunks.popleft()
-        if len(first) > max_bytes:
-            chunks.appendleft(first[max_bytes:])
-            first = first[:max_bytes]
-        elif chunks and len(first) + len(chunks[0]) <= max_bytes:
-            # Several pieces arrived while the reader was busy: one read hands them all over,
-            # which saves the layers above a trip each.
-            parts = [first]
-            size = len(first)
-            while chunks and size + len(chunks[0]) <= max_bytes:
-                size += len(chunks[0])
-                parts.append(chunks.popleft())
-            first = b"".join(parts)
-        self._size -= len(first)
-        if self._paused and self._size < LOW_WATER and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return first
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-class LoopStream(httpcore.AsyncNetworkStream):
-    """One connection as httpcore sees it."""
-
-    __slots__ = ("_reader", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, reader: _Reader) -> None:
-        self._transport = transport
-        self._reader = reader
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._reader.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
+    def on_status(self, reason: bytes) -> None:
+        if self.complete:
+            self.stray = True
             return
-        if self._transport.is_closing():
-            raise httpcore.WriteError("connection closed")
-        self._transport.write(buffer)
-        await self._reader.drain(timeout)
-        if self._reader.lost:
-            raise httpcore.WriteError("connection lost while sending")
+        self.reason += reason
 
-    async def aclose(self) -> None:
-        # close(), not abort(): what is already written still goes out, then FIN. An upstream
-        # (Ollama) sees the connection end and stops generating.
-        self._transport.close()
-        self._reader._wake()
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            self.stray = True
+            return
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._length_known = True
+        self.headers.append((name, value))
 
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = self._reader.loop
-        try:
-            async with asyncio.timeout(timeout):
-                transport = await loop.start_tls(
-                    self._transport, self._reader, ssl_context, server_hostname=server_hostname
-                )
-        except TimeoutError:
-            self._transport.abort()
-            raise httpcore.ConnectTimeout("TLS handshake timed out") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._transport.abort()
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        assert transport is not None
-        self._reader.transport = transport
-        return LoopStream(transport, self._reader)
+    def on_headers_complete(self) -> None:
+        if self.complete or self._parser is None:
+            self.stray = True
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True  # 100 Continue and friends: the real answer follows
+            return
+        self.status = status
+        self.headers_done = True
+        self.keep_alive = self._parser.should_keep_alive()
+        if self._head_only or status in (204, 304):
+            self._length_known = True
+            if self._head_only:
+                # llhttp cannot be told a response answers HEAD; stop here and never reuse.
+                self.complete = True
+                self.keep_alive = False
+                self._parser = None
 
-    def get_extra_info(self, info: str) -> Any:
-        match info:
-            case "ssl_object":
-                return self._transport.get_extra_info("ssl_object")
-            case "client_addr":
-                return self._transport.get_extra_info("sockname")
-            case "server_addr":
-                return self._transport.get_extra_info("peername")
-            case "socket":
-                return self._transport.get_extra_info("socket")
-            case "is_readable":
-                # httpcore asks this of idle keep-alive connections: anything readable there
-                # (data, EOF, a reset) means the server closed it.
-                return self._reader.readable
-            case _:
-                return None
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.stray = True
+            return
+        self._chunks.append(body)
+        self._size += len(body)
 
+    def on_message_complete(self) -> None:
+        if self.complete:
+            self.stray = True
+            return
+        if self._informational:
+            self._informational = False
+            self.headers = []
+            self.reason = b""
+            self._length_known = False
+            return
+        self.complete = True
+        # Anything after this message in the same read is not ours: parse no further.
+        self._parser = None
 
-class LoopBackend(httpcore.AsyncNetworkBackend):
-    """Opens `LoopStream` connections; pass it as ``AsyncConnectionPool(network_backend=...)``."""
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        local = (local_address, 0) if local_address else None
-        return await _connect(
-            loop.create_connection(lambda: _Reader(loop), host, port, local_addr=local),
-            timeout,
-            socket_options,
-        )
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        return await _connect(
-            loop.create_unix_connection(lambda: _Reader(loop), path), timeout, socket_options
-        )
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-async def _connect(
-    opening: Any,
-    timeout: float | None,
-    socket_options: Iterable[SocketOption] | None,
-) -> LoopStream:
-    try:
-        async with asyncio.timeout(timeout):
-            transport, reader = await opening
-    except TimeoutError:  # before OSError: TimeoutError is one
-        raise httpcore.ConnectTimeout("timed out connecting") from None
-    except OSError as exc:
-        raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-    if socket_options:
-        sock: socket.socket = transport.get_extra_info("socket")
-        try:
-            for option in socket_options:
-                sock.setsockopt(*option)
-        except OSError as exc:
-            transport.abort()
-            raise httpcore.ConnectError(str(exc)) from exc
-    return LoopStream(transport, reader)
+    def _protocol_error(self, message: str) -> None:
+        if self.complete:
+            self.stray = True  # junk after a complete response: the response stands
+        elif self.error is None:
+            self.error = httpx.RemoteProtocolError(message)
+        if self.transport is not None:
+            self.transport.close()

@@ -1,4 +1,5 @@
-"""`FastTransport`: HTTP/1.1 on asyncio protocols + httptools, from the parser up to real sockets."""
+"""`UpstreamTransport` and its `Connection`s: HTTP/1.1 on asyncio protocols + httptools, from the
+parser up to real sockets (emulator faults, split lines, early close, pool bounds)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ import orjson
 import pytest
 import uvloop
 
-from server.backends.ollama import transport as ollama_transport
-from server.backends.ollama.fast import Connection, FastTransport
-from server.backends.ollama.net import HIGH_WATER
-from server.backends.ollama.transport import HttpcoreTransport, UpstreamTransport
+from server.backends.ollama.net import HIGH_WATER, Connection
+from server.backends.ollama.transport import UpstreamTransport
 from tests.support.ollama_emulator import start_emulator
 
 pytestmark = pytest.mark.timeout(30)
@@ -33,9 +32,9 @@ def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLo
     return asyncio.DefaultEventLoopPolicy()
 
 
-def transport(**overrides: Any) -> FastTransport:
+def transport(**overrides: Any) -> UpstreamTransport:
     options: dict[str, Any] = {"max_connections": 8, "keepalive_expiry": 30.0} | overrides
-    return FastTransport(**options)
+    return UpstreamTransport(**options)
 
 
 def client(**overrides: Any) -> httpx.AsyncClient:
@@ -520,25 +519,6 @@ async def test_unsupported_schemes_are_refused() -> None:
     async with client() as http:
         with pytest.raises(httpx.UnsupportedProtocol):
             await http.get("ftp://127.0.0.1/")
-
-
-async def test_the_backend_gets_the_httpcore_transport_unless_fast_is_asked_for(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(ollama_transport, "USE_HTTPCORE", False)
-    assert isinstance(
-        UpstreamTransport(shards=2, max_connections=8, keepalive_expiry=30)._inner, FastTransport
-    )
-    monkeypatch.setattr(ollama_transport, "USE_HTTPCORE", True)
-    chosen = UpstreamTransport(shards=2, max_connections=8, keepalive_expiry=30)
-    assert isinstance(chosen._inner, HttpcoreTransport)
-    with start_emulator(token_rate=0, tokens=5) as emu:
-        async with httpx.AsyncClient(transport=chosen) as http:
-            body = {"model": MODEL, "prompt": "p"}
-            for _ in range(2):
-                response = await http.post(emu.url + "/api/generate", json=body)
-                assert len(response.content.splitlines()) == 6  # five pieces and the final line
-        assert {r.connection for r in emu.records} <= {1, 2}
 
 
 async def test_a_failed_connect_frees_its_slot_for_the_next_waiter() -> None:
