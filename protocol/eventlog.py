@@ -3,8 +3,21 @@
 `EventLog` is the small interface a session writes to (append, read after a seq, trim, oldest and
 last seq); `MemoryEventLog` is the bounded in-process implementation. A log holds a contiguous run
 of seqs ``oldest_seq..last_seq`` (empty when ``oldest_seq == last_seq + 1``); events leave it from
-the front only, by eviction (capacity) or by `trim` (client ack). It never renumbers anything and
-never does I/O: a Redis Streams implementation lives with the server, behind the same interface.
+the front only, by eviction (its window, or the server-wide `LogBudget`) or by `trim` (client
+ack). It never renumbers anything and never does I/O: a Redis Streams implementation lives with
+the server, behind the same interface.
+
+The window (PROTOCOL.md §2): a `MemoryEventLog` keeps at least the last ``capacity`` events
+(``replay_events``) and at least the last ``max_bytes`` of them by encoded size (``replay_bytes``),
+whichever holds more. Sizes come from `encoded_size`: exact for everything but a delta, whose size
+is counted from its fields without encoding it (its seq as one digit, its text as one byte per
+character: never more than the real size, so the window always holds at least ``max_bytes`` of
+real frames, and a little more where seqs are long or text is escaped or not ASCII).
+
+A `LogBudget` bounds what many logs hold together (an estimate of their memory, `memory_cost`).
+Past its bound it sheds events from the front of the logs its ``order`` names, oldest first, until
+it is back under a low-water mark. Shedding never makes a replay partial: a read that would need a
+shed event returns ``None``, as for any evicted event, and the client gets a new session.
 
 `append` runs once per streamed token, so `MemoryEventLog` keeps it to a few attribute operations.
 """
@@ -12,12 +25,21 @@ never does I/O: a Redis Streams implementation lives with the server, behind the
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Protocol, runtime_checkable
 
-from protocol.messages import LoggedMessage
+from protocol.codec import encode
+from protocol.messages import Delta, LoggedMessage
 
-__all__ = ["EventLog", "MemoryEventLog"]
+__all__ = ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
+
+# len('{"type":"delta","id":"","seq":1,"text":""}'): a delta's frame with a one-digit seq.
+_DELTA_FRAME = 42
+# What a logged message object costs in memory beyond its encoded size, roughly (CPython 3.11,
+# pydantic 2): a one-token delta is ~0.5 KB, a done with its usage and timings ~2 KB.
+_DELTA_OVERHEAD = 480
+_OTHER_OVERHEAD = 2048
 
 
 @runtime_checkable
@@ -48,22 +70,105 @@ class EventLog(Protocol):
         ...
 
 
+def encoded_size(event: LoggedMessage) -> int:
+    """The size of ``event``'s JSON frame in bytes (for a delta, a close lower bound: see the
+    module doc)."""
+    if type(event) is Delta:
+        return _DELTA_FRAME + len(event.id) + len(event.text)
+    return len(encode(event).encode())
+
+
+def memory_cost(event: LoggedMessage, size: int) -> int:
+    """An estimate of the memory ``event`` (of encoded ``size``) holds while it is logged."""
+    if type(event) is Delta:
+        return size + _DELTA_OVERHEAD
+    # Numbers and lists (an embedding's floats) take about twice their text as Python objects.
+    return 2 * size + _OTHER_OVERHEAD
+
+
+class LogBudget:
+    """A bound on what many `MemoryEventLog` hold together, in `memory_cost` bytes.
+
+    ``order()`` names the logs to shed from, in the order to shed them (whoever owns the logs
+    decides: the server's registry puts detached sessions first). When a charge takes `held` past
+    ``max_bytes``, events leave the front of those logs until `held` is at most ``low_water`` (by
+    default seven eighths of the bound, so that a busy server does not reclaim on every event).
+    """
+
+    __slots__ = ("held", "low_water", "max_bytes", "order", "reclaims", "shed_events")
+
+    def __init__(
+        self,
+        max_bytes: int,
+        order: Callable[[], Iterable[MemoryEventLog]],
+        *,
+        low_water: int | None = None,
+    ) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self.max_bytes = max_bytes
+        self.low_water = max_bytes * 7 // 8 if low_water is None else min(low_water, max_bytes)
+        self.order = order
+        self.held = 0
+        # Events shed so far, and how many times the bound was reached (for metrics and logs).
+        self.shed_events = 0
+        self.reclaims = 0
+
+    def charge(self, cost: int) -> None:
+        self.held += cost
+        if self.held > self.max_bytes:
+            self.reclaim()
+
+    def reclaim(self) -> None:
+        """Shed events, in ``order``, until `held` is at most ``low_water``."""
+        self.reclaims += 1
+        for log in self.order():
+            excess = self.held - self.low_water
+            if excess <= 0:
+                return
+            self.shed_events += log.shed(excess)
+
+
 class MemoryEventLog:
-    """An `EventLog` in a bounded deque: past `capacity` events, the oldest are evicted."""
+    """An `EventLog` in a deque, bounded by its window (``capacity`` events, ``max_bytes``) and,
+    when given one, a `LogBudget` it shares with other logs."""
 
-    __slots__ = ("_capacity", "_events", "_last")
+    __slots__ = ("_budget", "_bytes", "_capacity", "_cost", "_events", "_last", "_max_bytes", "_sizes")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, max_bytes: int = 0, budget: LogBudget | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
         self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._budget = budget
         # Created on the first append: an idle session should cost a few bytes, not a deque block.
         self._events: deque[LoggedMessage] | None = None
+        # Encoded size of each held event, in the same order, and their sum.
+        self._sizes: deque[int] | None = None
+        self._bytes = 0
+        # What this log has charged to its budget (its events' `memory_cost`).
+        self._cost = 0
         self._last = 0
 
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Encoded size of the events held."""
+        return self._bytes
+
+    @property
+    def held_cost(self) -> int:
+        """What the events held cost, as charged to the budget (`memory_cost`)."""
+        return self._cost
 
     @property
     def last_seq(self) -> int:
@@ -80,11 +185,41 @@ class MemoryEventLog:
     def append(self, event: LoggedMessage) -> None:
         if event.seq != self._last + 1:
             raise ValueError(f"event seq {event.seq} does not follow {self._last}")
-        events = self._events
-        if events is None:
-            events = self._events = deque(maxlen=self._capacity)
+        events, sizes = self._events, self._sizes
+        if events is None or sizes is None:
+            events, sizes = self._events, self._sizes = deque(), deque()
+        # `encoded_size`, inlined for the one-per-token case.
+        size = _DELTA_FRAME + len(event.id) + len(event.text) if type(event) is Delta else encoded_size(event)
         events.append(event)
+        sizes.append(size)
+        self._bytes += size
         self._last = event.seq
+        if len(events) > self._capacity and self._bytes - sizes[0] >= self._max_bytes:
+            self._evict_window(events, sizes)
+        budget = self._budget
+        if budget is not None:
+            # `memory_cost` and `LogBudget.charge`, inlined likewise.
+            cost = size + _DELTA_OVERHEAD if type(event) is Delta else memory_cost(event, size)
+            self._cost += cost
+            budget.held += cost
+            if budget.held > budget.max_bytes:
+                budget.reclaim()
+
+    def _evict_window(self, events: deque[LoggedMessage], sizes: deque[int]) -> None:
+        # Keep the shortest suffix holding both `capacity` events and `max_bytes` bytes.
+        capacity, floor = self._capacity, self._max_bytes
+        while len(events) > capacity and self._bytes - sizes[0] >= floor:
+            self._pop_oldest(events, sizes)
+
+    def _pop_oldest(self, events: deque[LoggedMessage], sizes: deque[int]) -> None:
+        event = events.popleft()
+        size = sizes.popleft()
+        self._bytes -= size
+        budget = self._budget
+        if budget is not None:
+            cost = size + _DELTA_OVERHEAD if type(event) is Delta else memory_cost(event, size)
+            self._cost -= cost
+            budget.held -= cost
 
     def after(self, seq: int) -> list[LoggedMessage] | None:
         if seq >= self._last:
@@ -95,12 +230,33 @@ class MemoryEventLog:
         return list(islice(self._events, seq - oldest + 1, None))
 
     def trim(self, upto: int) -> None:
-        events = self._events
-        if events is None:
+        events, sizes = self._events, self._sizes
+        if events is None or sizes is None:
             return
         drop = min(upto, self._last) - self.oldest_seq + 1
-        if drop >= len(events):
+        for _ in range(min(drop, len(events))):
+            self._pop_oldest(events, sizes)
+
+    def shed(self, cost: int) -> int:
+        """Drop events from the front until about ``cost`` of budget is freed (the whole log at
+        most); how many were dropped. The budget calls this; anyone may."""
+        events, sizes = self._events, self._sizes
+        if events is None or sizes is None:
+            return 0
+        freed = dropped = 0
+        while events and freed < cost:
+            freed += memory_cost(events[0], sizes[0])
+            self._pop_oldest(events, sizes)
+            dropped += 1
+        return dropped
+
+    def release(self) -> None:
+        """Drop every event and give its cost back to the budget (the session ended)."""
+        events, sizes = self._events, self._sizes
+        if events is not None and sizes is not None:
+            if self._budget is not None:
+                self._budget.held -= self._cost
+            self._cost = 0
+            self._bytes = 0
             events.clear()
-            return
-        for _ in range(drop):
-            events.popleft()
+            sizes.clear()

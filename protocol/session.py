@@ -72,6 +72,9 @@ _E = TypeVar("_E", Delta, Done, Embedding, Classification, Error, Goaway)
 class SessionLimits:
     max_inflight: int = 64
     replay_events: int = 4096
+    # The log also keeps at least this many bytes of encoded events (PROTOCOL.md §2; the server
+    # passes its `replay_bytes` setting, 4 MiB by default). 0: counted by events only.
+    replay_bytes: int = 0
     # Messages (user and assistant) kept for ``history: true``; the oldest turns go first.
     history_messages: int = 256
 
@@ -142,7 +145,9 @@ class Session:
     def __init__(self, session_id: str, limits: SessionLimits, log: EventLog | None = None) -> None:
         self.id = session_id
         self.limits = limits
-        self._log: EventLog = MemoryEventLog(limits.replay_events) if log is None else log
+        if log is None:
+            log = MemoryEventLog(limits.replay_events, max_bytes=limits.replay_bytes)
+        self._log: EventLog = log
         # A log handed in may already hold this session's past (a store that outlived a node).
         self._seq = self._log.last_seq
         self._inflight: dict[str, InflightRequest] = {}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from protocol.eventlog import EventLog, MemoryEventLog
-from protocol.messages import Delta
+from protocol.codec import encode
+from protocol.eventlog import EventLog, LogBudget, MemoryEventLog, encoded_size, memory_cost
+from protocol.messages import Delta, Done, Error, Generate, Timings, Usage
+from protocol.session import Session, SessionLimits
 
 
 def delta(seq: int) -> Delta:
@@ -80,3 +84,156 @@ def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         MemoryEventLog(0)
     assert MemoryEventLog(7).capacity == 7
+
+
+# -- the window by size (PROTOCOL.md §2) -------------------------------------------------------
+
+
+def test_encoded_size_is_the_frame_length_or_a_close_lower_bound_for_deltas() -> None:
+    for event in (Delta(id="r1", seq=1, text=" tok"), Delta(id="a" * 64, seq=7, text="x" * 500)):
+        assert encoded_size(event) == len(encode(event).encode())
+    long_seq = Delta(id="r1", seq=123456789, text=" tok")
+    assert encoded_size(long_seq) == len(encode(long_seq).encode()) - 8
+    for text in ('say "hi"\n', "naïve ✓ 🙂", "\x00\\"):
+        event = Delta(id="r", seq=7, text=text)
+        assert 0 < encoded_size(event) <= len(encode(event).encode())
+    done = Done(
+        id="r",
+        seq=9,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=2),
+        timings=Timings(queue_ms=1.0, ttft_ms=None, total_ms=3.0),
+        model="m",
+    )
+    error = Error(seq=10, code="invalid_message", message="naïve", retryable=False)
+    for event in (done, error):
+        assert encoded_size(event) == len(encode(event).encode())
+
+
+def _held(log: MemoryEventLog) -> list[Delta]:
+    events = log.after(log.oldest_seq - 1)
+    assert events is not None
+    return events  # type: ignore[return-value]
+
+
+def test_keeps_the_last_events_or_the_last_bytes_whichever_holds_more() -> None:
+    rng = random.Random(12)
+    capacity, floor = 8, 2_000
+    log = MemoryEventLog(capacity, max_bytes=floor)
+    for seq in range(1, 3_000):
+        # Mostly small events, now and then a large one (a long merged delta).
+        text = "x" * (rng.choice([1, 2, 5, 30]) if rng.random() < 0.9 else rng.randint(500, 3_000))
+        log.append(Delta(id="a", seq=seq, text=text))
+        held = _held(log)
+        sizes = [encoded_size(e) for e in held]
+        assert [e.seq for e in held] == list(range(log.oldest_seq, seq + 1))
+        assert log.held_bytes == sum(sizes)
+        # At least the last `capacity` events and the last `floor` bytes (or everything so far) ...
+        assert len(held) >= min(capacity, seq)
+        assert sum(sizes) >= floor or log.oldest_seq == 1
+        # ... and nothing more: without the oldest, one of the two would no longer hold.
+        if log.oldest_seq > 1:
+            assert len(held) - 1 < capacity or sum(sizes[1:]) < floor
+
+
+def test_by_count_only_when_max_bytes_is_zero() -> None:
+    log = MemoryEventLog(3, max_bytes=0)
+    for seq in range(1, 10):
+        log.append(Delta(id="a", seq=seq, text="y" * 1_000))
+    assert (log.oldest_seq, len(log)) == (7, 3)
+
+
+def test_trim_and_eviction_keep_the_byte_count() -> None:
+    log = MemoryEventLog(2, max_bytes=10_000)
+    events = [Delta(id="a", seq=seq, text="z" * seq) for seq in range(1, 21)]
+    for event in events:
+        log.append(event)
+    log.trim(5)
+    assert log.oldest_seq == 6
+    assert log.held_bytes == sum(encoded_size(e) for e in events[5:])
+    log.trim(100)
+    assert (len(log), log.held_bytes) == (0, 0)
+    with pytest.raises(ValueError):
+        MemoryEventLog(4, max_bytes=-1)
+
+
+def test_the_issue_case_a_reader_stalled_20_s_at_500_tokens_per_second_resumes_exactly() -> None:
+    # The defaults of PROTOCOL.md §2: 4,096 events, 4 MiB. At 500 tokens/s, 20 s of stall is
+    # 10,000 one-token deltas logged after the last seq the reader saw.
+    for replay_bytes, resumes in ((4 * 1024 * 1024, True), (0, False)):
+        session = Session("s", SessionLimits(replay_events=4096, replay_bytes=replay_bytes))
+        session.receive(_generate("g"))
+        for n in range(50):  # what the reader read before it stalled
+            session.delta("g", f" t{n}")
+        seen = session.last_seq
+        stalled = [session.delta("g", f" w{n}") for n in range(10_000)]
+        replay = session.replay(seen)
+        if not resumes:  # by count alone (the old log), the stall cannot be recovered
+            assert replay is None
+            continue
+        assert replay is not None
+        assert [e.seq for e in replay] == list(range(seen + 1, seen + 10_001))
+        assert replay == stalled
+        assert "".join(e.text for e in replay if isinstance(e, Delta)) == "".join(
+            f" w{n}" for n in range(10_000)
+        )
+
+
+def _generate(request_id: str) -> Generate:
+    return Generate(type="generate", id=request_id, prompt="p")
+
+
+# -- the server-wide budget ------------------------------------------------------------------
+
+
+def _budgeted(budget_bytes: int, *, names: str = "ab") -> tuple[dict[str, MemoryEventLog], LogBudget]:
+    logs: dict[str, MemoryEventLog] = {}
+    budget = LogBudget(budget_bytes, lambda: list(logs.values()))
+    for name in names:
+        logs[name] = MemoryEventLog(1_000, max_bytes=1 << 20, budget=budget)
+    return logs, budget
+
+
+def test_budget_sheds_the_logs_it_is_told_first_down_to_the_low_water_mark() -> None:
+    logs, budget = _budgeted(400_000)
+    cost = memory_cost(delta(1), 0) + 42  # about one small delta
+    for seq in range(1, 61):
+        logs["a"].append(delta(seq))
+    a_before = logs["a"].held_cost
+    assert budget.held == a_before and budget.reclaims == 0
+    seq = 0
+    while budget.reclaims == 0:
+        seq += 1
+        logs["b"].append(delta(seq))
+    # "a" went first (and whole, being smaller than the excess); "b" only as far as needed.
+    assert len(logs["a"]) == 0 and budget.shed_events >= 60
+    assert budget.held <= budget.low_water
+    assert budget.held == logs["a"].held_cost + logs["b"].held_cost
+    assert budget.low_water - budget.held < 2 * cost
+    # Never a partial replay: what was shed makes older reads None, the rest reads as before.
+    assert logs["a"].after(0) is None and logs["a"].after(60) == []
+    assert logs["b"].after(0) is None
+    tail = logs["b"].after(logs["b"].oldest_seq - 1)
+    assert tail is not None and tail[-1].seq == seq
+
+
+def test_budget_accounting_follows_window_eviction_trim_and_release() -> None:
+    logs, budget = _budgeted(50_000, names="abc")
+    rng = random.Random(3)
+    for _ in range(5_000):
+        log = logs[rng.choice("abc")]
+        action = rng.random()
+        if action < 0.9:
+            log.append(Delta(id="a", seq=log.last_seq + 1, text="q" * rng.randint(1, 400)))
+        elif action < 0.97:
+            log.trim(rng.randint(log.oldest_seq - 1, log.last_seq))
+        else:
+            log.release()
+        assert budget.held == sum(one.held_cost for one in logs.values())
+        assert budget.held <= budget.max_bytes
+    assert budget.reclaims > 0
+
+
+def test_budget_refuses_a_bound_below_one() -> None:
+    with pytest.raises(ValueError):
+        LogBudget(0, list)

@@ -23,7 +23,7 @@ PUBLIC = {
     "protocol.codec": ["decode", "encode"],
     "protocol.conversation": ["conversation", "own_turns"],
     "protocol.errors": ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"],
-    "protocol.eventlog": ["EventLog", "MemoryEventLog"],
+    "protocol.eventlog": ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"],
     "protocol.lifecycle": [
         "TERMINAL",
         "TRANSITIONS",
