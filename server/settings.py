@@ -48,9 +48,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, le=256)
     cache_dir: Path = Path("~/.cache/sluice").expanduser()
 
-    # Micro-batching of embed and classify.
+    # Continuous batching of embed and classify: rows and padded tokens (rows x longest) per
+    # forward pass, and queued texts before ``overloaded``. No wait: an idle worker runs at once.
     embed_max_batch: int = Field(default=64, ge=1, le=4096)
-    embed_max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    embed_max_batch_tokens: int = Field(default=16384, ge=1)
     embed_max_queue: int = Field(default=8192, ge=1)
 
     # Ollama timeouts, seconds.

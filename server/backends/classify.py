@@ -29,7 +29,8 @@ import numpy.typing as npt
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import Classifier, Embedder, LabelScores
 from server.backends.batcher import MicroBatcher
-from server.backends.embedding import normalize_rows, set_torch_threads
+from server.backends.embedding import normalize_rows
+from server.backends.threads import set_torch_threads
 from server.settings import Settings
 
 __all__ = [
@@ -164,6 +165,12 @@ class _NliItem:
     multi_label: bool
 
 
+def _nli_lengths(items: Sequence[_NliItem]) -> list[int]:
+    """Estimated tokens per item for the batcher's cap: about four characters a token, plus the
+    hypothesis, for each of its text-label pairs (the pipeline runs one row per pair)."""
+    return [(len(item.text) // 4 + 16) * len(item.labels) for item in items]
+
+
 class NliClassifier(Classifier):
     """A transformers ``zero-shot-classification`` pipeline behind a micro-batcher.
 
@@ -183,15 +190,13 @@ class NliClassifier(Classifier):
         self.name = name
         self.pipeline = pipeline
         self.hypothesis_template = hypothesis_template
-        self.batcher: MicroBatcher[_NliItem, LabelScores] = MicroBatcher(
+        self.batcher: MicroBatcher[_NliItem, LabelScores] = MicroBatcher.from_settings(
             name,
             self._forward,
-            max_batch=settings.embed_max_batch,
-            max_wait_ms=settings.embed_max_wait_ms,
-            max_queue=settings.embed_max_queue,
-            length=lambda item: len(item.text),
+            settings,
+            lengths=_nli_lengths,
+            on_thread_start=functools.partial(set_torch_threads, settings.torch_threads),
         )
-        self.batcher.on_thread_start = functools.partial(set_torch_threads, settings.torch_threads)
 
     @classmethod
     def load(cls, name: str, path: str, settings: Settings) -> NliClassifier:

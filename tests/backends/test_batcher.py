@@ -1,16 +1,19 @@
-"""The micro-batcher with a fake forward function: batching, waiting, routing, dropping, bounds."""
+"""The micro-batcher with a fake forward function: continuous batching, token caps, buckets,
+routing, dropping, bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
 from protocol.errors import ErrorCode, SluiceError
+from server.backends.batch_plan import FLOOR, Buckets, length_class
 from server.backends.batcher import BatchRecord, MicroBatcher, forward_error
+from server.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -50,17 +53,19 @@ async def make() -> AsyncIterator[Factory]:
         forward: Callable[[list[str]], Sequence[str]],
         *,
         max_batch: int = 64,
-        max_wait_ms: float = 5.0,
+        max_batch_tokens: int = 16384,
         max_queue: int = 1000,
         sort: bool = True,
+        pass_overhead_tokens: int = 64,
     ) -> MicroBatcher[str, str]:
         batcher: MicroBatcher[str, str] = MicroBatcher(
             "fake",
             forward,
             max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
+            max_batch_tokens=max_batch_tokens,
             max_queue=max_queue,
-            length=len if sort else None,
+            lengths=(lambda items: [len(item) for item in items]) if sort else None,
+            pass_overhead_tokens=pass_overhead_tokens,
         )
         batcher.start()
         made.append(batcher)
@@ -79,9 +84,20 @@ async def hold_worker(batcher: MicroBatcher[str, str], recorder: Recorder) -> as
     return task
 
 
+async def release(recorder: Recorder, gate: asyncio.Task[list[str]]) -> None:
+    """Let the held pass finish (what was submitted meanwhile runs next)."""
+    assert recorder.gate is not None
+    recorder.gate.set()
+    assert await gate == ["GATE"]
+
+
+def after_gate(recorder: Recorder) -> list[list[str]]:
+    return [batch for batch in recorder.batches if batch != ["gate"]]
+
+
 async def test_results_are_routed_to_their_requests_under_concurrency(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=16, max_wait_ms=2)
+    batcher = make(recorder, max_batch=16)
     requests = [[f"r{i}-t{j}-{'x' * ((i * 7 + j) % 5)}" for j in range(1 + i % 4)] for i in range(60)]
     results = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
     for texts, got in zip(requests, results, strict=True):
@@ -93,51 +109,177 @@ async def test_results_are_routed_to_their_requests_under_concurrency(make: Fact
 
 async def test_max_batch_is_respected(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=4, max_wait_ms=200)
-    results = await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(10)))
-    assert results == [[f"T{i}"] for i in range(10)]
-    assert [len(batch) for batch in recorder.batches] == [4, 4, 2]
-    assert batcher.stats.size_buckets[4] == 3 and batcher.stats.size_buckets[2] == 1
+    batcher = make(recorder, max_batch=4)
+    gate = await hold_worker(batcher, recorder)
+    waiting = [asyncio.create_task(batcher.submit([f"t{i}"])) for i in range(10)]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    assert await asyncio.gather(*waiting) == [[f"T{i}"] for i in range(10)]
+    assert [len(batch) for batch in after_gate(recorder)] == [4, 4, 2]
+    # Cumulative "le" buckets, the held one-item pass included.
+    assert [batcher.stats.size_buckets[b] for b in (1, 2, 4)] == [1, 2, 4]
 
 
-async def test_a_lone_request_waits_at_most_max_wait(make: Factory) -> None:
+async def test_an_idle_worker_runs_a_lone_request_at_once(make: Factory) -> None:
+    """No fixed wait for company: the pass of a lone text starts as soon as the worker wakes
+    (the old batcher waited ``max_wait_ms``, 5 ms by default, before every such pass)."""
     recorder = Recorder()
-    batcher = make(recorder, max_batch=100, max_wait_ms=80)
-    started = time.perf_counter()
-    assert await batcher.submit(["only"]) == ["ONLY"]
-    elapsed = time.perf_counter() - started
-    assert 0.075 <= elapsed < 3.0  # waited for company, then ran without it
-    assert batcher.stats.queue_wait_ms_max >= 75
+    records: list[BatchRecord] = []
+    batcher = make(recorder)
+    batcher.add_observer(records.append)
+    for i in range(20):
+        assert await batcher.submit([f"only{i}"]) == [f"ONLY{i}"]
+    assert [len(batch) for batch in recorder.batches] == [1] * 20
+    assert statistics.median(record.queue_wait_ms for record in records) < 2.0
 
 
-async def test_zero_max_wait_runs_at_once(make: Factory) -> None:
-    batcher = make(Recorder(), max_batch=100, max_wait_ms=0)
-    started = time.perf_counter()
-    await batcher.submit(["now"])
-    assert time.perf_counter() - started < 1.0
-
-
-async def test_a_full_batch_does_not_wait(make: Factory) -> None:
+async def test_what_arrives_during_a_pass_makes_up_the_next_pass(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=8, max_wait_ms=5_000)
-    started = time.perf_counter()
-    await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(8)))
-    assert time.perf_counter() - started < 2.0
-    assert [len(batch) for batch in recorder.batches] == [8]
+    batcher = make(recorder, max_batch=64)
+    gate = await hold_worker(batcher, recorder)
+    waiting = [asyncio.create_task(batcher.submit([f"t{i}"])) for i in range(8)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 8
+    await release(recorder, gate)
+    await asyncio.gather(*waiting)
+    assert after_gate(recorder) == [[f"t{i}" for i in range(8)]]
 
 
 async def test_items_are_sorted_by_length_within_a_batch(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=10, max_wait_ms=100)
+    batcher = make(recorder, max_batch=10)
+    gate = await hold_worker(batcher, recorder)
     texts = ["ccc", "a", "eeeee", "bb", "dddd"]
-    results = await asyncio.gather(*(batcher.submit([text]) for text in texts))
-    assert recorder.batches == [["a", "bb", "ccc", "dddd", "eeeee"]]
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in texts]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    results = await asyncio.gather(*waiting)
+    assert after_gate(recorder) == [["a", "bb", "ccc", "dddd", "eeeee"]]
     assert results == [[text.upper()] for text in texts]
+
+
+async def test_padded_tokens_per_pass_stay_under_the_cap(make: Factory) -> None:
+    recorder = Recorder()
+    records: list[BatchRecord] = []
+    batcher = make(recorder, max_batch=64, max_batch_tokens=40, pass_overhead_tokens=0)
+    batcher.add_observer(records.append)
+    gate = await hold_worker(batcher, recorder)
+    texts = ["x" * (1 + (i * 5) % 9) + str(i) for i in range(30)]  # 2 to 11 characters
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in texts]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    assert await asyncio.gather(*waiting) == [[text.upper()] for text in texts]
+    passes = after_gate(recorder)
+    assert sorted(recorder.seen) == sorted([*texts, "gate"])
+    assert all(len(batch) * max(map(len, batch)) <= 40 for batch in passes), passes
+    assert len(passes) < len(texts) / 3  # still batched, just capped
+    assert batcher.stats.padded_tokens_max <= 40
+    assert all(
+        r.padded_tokens == r.size * max(map(len, b)) for r, b in zip(records, recorder.batches, strict=True)
+    )
+
+
+async def test_a_text_longer_than_the_cap_runs_alone(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_tokens=10)
+    gate = await hold_worker(batcher, recorder)
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in ("a", "y" * 30, "b")]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    assert await asyncio.gather(*waiting) == [["A"], ["Y" * 30], ["B"]]
+    assert ["y" * 30] in after_gate(recorder)
+
+
+async def test_one_long_text_does_not_pad_the_short_ones(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder)
+    gate = await hold_worker(batcher, recorder)
+    long = "L" * 200
+    shorts = [f"s{i}" for i in range(10)]
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in (long, *shorts)]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    await asyncio.gather(*waiting)
+    # The oldest item's bucket goes first; the short texts share the next pass.
+    assert after_gate(recorder) == [[long], shorts]
+    assert batcher.stats.padded_tokens_sum == len("gate") + 200 + 10 * 2
+
+
+async def test_buckets_go_oldest_first(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder)
+    gate = await hold_worker(batcher, recorder)
+    order = ["s1", "M" * 100, "s2", "L" * 300, "s3"]
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in order]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    await asyncio.gather(*waiting)
+    assert after_gate(recorder) == [["s1", "s2", "s3"], ["M" * 100], ["L" * 300]]
+
+
+async def test_neighbouring_buckets_merge_when_padding_is_cheaper_than_a_pass(make: Factory) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, pass_overhead_tokens=64)
+    gate = await hold_worker(batcher, recorder)
+    texts = ["a" * (FLOOR - 1), "b" * FLOOR, "c" * (FLOOR + 1)]
+    assert length_class(len(texts[0])) != length_class(len(texts[1]))
+    waiting = [asyncio.create_task(batcher.submit([text])) for text in texts]
+    await asyncio.sleep(0.01)
+    await release(recorder, gate)
+    await asyncio.gather(*waiting)
+    assert after_gate(recorder) == [texts]
+
+
+def test_the_planner_caps_rows_and_tokens_and_skips_dead_owners() -> None:
+    buckets: Buckets[str] = Buckets(max_rows=3, max_tokens=100, pass_overhead_tokens=0)
+    buckets.add("a", [10, 10, 10, 10])
+    buckets.add("dead", [10, 10])
+    buckets.add("b", [40])
+    alive = lambda owner: owner != "dead"  # noqa: E731
+    passes = []
+    while taken := buckets.take(alive):
+        passes.append([(slot.owner, slot.index, slot.length) for slot in taken])
+    assert passes == [
+        [("a", 0, 10), ("a", 1, 10), ("a", 2, 10)],
+        [("a", 3, 10)],
+        [("b", 0, 40)],
+    ]
+    assert buckets.owners() == []
+
+
+async def test_a_failing_length_function_fails_only_its_request() -> None:
+    def lengths(items: Sequence[str]) -> list[int]:
+        if "bad" in items:
+            raise ValueError("cannot tokenize")
+        return [len(item) for item in items]
+
+    batcher: MicroBatcher[str, str] = MicroBatcher(
+        "t", lambda items: [item.upper() for item in items], max_batch=4, max_queue=16, lengths=lengths
+    )
+    batcher.start()
+    try:
+        bad, good = await asyncio.gather(
+            batcher.submit(["bad"]), batcher.submit(["good"]), return_exceptions=True
+        )
+    finally:
+        await batcher.close()
+    assert isinstance(bad, SluiceError) and bad.code is ErrorCode.INTERNAL
+    assert good == ["GOOD"] and batcher.queued == 0
+
+
+def test_from_settings_follows_the_batching_settings() -> None:
+    settings = Settings(ollama_urls=[], embed_max_batch=7, embed_max_batch_tokens=900, embed_max_queue=99)  # type: ignore[call-arg]
+    started: list[bool] = []
+    batcher: MicroBatcher[str, str] = MicroBatcher.from_settings(
+        "t", lambda items: items, settings, on_thread_start=lambda: started.append(True)
+    )
+    assert (batcher.max_batch, batcher.max_batch_tokens, batcher.max_queue) == (7, 900, 99)
+    assert batcher.on_thread_start is not None
 
 
 async def test_a_large_request_is_split_across_passes(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=3, max_wait_ms=0, sort=False)
+    batcher = make(recorder, max_batch=3, sort=False)
     texts = [f"t{i}" for i in range(8)]
     assert await batcher.submit(texts) == [text.upper() for text in texts]
     assert recorder.batches == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6", "t7"]]
@@ -145,7 +287,7 @@ async def test_a_large_request_is_split_across_passes(make: Factory) -> None:
 
 async def test_a_cancelled_request_is_dropped_before_it_runs(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=4, max_wait_ms=0)
+    batcher = make(recorder, max_batch=4)
     gate = await hold_worker(batcher, recorder)
     victim = asyncio.create_task(batcher.submit(["drop-1", "drop-2"]))
     survivor = asyncio.create_task(batcher.submit(["keep"]))
@@ -165,7 +307,7 @@ async def test_a_cancelled_request_is_dropped_before_it_runs(make: Factory) -> N
 
 async def test_a_cancelled_split_request_drops_only_what_has_not_run(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    batcher = make(recorder, max_batch=2, sort=False)
     recorder.gate = threading.Event()
     task = asyncio.create_task(batcher.submit(["gate", "a", "b", "c", "d"]))
     assert await asyncio.to_thread(recorder.entered.wait, 5)
@@ -180,7 +322,7 @@ async def test_a_cancelled_split_request_drops_only_what_has_not_run(make: Facto
 
 async def test_a_full_queue_answers_overloaded(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=2, max_wait_ms=0, max_queue=4)
+    batcher = make(recorder, max_batch=2, max_queue=4)
     gate = await hold_worker(batcher, recorder)
     queued = [asyncio.create_task(batcher.submit([f"q{i}", f"q{i}!"])) for i in range(2)]
     await asyncio.sleep(0.01)
@@ -205,7 +347,7 @@ async def test_a_request_larger_than_the_queue_is_refused(make: Factory) -> None
 
 async def test_a_failed_pass_fails_only_the_requests_in_it(make: Factory) -> None:
     recorder = Recorder(fail_on="boom")
-    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    batcher = make(recorder, max_batch=2, sort=False)
     gate = await hold_worker(batcher, recorder)
     same_batch = [asyncio.create_task(batcher.submit([text])) for text in ("boom", "neighbour")]
     later = asyncio.create_task(batcher.submit(["later"]))
@@ -224,7 +366,7 @@ async def test_a_failed_pass_fails_only_the_requests_in_it(make: Factory) -> Non
 
 async def test_a_failed_split_request_does_not_run_its_rest(make: Factory) -> None:
     recorder = Recorder(fail_on="boom")
-    batcher = make(recorder, max_batch=2, max_wait_ms=0, sort=False)
+    batcher = make(recorder, max_batch=2, sort=False)
     with pytest.raises(SluiceError):
         await batcher.submit(["x", "boom", "y", "z"])
     assert recorder.batches == [["x", "boom"]]
@@ -232,7 +374,7 @@ async def test_a_failed_split_request_does_not_run_its_rest(make: Factory) -> No
 
 
 async def test_a_wrong_number_of_results_is_an_internal_error(make: Factory) -> None:
-    batcher = make(lambda items: ["only one"], max_wait_ms=0)
+    batcher = make(lambda items: ["only one"])
     with pytest.raises(SluiceError) as caught:
         await batcher.submit(["a", "b"])
     assert caught.value.code is ErrorCode.INTERNAL
@@ -248,7 +390,7 @@ def test_forward_errors_map_in_one_place() -> None:
 
 async def test_close_fails_waiting_requests_and_refuses_new_ones(make: Factory) -> None:
     recorder = Recorder()
-    batcher = make(recorder, max_batch=1, max_wait_ms=0)
+    batcher = make(recorder, max_batch=1)
     gate = await hold_worker(batcher, recorder)
     waiting = asyncio.create_task(batcher.submit(["waiting"]))
     await asyncio.sleep(0.01)
@@ -268,7 +410,7 @@ async def test_close_fails_waiting_requests_and_refuses_new_ones(make: Factory) 
 
 async def test_observers_see_every_pass(make: Factory) -> None:
     records: list[BatchRecord] = []
-    batcher = make(Recorder(), max_batch=3, max_wait_ms=0, sort=False)
+    batcher = make(Recorder(), max_batch=3, sort=False)
     batcher.add_observer(records.append)
     await batcher.submit(["a", "b", "c", "d"])
     for _ in range(200):  # observers run after the results are handed back
@@ -296,7 +438,7 @@ async def test_on_thread_start_runs_first_on_the_worker_thread() -> None:
         seen.append(f"forward:{threading.current_thread().name}")
         return list(items)
 
-    batcher: MicroBatcher[str, str] = MicroBatcher("t", forward, max_batch=4, max_wait_ms=0, max_queue=16)
+    batcher: MicroBatcher[str, str] = MicroBatcher("t", forward, max_batch=4, max_queue=16)
     batcher.on_thread_start = lambda: seen.append(f"start:{threading.current_thread().name}")
     batcher.start()
     try:

@@ -4,6 +4,7 @@ NLI pipeline adapter (with a fake pipeline and with a tiny randomly initialised 
 from __future__ import annotations
 
 import asyncio
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -153,11 +154,16 @@ class FakePipeline:
     def __init__(self, table: dict[str, dict[str, float]]) -> None:
         self.table = table
         self.calls: list[tuple[list[str], list[str], bool, str]] = []
+        self.gate: threading.Event | None = None  # set: a call with the text "gate" waits for it
+        self.entered = threading.Event()
 
     def __call__(
         self, texts: list[str], *, candidate_labels: list[str], multi_label: bool, hypothesis_template: str
     ) -> object:
         self.calls.append((texts, candidate_labels, multi_label, hypothesis_template))
+        if self.gate is not None and "gate" in texts:
+            self.entered.set()
+            self.gate.wait(10)
         out = []
         for text in texts:
             scores = {label: self.table[text][label] for label in candidate_labels}
@@ -174,15 +180,24 @@ async def test_nli_results_are_mapped_sorted_and_batched_per_label_set() -> None
         "goal!": {"sports": 0.9, "weather": 0.2, "food": 0.1},
         "rain": {"sports": 0.1, "weather": 0.8, "food": 0.1},
     }
-    pipe = FakePipeline(table)
-    classifier = NliClassifier("fake-nli", pipe, settings(embed_max_wait_ms=30))
+    pipe = FakePipeline({**table, "gate": {"sports": 0.5, "weather": 0.5}})
+    classifier = NliClassifier("fake-nli", pipe, settings())
     classifier.start()
     try:
-        single, multi, other = await asyncio.gather(
+        # Hold the worker in a pass so that the three requests below meet in the next one.
+        pipe.gate = threading.Event()
+        held = asyncio.create_task(classifier.classify(["gate"], ["sports", "weather"]))
+        assert await asyncio.to_thread(pipe.entered.wait, 5)
+        waiting = asyncio.gather(
             classifier.classify(["goal!", "rain"], ["sports", "weather"]),
             classifier.classify(["goal!"], ["sports", "weather"], multi_label=True),
             classifier.classify(["rain"], ["food", "weather", "sports"]),
         )
+        await asyncio.sleep(0.01)
+        pipe.gate.set()
+        await held
+        single, multi, other = await waiting
+        pipe.calls = [call for call in pipe.calls if call[0] != ["gate"]]
     finally:
         await classifier.close()
     assert single[0][0][0] == "sports" and single[1][0][0] == "weather"
@@ -209,7 +224,7 @@ async def test_a_failing_pipeline_is_an_internal_error() -> None:
     def broken(*args: Any, **kwargs: Any) -> object:
         raise RuntimeError("tensor shape mismatch at /secret/path")
 
-    classifier = NliClassifier("broken-nli", broken, settings(embed_max_wait_ms=0))
+    classifier = NliClassifier("broken-nli", broken, settings())
     classifier.start()
     try:
         with pytest.raises(SluiceError) as caught:
@@ -243,7 +258,7 @@ def tiny_nli_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.models
 async def test_a_real_transformers_nli_pipeline_runs_through_the_adapter(tiny_nli_path: Path) -> None:
-    classifier = NliClassifier.load("tiny-nli", str(tiny_nli_path), settings(embed_max_wait_ms=5))
+    classifier = NliClassifier.load("tiny-nli", str(tiny_nli_path), settings())
     classifier.start()
     try:
         single = await classifier.classify(

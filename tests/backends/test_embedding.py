@@ -13,7 +13,9 @@ import numpy.typing as npt
 import pytest
 
 from protocol.errors import ErrorCode, SluiceError
+from server.backends.batcher import BatchRecord
 from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path, normalize_rows
+from server.backends.threads import ThreadTuner, thread_candidates
 from server.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,7 +123,7 @@ async def test_normalize_is_applied_per_request_on_raw_vectors() -> None:
     def encode(texts: list[str]) -> npt.NDArray[np.float32]:
         return np.array([rows[t] for t in texts], dtype=np.float32)
 
-    embedder = SentenceEmbedder("fake", encode, 2, settings(embed_max_wait_ms=20))
+    embedder = SentenceEmbedder("fake", encode, 2, settings())
     embedder.start()
     try:
         plain, unit = await asyncio.gather(
@@ -150,13 +152,65 @@ def test_the_embedder_follows_the_batching_settings() -> None:
         "fake",
         lambda texts: np.zeros((len(texts), 2), np.float32),
         2,
-        settings(embed_max_batch=7, embed_max_wait_ms=3.0, embed_max_queue=99),
+        settings(embed_max_batch=7, embed_max_batch_tokens=500, embed_max_queue=99),
     )
-    assert (embedder.batcher.max_batch, embedder.batcher.max_wait_s, embedder.batcher.max_queue) == (
-        7,
-        0.003,
-        99,
-    )
+    batcher = embedder.batcher
+    assert (batcher.max_batch, batcher.max_batch_tokens, batcher.max_queue) == (7, 500, 99)
+
+
+@pytest.mark.models
+async def test_the_batcher_is_given_token_counts_and_passes_match_sentence_transformers(
+    minilm: SentenceEmbedder,
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Short.", "A much longer sentence, with quite a few more words in it than the first."]
+    records: list[BatchRecord] = []
+    minilm.batcher.add_observer(records.append)
+    vectors = await minilm.embed(texts, normalize=False)
+    tokenizer = SentenceTransformer(minilm_path(), device="cpu").tokenizer
+    longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
+    assert records[-1].padded_tokens == 2 * longest  # rows x longest, in real tokens
+    reference = SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    assert minilm.tuner is not None and sum(minilm.tuner.chosen.values()) >= 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_thread_tuner_tries_each_count_then_keeps_the_fastest() -> None:
+    clock = FakeClock()
+    tuner = ThreadTuner([1, 2], trials=2, explore_every=10, clock=clock)
+    cost = {1: 1.0, 2: 3.0}  # seconds per pass: one thread is faster here
+
+    def one_pass(tokens: int) -> int:
+        threads = tuner.choose(tokens)
+        clock.now += cost[threads]
+        tuner.record(tokens, threads, cost[threads])
+        return threads
+
+    first = [one_pass(1000) for _ in range(4)]
+    assert sorted(first) == [1, 1, 2, 2]  # each count measured twice
+    steady = [one_pass(1000) for _ in range(16)]
+    assert steady.count(1) >= 14 and 2 in steady  # the fastest, with a periodic re-check
+    # Another size class is measured on its own: its first passes try both counts again.
+    assert sorted(one_pass(20) for _ in range(4)) == [1, 1, 2, 2]
+    cost[1], cost[2] = 5.0, 1.0  # the load changed: two threads are now faster
+    later = [one_pass(1000) for _ in range(40)]
+    assert later[-10:].count(2) >= 9
+
+
+def test_a_fixed_thread_count_is_never_tuned() -> None:
+    assert thread_candidates(3) == [3]
+    tuner = ThreadTuner(thread_candidates(3))
+    assert {tuner.choose(n) for n in (1, 100, 10_000)} == {3}
+    assert thread_candidates(0)[0] == 1
 
 
 def test_normalize_rows_keeps_zero_rows_zero() -> None:
