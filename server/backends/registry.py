@@ -3,7 +3,8 @@
 Local names are served in-process: generate ``smollm2:135m`` (alias ``SmolLM2-135M-Instruct``),
 embed ``all-MiniLM-L6-v2`` (plus ``settings.extra_embed_models``), classify ``zero-shot-minilm``
 (plus ``settings.nli_classify_models``). Any other generate model goes to Ollama when it is
-configured, and embed models named ``ollama/<name>`` go to Ollama's ``/api/embed``. When the local
+configured, and embed models named ``ollama/<name>`` go to Ollama's ``/api/embed``. Ollama's
+reachability and model list are `server.backends.ollama.health.OllamaHealth`'s. When the local
 generator is disabled or failed, ``smollm2:135m`` goes to Ollama too (Ollama uses the same name).
 
 Models load once, in `ModelRegistry.start`, in worker threads (never on the event loop), with
@@ -20,21 +21,22 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import BackendState, Classifier, Embedder, Generator
 from server.backends.batcher import BatchRecord, MicroBatcher
 from server.backends.classify import ZERO_SHOT_MINILM, EmbeddingClassifier, NliClassifier
 from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path
+from server.backends.ollama.health import OLLAMA_PREFIX, OllamaControl, OllamaHealth
+from server.backends.ollama.health import REFRESH_S as OLLAMA_REFRESH_S
 from server.settings import Settings
 
 __all__ = [
     "GENERATE_ALIASES",
     "LOCAL_GENERATE",
-    "OLLAMA_EMBED_PREFIX",
+    "OLLAMA_PREFIX",
     "ModelRegistry",
-    "OllamaControl",
     "parse_named_paths",
 ]
 
@@ -42,20 +44,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_GENERATE = "smollm2:135m"
 GENERATE_ALIASES: dict[str, str] = {"SmolLM2-135M-Instruct": LOCAL_GENERATE}
-OLLAMA_EMBED_PREFIX = "ollama/"
-# How old the Ollama model list and reachability may get before `models()` refreshes them.
-OLLAMA_REFRESH_S = 10.0
 # What a client is told to wait before retrying a model that is still loading.
 LOADING_RETRY_MS = 1000
-
-
-@runtime_checkable
-class OllamaControl(Protocol):
-    """The part of ``server.backends.ollama.backend.OllamaBackend`` the registry drives besides `generate`."""
-
-    async def probe(self) -> dict[str, bool]: ...
-    async def list_models(self) -> list[str]: ...
-    async def aclose(self) -> None: ...
 
 
 _B = TypeVar("_B", Generator, Embedder, Classifier)
@@ -162,12 +152,8 @@ class ModelRegistry:
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._ollama: Generator | None = None
         self._ollama_control: OllamaControl | None = None
-        self._ollama_state = BackendState.LOADING if settings.ollama_urls else BackendState.UNAVAILABLE
-        self._ollama_urls: dict[str, bool] = {url: False for url in settings.ollama_urls}
-        self._ollama_models: list[str] = []
-        self._ollama_checked = 0.0
+        self._ollama_health = OllamaHealth(settings.ollama_urls)
         self._ollama_embedders: dict[str, Embedder] = {}
-        self._refresh_task: asyncio.Task[None] | None = None
         self._batch_observers: list[Callable[[BatchRecord], None]] = []
         self._started = False
 
@@ -218,9 +204,7 @@ class ModelRegistry:
         return modules
 
     async def close(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            await asyncio.gather(self._refresh_task, return_exceptions=True)
+        await self._ollama_health.close()
         for slot in self._slots.values():
             # The MiniLM classifier has no close of its own: its embedder owns the batcher.
             if slot.backend is not None:
@@ -287,47 +271,15 @@ class ModelRegistry:
             if not isinstance(backend, OllamaControl):
                 raise TypeError("the Ollama backend lacks probe/list_models/aclose")
         except Exception as exc:
-            self._ollama_state = BackendState.FAILED
+            self._ollama_health.failed()
             log.error("Ollama backend could not be created", exc_info=exc)
             return
         self._ollama, self._ollama_control = backend, backend
-        await self.refresh(max_age_s=0.0)
-
-    # -- Ollama model list and reachability -----------------------------------------------------
+        await self._ollama_health.attach(backend)
 
     async def refresh(self, *, max_age_s: float = OLLAMA_REFRESH_S) -> None:
-        """Re-probe the Ollama URLs and re-read ``/api/tags`` if the last look is older than ``max_age_s``."""
-        control = self._ollama_control
-        if control is None or time.monotonic() - self._ollama_checked < max_age_s:
-            return
-        self._ollama_checked = time.monotonic()
-        try:
-            self._ollama_urls = dict(await control.probe())
-        except Exception as exc:
-            log.warning("probing Ollama failed: %r", exc)
-            self._ollama_urls = dict.fromkeys(self._ollama_urls, False)
-        if not any(self._ollama_urls.values()):
-            if self._ollama_state != BackendState.UNAVAILABLE:
-                log.warning(
-                    "Ollama is unreachable at %s; local models still serve", ", ".join(self._ollama_urls)
-                )
-            self._ollama_state = BackendState.UNAVAILABLE
-            return
-        try:
-            self._ollama_models = list(dict.fromkeys(await control.list_models()))
-        except Exception as exc:
-            log.warning("listing Ollama models failed: %r", exc)
-        self._ollama_state = BackendState.READY
-
-    def _refresh_soon(self) -> None:
-        if self._ollama_control is None or time.monotonic() - self._ollama_checked < OLLAMA_REFRESH_S:
-            return
-        if self._refresh_task is not None and not self._refresh_task.done():
-            return
-        try:
-            self._refresh_task = asyncio.get_running_loop().create_task(self.refresh())
-        except RuntimeError:  # no running loop: the cached list will do
-            pass
+        """Re-probe Ollama and re-read its model list if the last look is older than ``max_age_s``."""
+        await self._ollama_health.refresh(max_age_s=max_age_s)
 
     # -- resolution ----------------------------------------------------------------------------
 
@@ -357,8 +309,8 @@ class ModelRegistry:
         local = self._local("embed", name)
         if isinstance(local, Embedder):
             return name, local
-        upstream = name.removeprefix(OLLAMA_EMBED_PREFIX)
-        if self._ollama is not None and name.startswith(OLLAMA_EMBED_PREFIX) and upstream:
+        upstream = name.removeprefix(OLLAMA_PREFIX)
+        if self._ollama is not None and name.startswith(OLLAMA_PREFIX) and upstream:
             embedder = self._ollama_embedders.get(upstream)
             if embedder is None:
                 embedder = self._ollama_embedders[upstream] = self._ollama_embedder_factory(
@@ -387,14 +339,15 @@ class ModelRegistry:
         Lists what can be asked for now or soon (loaded or loading). The Ollama part is the last
         ``/api/tags`` answer; when that is older than a few seconds a refresh starts in the background.
         """
-        self._refresh_soon()
+        self._ollama_health.refresh_soon()
         listed: dict[str, list[str]] = {"generate": [], "embed": [], "classify": []}
         for (kind, name), slot in self._slots.items():
             if slot.state in (BackendState.READY, BackendState.LOADING):
                 listed[kind].append(name)
         if self._ollama is not None:
-            listed["generate"].extend(m for m in self._ollama_models if m not in listed["generate"])
-            listed["embed"].extend(OLLAMA_EMBED_PREFIX + m for m in self._ollama_models)
+            ollama_models = self._ollama_health.models
+            listed["generate"].extend(m for m in ollama_models if m not in listed["generate"])
+            listed["embed"].extend(OLLAMA_PREFIX + m for m in ollama_models)
         return listed
 
     def status(self) -> dict[str, object]:
@@ -403,13 +356,7 @@ class ModelRegistry:
             f"{kind}:{name}": {"state": slot.state, "load_s": slot.load_s}
             for (kind, name), slot in self._slots.items()
         }
-        ollama: dict[str, object] = {
-            "configured": bool(self.settings.ollama_urls),
-            "state": self._ollama_state,
-            "urls": dict(self._ollama_urls),
-            "models": len(self._ollama_models),
-        }
-        return {"ready": self.ready, "local": local, "ollama": ollama}
+        return {"ready": self.ready, "local": local, "ollama": self._ollama_health.status()}
 
     @property
     def ready(self) -> bool:

@@ -30,6 +30,7 @@ from server.backends.ollama.errors import (
     translate,
 )
 from server.backends.ollama.guard import StallGuard
+from server.backends.ollama.health import OLLAMA_PREFIX
 from server.backends.ollama.pool import Upstream, UpstreamPool
 from server.backends.ollama.transport import UpstreamTransport
 from server.backends.ollama.wire import (
@@ -44,8 +45,6 @@ from server.backends.ollama.wire import (
 from server.settings import Settings
 
 __all__ = ["OLLAMA_PREFIX", "OllamaBackend", "OllamaEmbedder"]
-
-OLLAMA_PREFIX = "ollama/"
 
 # Every stream holds one HTTP/1.1 connection, and the relay must carry hundreds of streams at once.
 _MAX_CONNECTIONS = 4096
