@@ -6,11 +6,10 @@ the event loop) and returns at once, so ``/health`` answers while they load and 
 drains the sessions (a no-op when `server.shutdown.DrainingServer` already did), ends them, and
 closes the backends.
 
-Routes here: ``GET /health``, ``GET /ready``, the WebSocket session transport (``/v1/ws``),
-``POST /v1/tickets`` and ``GET /metrics``; `server.api.install` adds the SSE transport and the plain
-HTTP APIs, which reach everything through `server.services.services_of`; the chat page is served
-at ``/``. This module
-must never read the environment: a `Settings` is passed in.
+Routes here: ``GET /health``, ``GET /ready``, the session transports (`server.transports`: the
+WebSocket at ``/v1/ws``, SSE at ``/v1/sessions``) and ``GET /metrics``; `server.api.mount.install` adds
+the plain HTTP APIs, which reach everything through `server.services.services_of`; the chat page
+is served at ``/``. This module must never read the environment: a `Settings` is passed in.
 """
 
 from __future__ import annotations
@@ -27,17 +26,18 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import WebSocketRoute
 
 from protocol.session import SessionLimits
-from server import api
+from server.api import mount
 from server.auth import Authenticator
 from server.cors import PolicyCORSMiddleware
 from server.dispatcher import Dispatcher
+from server.draining import DrainState
 from server.metrics import Metrics, metrics_router
 from server.ratelimit import RateLimiter
 from server.services import SERVER_VERSION, ModelBackends, Services, services_of
 from server.sessions import SessionRegistry
 from server.settings import Settings
 from server.shutdown import Drainer
-from server.transports import websocket
+from server.transports import sse, websocket
 
 __all__ = ["build_services", "create_app"]
 
@@ -57,9 +57,15 @@ def build_services(settings: Settings, *, registry: ModelBackends | None = None)
     metrics = Metrics()
     _observe_batches(registry, metrics)
     limiter = RateLimiter(settings)
-    dispatcher = Dispatcher(registry, limiter=limiter, metrics=metrics)
+    drain = DrainState()
+    dispatcher = Dispatcher(registry, limiter=limiter, metrics=metrics, drain=drain)
     sessions = SessionRegistry(
-        limits=SessionLimits(max_inflight=settings.max_inflight, replay_events=settings.replay_events),
+        limits=SessionLimits(
+            max_inflight=settings.max_inflight,
+            replay_events=settings.replay_events,
+            replay_bytes=settings.replay_bytes,
+        ),
+        log_budget_bytes=settings.max_log_bytes,
         ttl_s=settings.session_ttl_s,
         dispatcher=dispatcher,
         limiter=limiter,
@@ -73,7 +79,8 @@ def build_services(settings: Settings, *, registry: ModelBackends | None = None)
         metrics=metrics,
         dispatcher=dispatcher,
         sessions=sessions,
-        drainer=Drainer(sessions, dispatcher, timeout_s=settings.drain_timeout_s),
+        drain=drain,
+        drainer=Drainer(sessions, drain, timeout_s=settings.drain_timeout_s),
     )
 
 
@@ -106,8 +113,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
     app.add_api_route("/health", health, methods=["GET"], tags=["operations"])
     app.add_api_route("/ready", ready, methods=["GET"], tags=["operations"])
     app.router.routes.append(WebSocketRoute("/v1/ws", websocket.session_socket, name="session_socket"))
+    app.include_router(sse.router)
     app.include_router(metrics_router(services.metrics))
-    api.install(app)
+    mount.install(app)
     app.add_middleware(PolicyCORSMiddleware, policy=services.auth.origins)
     # Last: a mount at "/" matches every path, so anything added after it would be unreachable.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from protocol.conversation import conversation as build_conversation
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ChatMessage, Classify, Embed, Generate, LabelScore, RequestKind, Timings, Usage
+from protocol.tools import NamedToolChoice
 from server.backends.base import (
     Classifier,
     Embedder,
@@ -38,9 +39,12 @@ from server.backends.base import (
     GenerationResult,
     Generator,
     SamplingOptions,
+    Tool,
     ToolCall,
+    ToolChoice,
     Turn,
 )
+from server.draining import DrainState
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 
@@ -120,20 +124,26 @@ class ClassifyResult:
 class Dispatcher:
     """Runs requests on the models of one registry; see the module docstring."""
 
-    def __init__(self, registry: ModelSource, *, limiter: RateLimiter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        registry: ModelSource,
+        *,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        drain: DrainState | None = None,
+    ) -> None:
         self._registry = registry
         self._limiter = limiter
         self._metrics = metrics
-        # Set while the server drains: new requests are refused with ``shutting_down``.
-        self.draining = False
+        # While the server drains, new requests are refused with ``shutting_down``.
+        self._drain = drain if drain is not None else DrainState()
 
     def admit(self, key_id: str) -> None:
         """Count one new request for ``key_id``, or refuse it (``shutting_down``, ``rate_limited``).
 
         Call it before a message becomes a request: a refusal is not a request's terminal error.
         """
-        if self.draining:
-            raise SluiceError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after_ms=1000)
+        self._drain.check()
         self._limiter.check_request(key_id)
 
     async def generate(
@@ -277,14 +287,48 @@ def generation_request(
         stop=tuple(options.stop or ()),
         seed=options.seed,
     )
+    tools = tuple(
+        Tool(
+            name=tool.function.name,
+            description=tool.function.description,
+            parameters=tool.function.parameters,
+        )
+        for tool in message.tools or ()
+    )
+    choice = message.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        tool_choice = ToolChoice(mode="required", name=choice.function.name)
+    else:
+        tool_choice = ToolChoice(mode=choice or "auto")
     if message.prompt is not None and not message.history:
         return GenerationRequest(
-            model=model, prompt=message.prompt, system=message.system, options=sampling, format=message.format
+            model=model,
+            prompt=message.prompt,
+            system=message.system,
+            options=sampling,
+            format=message.format,
+            tools=tools,
+            tool_choice=tool_choice,
         )
     if conversation is None:
         conversation = build_conversation(message)
-    turns = tuple(Turn(role=turn.role, content=turn.content) for turn in conversation)
-    return GenerationRequest(model=model, messages=turns, options=sampling, format=message.format)
+    turns = tuple(_turn(turn) for turn in conversation)
+    return GenerationRequest(
+        model=model,
+        messages=turns,
+        options=sampling,
+        format=message.format,
+        tools=tools,
+        tool_choice=tool_choice,
+    )
+
+
+def _turn(turn: ChatMessage) -> Turn:
+    calls = tuple(
+        ToolCall(name=call.function.name, arguments=call.function.arguments, id=call.id)
+        for call in turn.tool_calls or ()
+    )
+    return Turn(role=turn.role, content=turn.content, tool_calls=calls, tool_call_id=turn.tool_call_id)
 
 
 def encode_vectors(

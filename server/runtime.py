@@ -41,6 +41,7 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.session import Accepted, CancelRequested, Ignored, Outcome, Refused, Reply, Session
+from server.backends.base import ToolCall
 from server.dispatcher import Dispatcher, Finished, RequestTrace
 from server.metrics import Metrics
 from server.outbox import Outbox
@@ -110,6 +111,15 @@ class SessionRuntime:
     @property
     def pending_chars(self) -> int:
         return self._pending_total
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the session's newest logged event (0 if none)."""
+        return self.session.last_seq
+
+    def can_replay(self, last_seq: int) -> bool:
+        """Whether every event after ``last_seq`` is still in the log (a resume would be exact)."""
+        return not self._closed and self.session.replay(last_seq) is not None
 
     # -- connections (synchronous: no event can slip between a snapshot and going live) -------
 
@@ -297,9 +307,16 @@ class SessionRuntime:
                             model=item.model,
                         )
                     )
+                elif isinstance(item, ToolCall):
+                    # Text the call followed is numbered before it.
+                    self._flush_one(request_id)
+                    assert item.id is not None  # the dispatcher names every call
+                    self._send(
+                        self.session.tool_call(
+                            request_id, call_id=item.id, name=item.name, arguments=item.arguments
+                        )
+                    )
                 else:
-                    # Tool call events come with the tools work (issue 15); no backend yields one yet.
-                    assert isinstance(item, str), "tool_call events are not wired yet"
                     self._delta(request_id, item)
 
     def _cancel(self, request_id: str) -> None:

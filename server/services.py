@@ -17,6 +17,7 @@ from starlette.requests import HTTPConnection
 from protocol.messages import Limits, Models, ServerInfo, Welcome
 from server.auth import Authenticator
 from server.dispatcher import Dispatcher, ModelSource
+from server.draining import DrainState
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 from server.sessions import SessionRegistry
@@ -56,6 +57,7 @@ class Services:
     metrics: Metrics
     dispatcher: Dispatcher
     sessions: SessionRegistry
+    drain: DrainState
     drainer: Drainer
     limits: Limits = field(init=False)
 
@@ -65,6 +67,7 @@ class Services:
             max_message_bytes=settings.max_message_bytes,
             max_inflight=settings.max_inflight,
             replay_events=settings.replay_events,
+            replay_bytes=settings.replay_bytes,
             session_ttl_s=settings.session_ttl_s,
             max_buffered_bytes=settings.outbound_hard_bytes,
             **self.limiter.limits(),
@@ -72,7 +75,7 @@ class Services:
 
     @property
     def draining(self) -> bool:
-        return self.drainer.draining
+        return self.drain.active
 
     def welcome(self, session_id: str, resumed: bool, last_seq: int) -> Welcome:
         """The first message of a session connection (`SessionRegistry.connect` calls it)."""

@@ -26,17 +26,15 @@ import uvicorn
 
 from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
+from server.draining import GOAWAY_RETRY_MS, DrainState
 
 if TYPE_CHECKING:
-    from server.dispatcher import Dispatcher
     from server.sessions import SessionRegistry
 
 __all__ = ["Drainer", "DrainingServer"]
 
 log = logging.getLogger("sluice.shutdown")
 
-# What goaway tells clients to wait before reconnecting.
-GOAWAY_RETRY_MS = 500
 # How long connections get to send what they queued and close, after the requests ended.
 _CLOSE_GRACE_S = 5.0
 _POLL_S = 0.05
@@ -45,24 +43,20 @@ _POLL_S = 0.05
 class Drainer:
     """Drains one app's sessions once; see the module docstring."""
 
-    def __init__(self, sessions: SessionRegistry, dispatcher: Dispatcher, *, timeout_s: float) -> None:
+    def __init__(self, sessions: SessionRegistry, state: DrainState, *, timeout_s: float) -> None:
         self._sessions = sessions
-        self._dispatcher = dispatcher
+        self._state = state
         self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def draining(self) -> bool:
-        return self._task is not None
-
     async def drain(self) -> None:
         if self._task is None:
+            self._state.begin()
             self._task = asyncio.create_task(self._drain(), name="sluice drain")
         await asyncio.shield(self._task)
 
     async def _drain(self) -> None:
         started = time.monotonic()
-        self._dispatcher.draining = True
         sessions = self._sessions
         log.info("draining %d sessions (up to %.1f s)", len(sessions), self._timeout_s)
         for runtime in sessions:

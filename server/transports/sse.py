@@ -54,26 +54,26 @@ from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Classification,
-    Classify,
     ClientMessage,
     Delta,
     Done,
-    Embed,
     Embedding,
     Error,
-    Generate,
     Goaway,
     Pong,
+    ToolCall,
     Welcome,
 )
+from protocol.session import Accepted, CancelRequested, Ignored, Refused, Reply
 from protocol.sse import encode_event, encode_message
 from server.api.errors import Family, StatusError, error_response, json_response
 from server.api.routing import api_router, error_model
 from server.api.streams import SSE_HEADERS, keepalive
-from server.auth import Principal, key_id_for
 from server.outbox import Frame, OutboundMessage, Outbox
 from server.runtime import SessionRuntime
 from server.services import Services, services_of
+from server.sessions import NotAttached
+from server.transports.admission import admit
 
 __all__ = ["MAX_BATCH_MESSAGES", "router"]
 
@@ -163,37 +163,27 @@ def _messages_body_schema() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks shared by every route.
+# What every route needs.
 
 
-def _check(request: Request, services: Services, *, session: str | None, token: str | None = None) -> str:
-    """Origin, drain state and credentials; the caller's ``key_id``."""
-    headers = request.headers
-    if not services.auth.check_origin(headers.get("origin"), headers.get("host"), request.url.scheme):
-        raise SluiceError(ErrorCode.FORBIDDEN, "origin not allowed")
-    principal: Principal | None = services.auth.authenticate(
-        authorization=headers.get("authorization"),
-        ticket=request.query_params.get("ticket"),
-        hello_token=token,
-        session=session,
-    )
-    if principal is not None and not principal.allows_session(session):
-        raise SluiceError(ErrorCode.UNAUTHORIZED, "ticket is bound to another session")
-    return key_id_for(principal)
+def _key(
+    request: Request, services: Services, *, session: str | None, opening: bool, token: str | None = None
+) -> str:
+    """The caller's ``key_id`` once `admit` passed (``opening``: refused while draining)."""
+    return admit(request, services, opening=opening).key_for(session=session, token=token)
 
 
-def _draining(services: Services) -> None:
-    if services.draining:
-        raise SluiceError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after_ms=1000)
-
-
-def _runtime(services: Services, session: str, key_id: str) -> SessionRuntime:
-    runtime = services.sessions.get(session, key_id)
+async def _runtime(services: Services, session: str, key_id: str) -> SessionRuntime:
+    runtime = await services.sessions.find(session, key_id)
     if runtime is None:
-        raise StatusError(
-            404, ErrorCode.INVALID_REQUEST, "unknown or expired session: open one with POST /v1/sessions"
-        )
+        raise _unknown_session()
     return runtime
+
+
+def _unknown_session() -> StatusError:
+    return StatusError(
+        404, ErrorCode.INVALID_REQUEST, "unknown or expired session: open one with POST /v1/sessions"
+    )
 
 
 SessionId = Annotated[str, Path(min_length=1, max_length=128)]
@@ -207,19 +197,15 @@ SessionId = Annotated[str, Path(min_length=1, max_length=128)]
 async def open_session(request: Request, body: OpenSession | None = None) -> Response:
     services = services_of(request)
     hello = body if body is not None else OpenSession()
-    key_id = _check(request, services, session=hello.session, token=hello.token)
-    _draining(services)
+    key_id = _key(request, services, session=hello.session, opening=True, token=hello.token)
     if hello.protocol != PROTOCOL_VERSION:
         raise SluiceError(
             ErrorCode.UNSUPPORTED_PROTOCOL,
             f"protocol {hello.protocol} is not supported (this server speaks {PROTOCOL_VERSION})",
         )
-    runtime = services.sessions.get(hello.session, key_id) if hello.session is not None else None
-    if runtime is not None and runtime.session.replay(hello.last_seq or 0) is not None:
-        welcome = services.welcome(runtime.id, True, runtime.session.last_seq)
-    else:
-        runtime = services.sessions.open(key_id)
-        welcome = services.welcome(runtime.id, False, runtime.session.last_seq)
+    welcome = await services.sessions.open_or_resume(
+        key_id=key_id, welcome=services.welcome, resume=hello.session, last_seq=hello.last_seq
+    )
     return Response(encode(welcome), status_code=201, media_type="application/json")
 
 
@@ -231,7 +217,7 @@ def _frame(message: OutboundMessage) -> bytes:
     """How the outbox encodes for this transport: logged events with ``id:``/``event:``, ``pong``
     without ``id:``, and nothing for ``welcome`` (``POST /v1/sessions`` answered it)."""
     match message:
-        case Delta() | Done() | Embedding() | Classification() | Error() | Goaway():
+        case Delta() | ToolCall() | Done() | Embedding() | Classification() | Error() | Goaway():
             return encode_message(message)
         case Pong():
             return encode_event(encode(message), event="pong")
@@ -252,9 +238,9 @@ def _close_event(code: CloseCode, reason: str) -> bytes:
 class _SessionStream:
     """One attached events stream: the outbox the runtime pushes into, drained into SSE chunks."""
 
-    def __init__(self, runtime: SessionRuntime, services: Services) -> None:
+    def __init__(self, services: Services) -> None:
         settings = services.settings
-        self.runtime = runtime
+        self.runtime: SessionRuntime | None = None
         self.outbox = Outbox(
             encode=_frame,
             soft_bytes=settings.outbound_soft_bytes,
@@ -295,11 +281,16 @@ class _SessionStream:
         """A write took longer than ``outbound_stall_s``: the peer stopped reading."""
         self.outbox.fail(CloseCode.SLOW_CONSUMER, "client stopped reading")
         self._services.metrics.outbound_close_slow()
-        log.info("closing a slow SSE consumer", extra={"session": self.runtime.id})
+        log.info("closing a slow SSE consumer", extra={"session": self.runtime.id if self.runtime else None})
+
+    def attached(self, runtime: SessionRuntime) -> None:
+        """The registry attached `outbox` to ``runtime``: the stream is live."""
+        self.runtime = runtime
+        self._services.metrics.connection_opened("sse")
 
     def end(self) -> None:
         """Detach from the session (idempotent); its events go on to its log."""
-        if self._ended:
+        if self._ended or self.runtime is None:
             return
         self._ended = True
         self.runtime.detach(self.outbox)
@@ -361,18 +352,22 @@ async def session_events(
     last_event_id_header: Annotated[int | None, Header(alias="last-event-id", ge=0, le=2**53)] = None,
 ) -> Response:
     services = services_of(request)
-    key_id = _check(request, services, session=session)
-    _draining(services)
-    runtime = _runtime(services, session, key_id)
+    key_id = _key(request, services, session=session, opening=True)
     last_seq = _resume_point(last_event_id_header, last_event_id)
-    stream = _SessionStream(runtime, services)
-    if not runtime.attach(stream.outbox, last_seq, lambda sid, seq: services.welcome(sid, True, seq)):
-        raise StatusError(
-            410,
-            ErrorCode.INVALID_REQUEST,
-            f"the events after {last_seq} are no longer all held: open a new session with POST /v1/sessions",
-        )
-    services.metrics.connection_opened("sse")
+    stream = _SessionStream(services)
+    match await services.sessions.attach(stream.outbox, session_id=session, key_id=key_id, last_seq=last_seq):
+        case SessionRuntime() as runtime:
+            stream.attached(runtime)
+        case NotAttached.UNKNOWN:
+            raise _unknown_session()
+        case NotAttached.INCOMPLETE:
+            raise StatusError(
+                410,
+                ErrorCode.INVALID_REQUEST,
+                f"the events after {last_seq} are no longer all held: open a new session with POST /v1/sessions",
+            )
+        case unreachable:
+            assert_never(unreachable)
     return _EventStreamResponse(stream, services)
 
 
@@ -424,14 +419,6 @@ def _decode_body(raw: bytes, max_bytes: int) -> tuple[list[ClientMessage], bool]
     return messages, False
 
 
-def _refusal(runtime: SessionRuntime, before: int) -> Error | None:
-    """The refusal `runtime.handle` logged after seq ``before``, if it refused the message."""
-    for event in runtime.session.log.after(before) or ():
-        if isinstance(event, Error) and event.id is None:
-            return event
-    return None
-
-
 @router.post(
     "/v1/sessions/{session}/messages",
     status_code=202,
@@ -441,22 +428,23 @@ def _refusal(runtime: SessionRuntime, before: int) -> Error | None:
 )
 async def post_messages(request: Request, session: SessionId) -> Response:
     services = services_of(request)
-    key_id = _check(request, services, session=session)
-    runtime = _runtime(services, session, key_id)
+    key_id = _key(request, services, session=session, opening=False)
+    runtime = await _runtime(services, session, key_id)
     settings = services.settings
     raw = await _read_body(request, settings.max_frame_bytes)
     messages, single = _decode_body(raw, settings.max_message_bytes)
     accepted: list[str] = []
     refused: list[Error] = []
     for message in messages:
-        request_id = message.id if isinstance(message, Generate | Embed | Classify) else None
-        known = request_id is not None and request_id in runtime.session.inflight
-        before = runtime.session.last_seq
-        runtime.handle(message)
-        if request_id is not None and not known and request_id in runtime.session.inflight:
-            accepted.append(request_id)
-        elif (event := _refusal(runtime, before)) is not None:
-            refused.append(event)
+        match runtime.handle(message):
+            case Accepted(request=accepted_request):
+                accepted.append(accepted_request.id)
+            case Refused(event=event):
+                refused.append(event)
+            case CancelRequested() | Reply() | Ignored():
+                pass
+            case unreachable:
+                assert_never(unreachable)
     if single and refused:
         event = refused[0]
         error = SluiceError(
@@ -493,7 +481,7 @@ def _refusal_body(event: Error) -> dict[str, Any]:
 )
 async def end_session(request: Request, session: SessionId) -> Response:
     services = services_of(request)
-    key_id = _check(request, services, session=session)
-    runtime = _runtime(services, session, key_id)
+    key_id = _key(request, services, session=session, opening=False)
+    runtime = await _runtime(services, session, key_id)
     await services.sessions.end(runtime.id)
     return Response(status_code=204)

@@ -7,9 +7,9 @@ that encodes nothing itself. Reading never waits on writing, so a client that st
 still cancel, and one that never reads is closed 4008 once the outbox's hard bound is passed or
 a write is stuck for ``outbound_stall_s``.
 
-Before the handshake completes: the Origin is checked (a foreign page is closed 1008), and an
-``Authorization`` header or ``?ticket=`` is verified. Without either, and with auth on, the
-first message must be a ``hello`` carrying ``token``. The first message decides the session: a
+Before the handshake completes, `server.transports.admission.admit` checks the drain state (closed
+1012), the Origin and an ``Authorization`` header or ``?ticket=`` (closed 1008). Without either,
+and with auth on, the first message must be a ``hello`` carrying ``token``. The first message decides the session: a
 ``hello`` may resume one (``session``, ``last_seq``), anything else opens a new one implicitly
 and is then handled as usual; ``welcome`` is always the first frame the client gets.
 
@@ -32,10 +32,10 @@ from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
-from server.auth import Principal, key_id_for
 from server.outbox import Frame, Outbox
 from server.runtime import SessionRuntime
 from server.services import Services, services_of
+from server.transports.admission import Admission, admit
 
 __all__ = ["SUBPROTOCOL", "SessionSocket", "WebSocketConnection", "session_socket"]
 
@@ -84,29 +84,15 @@ class WebSocketConnection:
         ws, services = self._ws, self._services
         offered = ws.scope.get("subprotocols") or ()
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
-        if services.draining:
-            await self._refuse(subprotocol, CloseCode.SERVICE_RESTART, "server shutting down")
+        try:
+            admission = admit(ws, services)
+        except SluiceError as exc:
+            await self._refuse(subprotocol, _refusal_code(exc), exc.code.value)
             return
-        headers = ws.headers
-        scheme = "https" if ws.url.scheme == "wss" else "http"
-        if not services.auth.check_origin(headers.get("origin"), headers.get("host"), scheme):
-            await self._refuse(subprotocol, CloseCode.POLICY, "origin not allowed")
-            return
-        principal: Principal | None = None
-        authenticated = not services.auth.auth_required
-        authorization = headers.get("authorization")
-        ticket = ws.query_params.get("ticket")
-        if authorization or ticket:
-            try:
-                principal = services.auth.authenticate(authorization=authorization, ticket=ticket)
-            except SluiceError as exc:
-                await self._refuse(subprotocol, CloseCode.POLICY, exc.code.value)
-                return
-            authenticated = True
         await ws.accept(subprotocol=subprotocol)
         services.metrics.connection_opened("websocket")
         try:
-            await self._session(principal, authenticated)
+            await self._session(admission)
         except _Disconnected:
             pass
         except Exception:
@@ -117,25 +103,16 @@ class WebSocketConnection:
 
     # -- opening the session -----------------------------------------------------------------
 
-    async def _session(self, principal: Principal | None, authenticated: bool) -> None:
+    async def _session(self, admission: Admission) -> None:
         services = self._services
         try:
-            async with asyncio.timeout(None if authenticated else AUTH_TIMEOUT_S):
+            async with asyncio.timeout(None if admission.verified else AUTH_TIMEOUT_S):
                 first = await self._next_message()
         except TimeoutError:
             await self._close(CloseCode.POLICY, "unauthorized")
             return
         hello = first if isinstance(first, Hello) else None
         resume = hello.session if hello is not None else None
-        try:
-            if not authenticated:
-                token = hello.token if hello is not None else None
-                principal = services.auth.authenticate(hello_token=token, session=resume)
-            if principal is not None and not principal.allows_session(resume):
-                raise SluiceError(ErrorCode.UNAUTHORIZED, "ticket is bound to another session")
-        except SluiceError as exc:
-            await self._close(CloseCode.POLICY, exc.code.value)
-            return
         outbox = Outbox(
             encode=encode,
             soft_bytes=self._settings.outbound_soft_bytes,
@@ -143,14 +120,15 @@ class WebSocketConnection:
             max_refs=self._settings.replay_events,
         )
         try:
-            connected = services.sessions.connect(
+            key_id = admission.key_for(session=resume, token=hello.token if hello is not None else None)
+            connected = await services.sessions.connect(
                 outbox,
-                key_id=key_id_for(principal),
+                key_id=key_id,
                 welcome=services.welcome,
                 resume=resume,
                 last_seq=hello.last_seq if hello is not None else None,
             )
-        except SluiceError as exc:  # too many sessions for this key
+        except SluiceError as exc:  # bad credentials, too many sessions for this key
             await self._close(CloseCode.POLICY, exc.code.value)
             return
         runtime = connected.runtime
@@ -294,3 +272,8 @@ class WebSocketConnection:
         with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError, TimeoutError):
             async with asyncio.timeout(wait):
                 await self._ws.close(code=int(code), reason=reason[:120])
+
+
+def _refusal_code(error: SluiceError) -> CloseCode:
+    """How a refused handshake closes: 1012 (go elsewhere, retry) while draining, else 1008."""
+    return CloseCode.SERVICE_RESTART if error.code is ErrorCode.SHUTTING_DOWN else CloseCode.POLICY

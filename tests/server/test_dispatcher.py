@@ -12,6 +12,7 @@ import pytest
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ChatMessage, Classify, Embed, Generate
 from server.dispatcher import Dispatcher, Finished, encode_vectors, generation_request
+from server.draining import DrainState
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 from server.settings import Settings
@@ -116,13 +117,16 @@ async def test_classify_results_per_input() -> None:
 
 
 async def test_admit_counts_requests_and_refuses_while_draining() -> None:
-    dispatcher, _ = make(requests_per_minute=1)
+    drain = DrainState()
+    dispatcher = Dispatcher(
+        FakeRegistry(), limiter=RateLimiter(Settings(requests_per_minute=1)), metrics=Metrics(), drain=drain
+    )
     dispatcher.admit("k")
     with pytest.raises(SluiceError) as limited:
         dispatcher.admit("k")
     assert limited.value.code is ErrorCode.RATE_LIMITED
     dispatcher.admit("other")
-    dispatcher.draining = True
+    drain.begin()
     with pytest.raises(SluiceError) as draining:
         dispatcher.admit("third")
     assert draining.value.code is ErrorCode.SHUTTING_DOWN

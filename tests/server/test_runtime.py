@@ -26,6 +26,7 @@ from protocol.messages import (
 )
 from protocol.session import Session, SessionLimits
 from server.dispatcher import Dispatcher
+from server.draining import DrainState
 from server.metrics import Metrics
 from server.outbox import Outbox
 from server.ratelimit import RateLimiter
@@ -48,11 +49,15 @@ def welcome(session_id: str, last_seq: int) -> Welcome:
 
 
 def make_runtime(
-    registry: FakeRegistry | None = None, *, settings: Settings | None = None, replay_events: int = 4096
+    registry: FakeRegistry | None = None,
+    *,
+    settings: Settings | None = None,
+    replay_events: int = 4096,
+    drain: DrainState | None = None,
 ) -> tuple[SessionRuntime, FakeRegistry, Dispatcher]:
     registry = registry or FakeRegistry()
     settings = settings or Settings()
-    dispatcher = Dispatcher(registry, limiter=RateLimiter(settings), metrics=Metrics())
+    dispatcher = Dispatcher(registry, limiter=RateLimiter(settings), metrics=Metrics(), drain=drain)
     session = Session("s1", SessionLimits(max_inflight=8, replay_events=replay_events))
     runtime = SessionRuntime(session, dispatcher=dispatcher, metrics=Metrics(), key_id="k")
     return runtime, registry, dispatcher
@@ -303,12 +308,13 @@ async def test_backend_sluice_error_is_the_terminal_error() -> None:
 
 
 async def test_rate_limited_and_draining_requests_are_refused_without_id() -> None:
-    runtime, _, dispatcher = make_runtime(settings=Settings(requests_per_minute=2))
+    drain = DrainState()
+    runtime, _, _ = make_runtime(settings=Settings(requests_per_minute=2), drain=drain)
     box = outbox()
     runtime.attach(box, 0, welcome)
     for n in range(3):
         runtime.handle(gen(f"g{n}"))
-    dispatcher.draining = True
+    drain.begin()
     runtime.handle(gen("late"))
     events = await collect(box, lambda ev: len(terminals(ev)) == 2 and len(ev) >= 10)
     refusals = [e for e in events if e["type"] == "error" and "id" not in e]

@@ -33,7 +33,6 @@ from server.api.errors import Family, StatusError, error_body, json_response, st
 from server.api.routing import api_router, caller_key, error_model
 from server.api.streams import event_stream
 from server.api.tasks import EmbeddingBatch, Task, TaskStore
-from server.dispatcher import Finished
 from server.services import services_of
 
 __all__ = ["BATCH_CHUNK", "BATCH_MAX_TEXTS", "router", "tasks_of"]
@@ -58,7 +57,7 @@ router = api_router(Family.SLUICE, prefix="/api/v1", tags=["seed-compatible API"
 
 
 def tasks_of(request: Request) -> TaskStore:
-    """The app's batch job store (created by `server.api.install`)."""
+    """The app's batch job store (created by `server.api.mount.install`)."""
     store = request.app.state.sluice_tasks
     assert isinstance(store, TaskStore)
     return store
@@ -185,10 +184,11 @@ def _message(body: SeedGenerateRequest) -> Generate:
 @router.post("/generate", response_model=SeedGenerateResponse, summary="Generate text (whole answer)")
 async def generate(request: Request, body: SeedGenerateRequest) -> Response:
     started = time.perf_counter()
-    text, finished = await calls.complete(request, caller_key(request), _message(body))
+    reply = await calls.complete(request, caller_key(request), _message(body))
+    finished = reply.finished
     return json_response(
         {
-            "text": text,
+            "text": reply.text,
             "model": finished.model,
             "usage": finished.usage.model_dump(),
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
@@ -209,7 +209,7 @@ async def generate_stream(request: Request, body: SeedGenerateRequest) -> Respon
     async def events() -> AsyncIterator[bytes]:
         try:
             async for item in generation.items():
-                if not isinstance(item, Finished):
+                if isinstance(item, str):  # the seed API offers no tools, so no calls come
                     yield _data({"text": item})
         except SluiceError as exc:
             yield _data(error_body(Family.SLUICE, exc, status=status_for(exc)))
