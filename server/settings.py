@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # PROTOCOL.md limits.
     session_ttl_s: int = Field(default=120, ge=1)
     replay_events: int = Field(default=4096, ge=16)
+    # The log also keeps at least this many bytes of encoded events, whichever holds more (§2).
+    replay_bytes: int = Field(default=4 * 1_048_576, ge=0)
+    # What all sessions' event logs may hold together, in estimated memory (encoded size plus the
+    # message objects); past it the detached sessions' logs are shed first. 0 = no bound.
+    max_log_bytes: int = Field(default=1024 * 1_048_576, ge=0)
     max_message_bytes: int = Field(default=1_048_576, ge=1024)
     max_inflight: int = Field(default=64, ge=1)
     # Frames past this close the connection with 1009 (a message past max_message_bytes but

@@ -116,6 +116,7 @@ export interface Limits {
   max_buffered_bytes?: number;
   max_inflight: number;
   max_message_bytes: number;
+  replay_bytes?: number;
   replay_events: number;
   requests_per_minute?: number;
   session_ttl_s: number;
@@ -138,7 +139,7 @@ export interface Delta {
   type: 'delta';
 }
 export interface Done {
-  finish_reason: 'stop' | 'length' | 'cancelled';
+  finish_reason: 'stop' | 'length' | 'tool_calls' | 'cancelled';
   id: string;
   model: string;
   seq: number;
