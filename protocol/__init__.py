@@ -16,4 +16,5 @@ __all__ = [
     "schema",
     "session",
     "sse",
+    "tools",
 ]

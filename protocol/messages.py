@@ -8,11 +8,20 @@ numbers, routes or sends anything (that is `protocol.session` and the server).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from protocol.errors import ErrorCode
+from protocol.tools import (
+    MAX_TOOLS,
+    CallId,
+    MessageToolCall,
+    NamedToolChoice,
+    Tool,
+    ToolChoice,
+    check_json_schema,
+)
 
 __all__ = [
     "MAX_INPUTS",
@@ -46,6 +55,7 @@ __all__ = [
     "ServerInfo",
     "ServerMessage",
     "Timings",
+    "ToolCall",
     "Usage",
     "Welcome",
 ]
@@ -77,6 +87,16 @@ class _ServerModel(BaseModel):
 class ChatMessage(_ClientModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: CallId | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls are only allowed on assistant messages")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id is only allowed on tool messages")
+        return self
 
 
 class GenerateOptions(_ClientModel):
@@ -105,13 +125,40 @@ class Generate(_ClientModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     system: str | None = None
     options: GenerateOptions = GenerateOptions()
-    format: Literal["json"] | None = None
+    format: Literal["json"] | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
     history: bool = False
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_schema(cls, format: object) -> object:
+        if isinstance(format, dict):
+            return check_json_schema(format)
+        if format is not None and format != "json":
+            raise ValueError('format must be "json" or a JSON Schema (an object)')
+        return format
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if len(set(names)) != len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"tool names must be distinct ({duplicate!r} is listed twice)")
+        return tools
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> Generate:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt or messages is required")
+        if self.tool_choice is not None:
+            if self.tools is None:
+                raise ValueError("tool_choice is only allowed with tools")
+            if isinstance(self.tool_choice, NamedToolChoice):
+                name = self.tool_choice.function.name
+                if all(tool.function.name != name for tool in self.tools):
+                    raise ValueError(f"tool_choice names {name!r}, which is not one of the tools")
         return self
 
 
@@ -186,8 +233,6 @@ class Limits(_ServerModel):
     max_message_bytes: int
     max_inflight: int
     replay_events: int
-    # PROTOCOL.md §2; this server always sends it (absent only from peers that predate it).
-    replay_bytes: int | None = None
     session_ttl_s: int
     # Optional extras (PROTOCOL.md §4 says every limit is announced here); absent when unlimited.
     requests_per_minute: int | None = None
@@ -246,6 +291,16 @@ class Done(_ServerModel):
     model: str
 
 
+class ToolCall(_ServerModel):
+    type: Literal["tool_call"] = "tool_call"
+    id: str
+    seq: int
+    index: int  # from 0 within the request
+    call_id: str  # unique, made by the server: what a later tool message names
+    name: str
+    arguments: str  # a JSON text of an object
+
+
 class Embedding(_ServerModel):
     type: Literal["embedding"] = "embedding"
     id: str
@@ -286,10 +341,10 @@ class Goaway(_ServerModel):
     retry_after_ms: int
 
 
-LoggedMessage: TypeAlias = Delta | Done | Embedding | Classification | Error | Goaway
+LoggedMessage: TypeAlias = Delta | ToolCall | Done | Embedding | Classification | Error | Goaway
 """Server messages that carry `seq` and form the session's event log."""
 
 ServerMessage: TypeAlias = Annotated[
-    Welcome | Delta | Done | Embedding | Classification | Error | Pong | Goaway,
+    Welcome | Delta | ToolCall | Done | Embedding | Classification | Error | Pong | Goaway,
     Field(discriminator="type"),
 ]

@@ -37,6 +37,7 @@ from protocol.messages import (
     Ping,
     Pong,
     ServerMessage,
+    ToolCall,
     Welcome,
 )
 
@@ -47,10 +48,19 @@ ASYNCAPI_FILE: Final = "asyncapi.json"
 DEFAULT_DIRECTORY: Final = Path(__file__).parent / "schema"
 
 _CLIENT: Final[tuple[type[BaseModel], ...]] = (Hello, Generate, Embed, Classify, Cancel, Ping, Ack)
-_LOGGED: Final[tuple[type[BaseModel], ...]] = (Delta, Done, Embedding, Classification, Error, Goaway)
+_LOGGED: Final[tuple[type[BaseModel], ...]] = (
+    Delta,
+    ToolCall,
+    Done,
+    Embedding,
+    Classification,
+    Error,
+    Goaway,
+)
 _SERVER: Final[tuple[type[BaseModel], ...]] = (
     Welcome,
     Delta,
+    ToolCall,
     Done,
     Embedding,
     Classification,
@@ -62,7 +72,7 @@ _SERVER: Final[tuple[type[BaseModel], ...]] = (
 # One line per message for the AsyncAPI document (PROTOCOL.md §1 says it at length).
 _SUMMARIES: Final[dict[str, str]] = {
     "hello": "Optional handshake: resume a session (session, last_seq) and authenticate.",
-    "generate": "Stream generated text for a prompt or a list of chat messages.",
+    "generate": "Stream generated text (and tool calls) for a prompt or a list of chat messages.",
     "embed": "Vectors, one per input text.",
     "classify": "Zero-shot scores per label, one result list per input.",
     "cancel": "Cancel the request with that id (idempotent).",
@@ -70,6 +80,7 @@ _SUMMARIES: Final[dict[str, str]] = {
     "ack": "The client has every event up to seq; the server may drop them from the replay log.",
     "welcome": "First message of every connection: the session, whether it resumed, limits, models.",
     "delta": "The next piece of generated text of request id.",
+    "tool_call": "One complete tool call of generate id (index from 0 within it; call_id made by the server).",
     "done": "Terminal message of a generate.",
     "embedding": "Terminal message of an embed.",
     "classification": "Terminal message of a classify, results sorted by score, descending.",
@@ -142,6 +153,9 @@ def _tighten_client(defs: dict[str, Any]) -> None:
     ]
     labels = defs["Classify"]["properties"]["labels"]
     labels["uniqueItems"] = True
+    # Tool parameters are an object schema (the meta-schema check itself is not said here).
+    parameters = defs["ToolFunction"]["properties"]["parameters"]["anyOf"][0]
+    parameters.update({"properties": {"type": {"const": "object"}}, "required": ["type"]})
 
 
 def _union(models: tuple[type[BaseModel], ...], ref: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The session state machine of PROTOCOL.md §1-2, sans-I/O.
 
 A `Session` takes decoded client messages (`receive`) and the server's progress reports (`start`,
-`delta`, `done`, `embedding`, `classification`, `fail`, `cancelled`, `goaway`) and returns what
-to do or what to send. It owns everything the contract numbers and remembers:
+`delta`, `tool_call`, `done`, `embedding`, `classification`, `fail`, `cancelled`, `goaway`) and
+returns what to do or what to send. It owns everything the contract numbers and remembers:
 
 - ``seq``: every server message except ``welcome``/``pong`` gets the next one (from 1, no gaps),
   and is appended to the event log *before* it is returned, so whatever the caller sends can be
@@ -11,7 +11,9 @@ to do or what to send. It owns everything the contract numbers and remembers:
   lifecycle table to exactly one terminal message, with nothing for that id after it;
 - resume: `replay` gives every event after a ``last_seq`` or ``None`` when that cannot be
   complete (the caller then opens a new session: never a partial recovery);
-- ``ack`` trimming, and the conversation kept for ``history: true``.
+- ``ack`` trimming, and the conversation kept for ``history: true`` (a reply's tool calls stay on
+  its assistant turn);
+- each generation's tool calls, numbered by ``index`` from 0 within the request.
 
 It never awaits, sends, times or runs anything: the transport feeds it and sends what it returns,
 the dispatcher starts and stops work when told to (`Accepted`, `CancelRequested`).
@@ -50,8 +52,10 @@ from protocol.messages import (
     Request,
     RequestKind,
     Timings,
+    ToolCall,
     Usage,
 )
+from protocol.tools import FunctionCall, MessageToolCall
 
 __all__ = [
     "Accepted",
@@ -65,7 +69,7 @@ __all__ = [
     "SessionLimits",
 ]
 
-_E = TypeVar("_E", Delta, Done, Embedding, Classification, Error, Goaway)
+_E = TypeVar("_E", Delta, ToolCall, Done, Embedding, Classification, Error, Goaway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +128,17 @@ _IGNORED = Ignored()
 class InflightRequest(Lifecycle):
     """A request between `Accepted` and its terminal message."""
 
-    __slots__ = ("_reply", "request")
+    __slots__ = ("_calls", "_reply", "call_count", "request")
 
     def __init__(self, request: Request) -> None:
         super().__init__()
         self.request = request
-        # Pieces of generated text, kept only for ``history: true`` generations.
-        self._reply: list[str] | None = [] if isinstance(request, Generate) and request.history else None
+        # Tool calls made so far (the next call's index).
+        self.call_count = 0
+        # Pieces of generated text and the calls, kept only for ``history: true`` generations.
+        keep = isinstance(request, Generate) and request.history
+        self._reply: list[str] | None = [] if keep else None
+        self._calls: list[MessageToolCall] | None = [] if keep else None
 
     @property
     def kind(self) -> RequestKind:
@@ -237,6 +245,24 @@ class Session:
         if entry._reply is not None:
             entry._reply.append(text)
         return self._log_event(Delta(id=request_id, seq=self._seq + 1, text=text))
+
+    def tool_call(self, request_id: str, *, call_id: str, name: str, arguments: str) -> ToolCall | None:
+        """One complete tool call of a generation, ``index`` counting from 0 within the request;
+        ``None`` when the request already ended."""
+        entry = self._running(request_id, "generate")
+        if entry is None:
+            return None
+        index = entry.call_count
+        entry.call_count += 1
+        if entry._calls is not None:
+            # Made by the server, not parsed from a client: kept as they are.
+            call = FunctionCall.model_construct(name=name, arguments=arguments)
+            entry._calls.append(MessageToolCall.model_construct(id=call_id, type="function", function=call))
+        return self._log_event(
+            ToolCall(
+                id=request_id, seq=self._seq + 1, index=index, call_id=call_id, name=name, arguments=arguments
+            )
+        )
 
     def done(
         self,
@@ -401,10 +427,13 @@ class Session:
         assert isinstance(request, Generate)
         history = self._history if self._history is not None else []
         history.extend(own_turns(request, include_system=False))
-        history.append(ChatMessage(role="assistant", content=reply))
+        history.append(ChatMessage(role="assistant", content=reply, tool_calls=entry._calls or None))
         excess = len(history) - self.limits.history_messages
         if excess > 0:
             del history[:excess]
+        # A tool turn whose call was trimmed away would answer nothing: it goes too.
+        while history and history[0].role == "tool":
+            del history[0]
         self._history = history
 
 

@@ -18,6 +18,7 @@ PUBLIC = {
         "schema",
         "session",
         "sse",
+        "tools",
     ],
     "protocol.close": ["CloseCode"],
     "protocol.codec": ["decode", "encode"],
@@ -65,6 +66,7 @@ PUBLIC = {
         "ServerInfo",
         "ServerMessage",
         "Timings",
+        "ToolCall",
         "Usage",
         "Welcome",
     ],
@@ -89,6 +91,20 @@ PUBLIC = {
         "SessionLimits",
     ],
     "protocol.sse": ["encode_comment", "encode_event", "encode_message"],
+    "protocol.tools": [
+        "MAX_SCHEMA_DEPTH",
+        "MAX_TOOLS",
+        "CallId",
+        "FunctionCall",
+        "FunctionName",
+        "MessageToolCall",
+        "NamedToolChoice",
+        "Tool",
+        "ToolChoice",
+        "ToolFunction",
+        "ToolName",
+        "check_json_schema",
+    ],
 }
 
 

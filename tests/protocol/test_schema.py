@@ -35,6 +35,7 @@ from protocol.messages import (
     Pong,
     ServerInfo,
     Timings,
+    ToolCall,
     Usage,
     Welcome,
 )
@@ -115,6 +116,12 @@ def test_every_ref_resolves(document: dict[str, Any]) -> None:
         assert isinstance(resolve(document, ref), dict)
 
 
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}},
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
 CLIENT_VALID = [
     {"type": "hello"},
     {"type": "hello", "protocol": 1, "session": "s", "last_seq": 3, "token": "t", "client": "c"},
@@ -127,6 +134,24 @@ CLIENT_VALID = [
         "format": "json",
         "history": True,
         "system": "s",
+    },
+    {
+        "type": "generate",
+        "id": "t",
+        "prompt": "p",
+        "format": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        "tools": [TOOL, {"type": "function", "function": {"name": "now", "description": "d"}}],
+        "tool_choice": {"type": "function", "function": {"name": "now"}},
+    },
+    {"type": "generate", "id": "t", "prompt": "p", "tools": [TOOL], "tool_choice": "required"},
+    {
+        "type": "generate",
+        "id": "t",
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+        ],
     },
     {"type": "embed", "id": "e", "input": "x"},
     {"type": "embed", "id": "e", "input": ["x", "y"], "normalize": False, "encoding": "base64"},
@@ -148,6 +173,24 @@ CLIENT_INVALID = [
     {"type": "generate", "id": "a", "prompt": "p", "options": {"temperature": 3}},
     {"type": "generate", "id": "a", "prompt": "p", "options": {"top_p": 0}},
     {"type": "generate", "id": "a", "messages": [{"role": "bot", "content": "c"}]},
+    {"type": "generate", "id": "a", "prompt": "p", "format": "yaml"},
+    {"type": "generate", "id": "a", "prompt": "p", "format": [1]},
+    {"type": "generate", "id": "a", "prompt": "p", "tools": []},
+    {"type": "generate", "id": "a", "prompt": "p", "tools": [{"function": {"name": "f"}}]},
+    {
+        "type": "generate",
+        "id": "a",
+        "prompt": "p",
+        "tools": [{"type": "function", "function": {"name": "a b"}}],
+    },
+    {
+        "type": "generate",
+        "id": "a",
+        "prompt": "p",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+    },
+    {"type": "generate", "id": "a", "prompt": "p", "tools": [TOOL], "tool_choice": "always"},
+    {"type": "generate", "id": "a", "messages": [{"role": "assistant", "content": "", "tool_calls": [{}]}]},
     {"type": "embed", "id": "e", "input": []},
     {"type": "embed", "id": "e", "input": "x", "encoding": "hex"},
     {"type": "classify", "id": "c", "input": "x", "labels": ["a"]},
@@ -198,6 +241,7 @@ LOGGED_SAMPLES = [
     Error(seq=6, ref="r", code=ErrorCode.INVALID_MESSAGE, message="m", retryable=False),
     Error(id="a", seq=7, code=ErrorCode.RATE_LIMITED, message="m", retryable=True, retry_after_ms=5),
     Goaway(seq=8, reason="r", retry_after_ms=1),
+    ToolCall(id="a", seq=9, index=0, call_id="call_1", name="f", arguments='{"x": 1}'),
 ]
 
 
@@ -299,7 +343,17 @@ def test_asyncapi_describes_every_message_on_the_right_channels() -> None:
         assert isinstance(resolve(document, ref), dict), ref
     channels = document["channels"]
     client = {"hello", "generate", "embed", "classify", "cancel", "ping", "ack"}
-    server = {"welcome", "delta", "done", "embedding", "classification", "error", "pong", "goaway"}
+    server = {
+        "welcome",
+        "delta",
+        "tool_call",
+        "done",
+        "embedding",
+        "classification",
+        "error",
+        "pong",
+        "goaway",
+    }
     logged = server - {"welcome", "pong"}
     assert channels["websocket"]["address"] == "/v1/ws"
     assert set(channels["websocket"]["messages"]) == client | server

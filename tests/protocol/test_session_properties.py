@@ -41,6 +41,8 @@ operations = st.lists(
         st.tuples(st.just("submit"), st.sampled_from(["generate", "embed", "classify"]), ids),
         st.tuples(st.just("start"), ids),
         st.tuples(st.just("delta"), ids),
+        st.tuples(st.just("tool_call"), ids),
+        st.tuples(st.just("finish"), ids, st.sampled_from(["tool_calls"])),
         st.tuples(st.just("finish"), ids, st.sampled_from(["stop", "length", "cancelled"])),
         st.tuples(st.just("fail"), ids),
         st.tuples(st.just("cancel"), ids),
@@ -109,6 +111,13 @@ def test_random_operation_sequences_keep_the_invariants(ops: list[tuple[Any, ...
                 if inflight.get(rid, "generate") == "generate":
                     event = s.delta(rid, "t")
                     assert (event is None) == (rid not in inflight)
+            case ("tool_call", rid):
+                if inflight.get(rid, "generate") == "generate":
+                    before = s.inflight[rid].call_count if rid in inflight else 0
+                    event = s.tool_call(rid, call_id=f"call_{len(sent)}", name="f", arguments="{}")
+                    assert (event is None) == (rid not in inflight)
+                    if event is not None:
+                        assert event.index == before
             case ("finish", rid, reason):
                 event = finish(s, rid, reason)
             case ("fail", rid):

@@ -17,7 +17,8 @@ export type Generate1 =
   | {
       messages: unknown[];
     };
-export type ServerMessage = Welcome | Delta | Done | Embedding | Classification | Error | Pong | Goaway;
+export type ServerMessage =
+  Welcome | Delta | ToolCall | Done | Embedding | Classification | Error | Pong | Goaway;
 export type ErrorCode =
   | 'invalid_message'
   | 'unknown_type'
@@ -48,7 +49,12 @@ export interface Hello {
   type: 'hello';
 }
 export interface Generate2 {
-  format?: 'json' | null;
+  format?:
+    | 'json'
+    | {
+        [k: string]: unknown;
+      }
+    | null;
   history?: boolean;
   id: string;
   messages?: [ChatMessage, ...ChatMessage[]] | null;
@@ -56,11 +62,27 @@ export interface Generate2 {
   options?: GenerateOptions;
   prompt?: string | null;
   system?: string | null;
+  tool_choice?: ('auto' | 'none' | 'required') | NamedToolChoice | null;
+  tools?: [Tool, ...Tool[]] | null;
   type: 'generate';
 }
 export interface ChatMessage {
   content: string;
   role: 'system' | 'user' | 'assistant' | 'tool';
+  tool_call_id?: string | null;
+  tool_calls?: MessageToolCall[] | null;
+}
+/**
+ * A call an assistant turn made, sent back in a later request; id is its call_id.
+ */
+export interface MessageToolCall {
+  function: FunctionCall;
+  id: string;
+  type: 'function';
+}
+export interface FunctionCall {
+  arguments: string;
+  name: string;
 }
 export interface GenerateOptions {
   max_tokens?: number | null;
@@ -69,6 +91,25 @@ export interface GenerateOptions {
   temperature?: number | null;
   top_k?: number | null;
   top_p?: number | null;
+}
+export interface NamedToolChoice {
+  function: FunctionName;
+  type: 'function';
+}
+export interface FunctionName {
+  name: string;
+}
+export interface Tool {
+  function: ToolFunction;
+  type: 'function';
+}
+export interface ToolFunction {
+  description?: string | null;
+  name: string;
+  parameters?: {
+    type: 'object';
+    [k: string]: unknown;
+  } | null;
 }
 export interface Embed {
   encoding?: 'float' | 'base64';
@@ -116,7 +157,6 @@ export interface Limits {
   max_buffered_bytes?: number;
   max_inflight: number;
   max_message_bytes: number;
-  replay_bytes?: number;
   replay_events: number;
   requests_per_minute?: number;
   session_ttl_s: number;
@@ -137,6 +177,15 @@ export interface Delta {
   seq: number;
   text: string;
   type: 'delta';
+}
+export interface ToolCall {
+  arguments: string;
+  call_id: string;
+  id: string;
+  index: number;
+  name: string;
+  seq: number;
+  type: 'tool_call';
 }
 export interface Done {
   finish_reason: 'stop' | 'length' | 'tool_calls' | 'cancelled';

@@ -318,6 +318,7 @@ export class Session {
   private onEvent(message: LoggedMessage): void {
     switch (message.type) {
       case 'delta':
+      case 'tool_call':
       case 'done':
       case 'embedding':
       case 'classification':
