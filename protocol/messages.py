@@ -233,6 +233,8 @@ class Limits(_ServerModel):
     max_message_bytes: int
     max_inflight: int
     replay_events: int
+    # PROTOCOL.md §2; this server always sends it (absent only from peers that predate it).
+    replay_bytes: int | None = None
     session_ttl_s: int
     # Optional extras (PROTOCOL.md §4 says every limit is announced here); absent when unlimited.
     requests_per_minute: int | None = None

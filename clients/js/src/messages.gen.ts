@@ -157,6 +157,7 @@ export interface Limits {
   max_buffered_bytes?: number;
   max_inflight: number;
   max_message_bytes: number;
+  replay_bytes?: number;
   replay_events: number;
   requests_per_minute?: number;
   session_ttl_s: number;
