@@ -4,8 +4,10 @@
 fields. It runs uvicorn programmatically, as a `server.shutdown.DrainingServer`, so SIGTERM
 drains the sessions (``goaway``, running requests finish, close 1012) before uvicorn closes
 anything. With ``--workers N`` the parent binds the socket once and starts N such servers in
-spawned processes, forwarding SIGTERM/SIGINT to them; each worker keeps its own sessions (a
-client resuming on another worker gets a new session, as PROTOCOL.md allows).
+spawned processes, forwarding SIGTERM/SIGINT to them. N > 1 needs cluster mode
+(``SLUICE_REDIS_URL``), through which the workers share sessions; without it ``serve`` refuses
+to start and says what to set, since a client reconnecting to another worker would lose its
+session.
 
 uvicorn is set up for the protocol: WebSocket frames past ``max_frame_bytes`` close 1009,
 keepalive pings every ``ws_ping_interval_s``, and no permessage-deflate (a compressor per socket
@@ -45,6 +47,12 @@ __all__ = ["ContextFormatter", "configure_logging", "listen_socket", "main", "se
 # What uvicorn itself waits for connections after the app drained (stuck peers must not hang exit).
 _GRACE_AFTER_DRAIN_S = 3
 _STARTUP_FAILURE = 3
+# Workers without a shared store would each keep their own sessions: a reconnect reaching another
+# worker would silently lose its session, the protocol's central promise.
+_WORKERS_NEED_REDIS = (
+    "sluice: --workers {workers} (SLUICE_WORKERS) needs cluster mode, so that the workers share "
+    "sessions: set SLUICE_REDIS_URL (for example redis://127.0.0.1:6379/0), or run one worker"
+)
 # How often start-up checks whether the models are still loading (to freeze the heap after).
 _LOAD_POLL_S = 0.25
 
@@ -228,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "log_level": args.log_level}
     settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    if settings.workers > 1 and not settings.redis_url:
+        raise SystemExit(_WORKERS_NEED_REDIS.format(workers=settings.workers))
     if settings.redis_url:
         # Better to refuse than to run single-node while the operator believes sessions are shared.
         raise SystemExit("sluice: cluster mode (SLUICE_REDIS_URL) is not implemented in this version")
