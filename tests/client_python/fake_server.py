@@ -12,7 +12,10 @@ Fault knobs: ``kill_after_deltas`` (abort the next connection after N deltas), `
 ``close_after_deltas`` (a close code, as a WebSocket close frame or the SSE ``close`` event),
 ``forget()`` (drop every session: the next resume gets ``resumed: false``), ``goaway()``, models named
 ``error:<code>`` (every request fails with that code) and ``flaky:<code>`` (the first request
-fails). Test support only: it listens on 127.0.0.1 and must never be imported by the client.
+fails). With ``tools`` (and ``tool_choice`` not ``"none"``) a generation says a little, then calls
+the named tool, or each listed tool (two at most), with `expected_arguments`, and ends with
+``finish_reason: "tool_calls"``; a conversation ending in a ``tool`` turn gets text. With
+``format`` the reply is `expected_json`, in three pieces. Test support only: it listens on 127.0.0.1 and must never be imported by the client.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from protocol.messages import (
     Classify,
     ClientMessage,
     Embed,
+    FinishReason,
     Generate,
     Hello,
     LabelScore,
@@ -53,33 +57,20 @@ from protocol.messages import (
 )
 from protocol.session import Accepted, CancelRequested, Ignored, Refused, Reply, Session, SessionLimits
 from protocol.sse import encode_event, encode_message
+from tests.client_python.fake_outputs import (
+    calls_of,
+    expected_arguments,
+    expected_json,
+    expected_text,
+    expected_vector,
+    pieces_of,
+)
 
-__all__ = ["FakeServer", "expected_text", "expected_vector"]
+__all__ = ["FakeServer", "expected_arguments", "expected_json", "expected_text", "expected_vector"]
 
 T = TypeVar("T")
-WORDS = "river sluice gate opens slowly water runs past old stone under grey light café Zürich 東京 ✓".split()
 GEN_MODEL, EMBED_MODEL, CLASSIFY_MODEL = "fake-gen", "fake-embed", "fake-classify"
 MAX_MESSAGE_BYTES = 1 << 20
-
-
-def expected_text(prompt: str, tokens: int, *, turns: int | None = None) -> str:
-    """What the fake generates for ``prompt`` (``turns`` = conversation length for history)."""
-    return "".join(_pieces(prompt, tokens, turns))
-
-
-def _pieces(prompt: str, tokens: int, turns: int | None) -> list[str]:
-    start = zlib.crc32(prompt.encode()) % len(WORDS)
-    pieces = [WORDS[(start + i) % len(WORDS)] + " " for i in range(tokens)]
-    if turns is not None:
-        pieces[0] = f"[{turns}] " + pieces[0]
-    return pieces
-
-
-def expected_vector(text: str, dims: int) -> np.ndarray:
-    vector = np.arange(dims, dtype=np.float32)
-    vector[0] = len(text)
-    vector[1] = zlib.crc32(text.encode()) % 1000
-    return vector
 
 
 @dataclass
@@ -346,13 +337,30 @@ class FakeServer:
         )
         limit = request.options.max_tokens
         count = self.tokens if limit is None else min(limit, self.tokens)
-        for piece in _pieces(material, count, turns):
+        calls = calls_of(request)
+        pieces = pieces_of(material, count, turns)
+        if calls:
+            pieces = pieces[:2]
+        elif request.format is not None:
+            text = expected_json(material)
+            third = len(text) // 3
+            pieces = [text[:third], text[third : 2 * third], text[2 * third :]]
+        for piece in pieces:
             await asyncio.sleep(self.piece_delay_s)
             fs.emit(fs.proto.delta(request.id, piece))
+        for number, name in enumerate(calls):
+            await asyncio.sleep(self.piece_delay_s)
+            call_id = f"call-{request.id}-{number}"
+            arguments = expected_arguments(material, name)
+            fs.emit(fs.proto.tool_call(request.id, call_id=call_id, name=name, arguments=arguments))
+        if calls:
+            finish_reason: FinishReason = "tool_calls"
+        else:
+            finish_reason = "length" if limit is not None and limit < self.tokens else "stop"
         fs.emit(
             fs.proto.done(
                 request.id,
-                finish_reason="length" if limit is not None and limit < self.tokens else "stop",
+                finish_reason=finish_reason,
                 usage=Usage(prompt_tokens=len(material.split()), completion_tokens=count),
                 timings=Timings(
                     queue_ms=0.1,

@@ -53,6 +53,8 @@ def test_request_carries_the_merged_options() -> None:
         system=None,
         history=False,
         format=None,
+        tools=None,
+        tool_choice=None,
         options=options,
     )
     assert request.options == GenerateOptions(temperature=0.3, max_tokens=9)

@@ -25,6 +25,7 @@ def test_public_api_is_pinned() -> None:
         "Scores",
         "Session",
         "SluiceError",
+        "ToolCall",
         "__version__",
         "connect",
         "stream_to_display",

@@ -19,6 +19,7 @@ from protocol.messages import (
     Models,
     ServerInfo,
     Timings,
+    ToolCall,
     Usage,
     Welcome,
 )
@@ -183,3 +184,15 @@ def test_fail_all() -> None:
     state = started(gen("a"), gen("b"))
     failed = state.fail_all(connection_failed("gone"))
     assert [f.id for f in failed] == ["a", "b"] and state.pending == {}
+
+
+def test_tool_calls_route_like_deltas_and_confirm_the_request() -> None:
+    state = started(gen("a"))
+    call = ToolCall(id="a", seq=1, index=0, call_id="c-1", name="f", arguments="{}")
+    assert state.receive(call) == [Deliver("a", call)]
+    assert state.pending["a"].confirmed and "a" in state.pending
+    assert state.receive(call) == []  # a replayed duplicate
+    assert state.flush() == ([], [])  # confirmed: not sent again after a resume
+    assert state.receive(ToolCall(id="gone", seq=2, index=0, call_id="c-2", name="f", arguments="{}")) == [
+        Stray("gone")
+    ]

@@ -12,7 +12,7 @@ from sluice_client.wire import Unknown, WireError, decode, encode, vectors
 
 from protocol.codec import encode as server_encode
 from protocol.errors import ErrorCode
-from protocol.messages import Delta, Done, Embedding, Error, Generate, GenerateOptions, Welcome
+from protocol.messages import Delta, Done, Embedding, Error, Generate, GenerateOptions, ToolCall, Welcome
 
 
 def test_decodes_what_the_server_encodes() -> None:
@@ -26,6 +26,10 @@ def test_decodes_what_the_server_encodes() -> None:
     )
     assert decode(server_encode(done)) == done
     assert decode(server_encode(Delta(id="a", seq=4, text="é"))) == Delta(id="a", seq=4, text="é")
+    call = ToolCall(id="a", seq=5, index=1, call_id="call-9", name="get_weather", arguments='{"city":"Oslo"}')
+    assert decode(server_encode(call)) == call
+    newer = orjson.loads(server_encode(call)) | {"kind": "function"}
+    assert decode(orjson.dumps(newer)) == call
 
 
 def test_unknown_fields_are_ignored_at_every_level() -> None:

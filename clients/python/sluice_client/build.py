@@ -17,12 +17,16 @@ from typing import Any, Final, Literal
 from pydantic import ValidationError
 
 from protocol.messages import MAX_INPUTS, ChatMessage, Classify, Embed, Generate, GenerateOptions
+from protocol.tools import NamedToolChoice, Tool
 from sluice_client.errors import SluiceError, invalid_argument
 
 __all__ = [
+    "FormatLike",
     "MessageLike",
     "OptionsLike",
     "RequestIds",
+    "ToolChoiceLike",
+    "ToolLike",
     "check_batch_size",
     "classify_request",
     "embed_request",
@@ -31,8 +35,15 @@ __all__ = [
     "text_list",
 ]
 
-MessageLike = ChatMessage | Mapping[str, str]
+# A message as a model or as a dict in its wire shape (``tool_calls`` of an assistant turn too).
+MessageLike = ChatMessage | Mapping[str, Any]
 OptionsLike = GenerateOptions | Mapping[str, Any]
+# "json", or a JSON Schema the reply must be an instance of.
+FormatLike = Literal["json"] | Mapping[str, Any]
+# ``{"type": "function", "function": {"name", "description"?, "parameters"?}}`` (OpenAI's shape).
+ToolLike = Tool | Mapping[str, Any]
+# "auto", "none", "required", or ``{"type": "function", "function": {"name": ...}}``.
+ToolChoiceLike = Literal["auto", "none", "required"] | NamedToolChoice | Mapping[str, Any]
 _OPTION_NAMES: Final = frozenset(GenerateOptions.model_fields)
 # What the ``ollama`` package's users call some of them, for the error naming an unknown option.
 _OLLAMA_NAMES: Final = {"num_predict": "max_tokens"}
@@ -55,10 +66,21 @@ def _invalid(exc: ValidationError, prefix: str | None = None) -> SluiceError:
     return invalid_argument(f"invalid {where}: {str(first['msg']).removeprefix('Value error, ')}")
 
 
+def _json_ready(value: Any) -> Any:
+    """Mappings as dicts and tuples as lists, all the way down: the protocol's models are strict."""
+    if isinstance(value, Mapping):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def _chat_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
     out = []
     for message in messages:
-        out.append(message if isinstance(message, ChatMessage) else ChatMessage.model_validate(dict(message)))
+        out.append(
+            message if isinstance(message, ChatMessage) else ChatMessage.model_validate(_json_ready(message))
+        )
     return out
 
 
@@ -113,9 +135,13 @@ def generate_request(
     model: str | None,
     system: str | None,
     history: bool,
-    format: Literal["json"] | None,
+    format: FormatLike | None,
+    tools: Iterable[ToolLike] | None,
+    tool_choice: ToolChoiceLike | None,
     options: GenerateOptions,
 ) -> Generate:
+    if isinstance(tools, str | Mapping):
+        raise TypeError("tools must be a list of tools, not one tool")
     try:
         return Generate(
             type="generate",
@@ -125,7 +151,9 @@ def generate_request(
             model=model,
             system=system,
             history=history,
-            format=format,
+            format=format if isinstance(format, str | None) else _json_ready(format),
+            tools=None if tools is None else [_json_ready(tool) for tool in tools],
+            tool_choice=tool_choice if isinstance(tool_choice, str | None) else _json_ready(tool_choice),
             options=options,
         )
     except ValidationError as exc:

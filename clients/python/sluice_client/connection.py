@@ -36,10 +36,11 @@ from protocol.messages import (
     Ping,
     Pong,
     Request,
+    ToolCall,
     Welcome,
 )
 from sluice_client.errors import TransportClosed, connection_failed
-from sluice_client.state import Action, ClientState, Deliver, Drain, Fail, Stray, Terminal
+from sluice_client.state import Action, ClientState, Deliver, Drain, Fail, Progress, Stray, Terminal
 from sluice_client.transports.base import Transport, TransportKind
 from sluice_client.wire import ClientMessage, Logged, ServerEvent, Unknown, WireError, encode
 
@@ -56,7 +57,7 @@ _ACK_EVERY = 256
 class Sink(Protocol):
     """Where one request's events go: its stream or its future."""
 
-    def feed(self, event: Delta | Terminal) -> None: ...
+    def feed(self, event: Progress | Terminal) -> None: ...
 
     def fail(self, error: SluiceError) -> None: ...
 
@@ -331,7 +332,7 @@ class Connection:
                 case Deliver(id=request_id, event=event):
                     sink = (
                         self._sinks.get(request_id)
-                        if type(event) is Delta
+                        if type(event) is Delta or type(event) is ToolCall
                         else self._sinks.pop(request_id, None)
                     )
                     if sink is not None:

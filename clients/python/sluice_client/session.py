@@ -17,7 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import httpx
 import numpy as np
@@ -26,9 +26,12 @@ import numpy.typing as npt
 from protocol.messages import Classification, Embedding, Limits, Models, Request, ServerInfo, Welcome
 from sluice_client.batching import in_batches, with_retries
 from sluice_client.build import (
+    FormatLike,
     MessageLike,
     OptionsLike,
     RequestIds,
+    ToolChoiceLike,
+    ToolLike,
     check_batch_size,
     classify_request,
     embed_request,
@@ -190,13 +193,20 @@ class AsyncSession:
         model: str | None = None,
         system: str | None = None,
         history: bool = False,
-        format: Literal["json"] | None = None,
+        format: FormatLike | None = None,
+        tools: Iterable[ToolLike] | None = None,
+        tool_choice: ToolChoiceLike | None = None,
         options: OptionsLike | None = None,
         display: bool = False,
         **keyword_options: Any,
     ) -> AsyncGenerateStream:
         """Start a generation (sent at once) and return its stream of text pieces.
 
+        ``format``: ``"json"`` or a JSON Schema (a dict) the reply text is an instance of.
+        ``tools``: dicts in OpenAI's shape (``{"type": "function", "function": {"name", ...}}``);
+        ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or ``{"type": "function",
+        "function": {"name": ...}}``. The calls made are on ``stream.tool_calls`` as they come and
+        on the result, which then ends with ``finish_reason`` ``"tool_calls"``.
         Options (``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop``, ``seed``) go as
         keywords, or as ``options={...}`` like the ``ollama`` package's, or both (a name given
         twice, or unknown, is a ``TypeError``).
@@ -210,6 +220,8 @@ class AsyncSession:
             system=system,
             history=history,
             format=format,
+            tools=tools,
+            tool_choice=tool_choice,
             options=generate_options(options, keyword_options),
         )
         stream = AsyncGenerateStream(request, self._connection.cancel, LiveText() if display else None)
@@ -223,7 +235,9 @@ class AsyncSession:
         history: bool = True,
         model: str | None = None,
         system: str | None = None,
-        format: Literal["json"] | None = None,
+        format: FormatLike | None = None,
+        tools: Iterable[ToolLike] | None = None,
+        tool_choice: ToolChoiceLike | None = None,
         options: OptionsLike | None = None,
         display: bool = False,
         **keyword_options: Any,
@@ -235,6 +249,8 @@ class AsyncSession:
             system=system,
             history=history,
             format=format,
+            tools=tools,
+            tool_choice=tool_choice,
             options=options,
             display=display,
             **keyword_options,

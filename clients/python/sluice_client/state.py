@@ -35,6 +35,7 @@ from protocol.messages import (
     Generate,
     Goaway,
     Request,
+    ToolCall,
     Welcome,
 )
 from sluice_client.errors import from_wire, session_lost
@@ -48,6 +49,7 @@ __all__ = [
     "Drain",
     "Fail",
     "Pending",
+    "Progress",
     "Stray",
     "Terminal",
 ]
@@ -55,6 +57,8 @@ __all__ = [
 logger = logging.getLogger("sluice_client")
 
 Terminal: TypeAlias = Done | Embedding | Classification
+# Events of a request before its terminal one: text, and a generation's tool calls.
+Progress: TypeAlias = Delta | ToolCall
 CancelOutcome = Literal["send", "local", "none"]
 # Ids of stray output already answered with a cancel; bounded so a long session cannot grow it.
 _MAX_STRAYS = 1024
@@ -75,7 +79,7 @@ class Deliver:
     """Hand this event to the request's consumer; a `Terminal` ends the request."""
 
     id: str
-    event: Delta | Terminal
+    event: Progress | Terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +169,7 @@ class ClientState:
             )
         self.last_seq = event.seq
         match event:
-            case Delta(id=request_id):
+            case Delta(id=request_id) | ToolCall(id=request_id):
                 entry = self.pending.get(request_id)
                 if entry is None:
                     return self._stray(request_id)

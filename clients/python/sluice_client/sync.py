@@ -20,17 +20,25 @@ import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from protocol.messages import Limits, Models, ServerInfo, Welcome
-from sluice_client.build import MessageLike, OptionsLike, check_batch_size, text_list
+from sluice_client.build import (
+    FormatLike,
+    MessageLike,
+    OptionsLike,
+    ToolChoiceLike,
+    ToolLike,
+    check_batch_size,
+    text_list,
+)
 from sluice_client.connection import Backoff, Status
 from sluice_client.display import LiveText, progress_bar, session_html
 from sluice_client.session import AsyncClient, AsyncSession, Scores
-from sluice_client.streams import AsyncGenerateStream, GenerationResult
+from sluice_client.streams import AsyncGenerateStream, GenerationResult, StreamItem, ToolCall
 from sluice_client.transports.select import TransportChoice
 
 __all__ = ["Client", "GenerateStream", "Session"]
@@ -109,6 +117,11 @@ class GenerateStream:
         return self._stream.text
 
     @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls received so far."""
+        return self._stream.tool_calls
+
+    @property
     def result(self) -> GenerationResult | None:
         return self._stream.result
 
@@ -117,12 +130,16 @@ class GenerateStream:
         return self._stream.finished
 
     def __iter__(self) -> Iterator[str]:
-        return self._iterate()
+        return self._iterate(self._stream.next_piece)
 
-    def _iterate(self) -> Iterator[str]:
+    def events(self) -> Iterator[StreamItem]:
+        """Text pieces and `ToolCall` values, in the order they came (read this or the stream)."""
+        return self._iterate(self._stream.next_item)
+
+    def _iterate(self, next_one: Callable[[], Coroutine[Any, Any, T | None]]) -> Iterator[T]:
         try:
-            while (piece := self._loop.run(self._stream.next_piece())) is not None:
-                yield piece
+            while (item := self._loop.run(next_one())) is not None:
+                yield item
         finally:
             # On break (Python closes the generator when the loop drops it), on an exception in
             # the loop body, and on KeyboardInterrupt: stop the generation on the server.
@@ -220,7 +237,9 @@ class Session:
         model: str | None = None,
         system: str | None = None,
         history: bool = False,
-        format: Literal["json"] | None = None,
+        format: FormatLike | None = None,
+        tools: Iterable[ToolLike] | None = None,
+        tool_choice: ToolChoiceLike | None = None,
         options: OptionsLike | None = None,
         display: bool = False,
         **keyword_options: Any,
@@ -236,6 +255,8 @@ class Session:
                 system=system,
                 history=history,
                 format=format,
+                tools=tools,
+                tool_choice=tool_choice,
                 options=options,
                 **keyword_options,
             )
@@ -252,7 +273,9 @@ class Session:
         history: bool = True,
         model: str | None = None,
         system: str | None = None,
-        format: Literal["json"] | None = None,
+        format: FormatLike | None = None,
+        tools: Iterable[ToolLike] | None = None,
+        tool_choice: ToolChoiceLike | None = None,
         options: OptionsLike | None = None,
         display: bool = False,
         **keyword_options: Any,
@@ -264,6 +287,8 @@ class Session:
             system=system,
             history=history,
             format=format,
+            tools=tools,
+            tool_choice=tool_choice,
             options=options,
             display=display,
             **keyword_options,

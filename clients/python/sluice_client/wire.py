@@ -37,6 +37,7 @@ from protocol.messages import (
     Hello,
     Ping,
     Pong,
+    ToolCall,
     Welcome,
 )
 
@@ -64,7 +65,7 @@ class Unknown:
     seq: int | None
 
 
-Logged: TypeAlias = Delta | Done | Embedding | Classification | Error | Goaway
+Logged: TypeAlias = Delta | ToolCall | Done | Embedding | Classification | Error | Goaway
 ServerEvent: TypeAlias = Welcome | Pong | Logged | Unknown
 
 
@@ -75,6 +76,7 @@ class WireError(Exception):
 _SERVER_MODELS: Final[dict[str, type[BaseModel]]] = {
     "welcome": Welcome,
     "delta": Delta,
+    "tool_call": ToolCall,
     "done": Done,
     "embedding": Embedding,
     "classification": Classification,
