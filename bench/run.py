@@ -29,7 +29,17 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 
 import orjson
 
-from bench import embeddings, idle_sessions, local_generation, relay, report, servers, sse_vs_ws, ttft
+from bench import (
+    embeddings,
+    idle_sessions,
+    local_constrained,
+    local_generation,
+    relay,
+    report,
+    servers,
+    sse_vs_ws,
+    ttft,
+)
 from bench.procs import REPO, raise_nofile, set_log_dir
 
 __all__ = ["BENCHMARKS", "main"]
@@ -43,6 +53,11 @@ BENCHMARKS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[], Any], 
         local_generation.run,
         local_generation.LocalGenConfig,
         local_generation.LocalGenConfig.quick,
+    ),
+    "local_constrained": (
+        local_constrained.run,
+        local_constrained.ConstrainedConfig,
+        local_constrained.ConstrainedConfig.quick,
     ),
     "idle_sessions": (idle_sessions.run, idle_sessions.IdleConfig, idle_sessions.IdleConfig.quick),
     "sse_vs_ws": (sse_vs_ws.run, sse_vs_ws.SseWsConfig, sse_vs_ws.SseWsConfig.quick),

@@ -139,6 +139,9 @@ class DecodeLoop:
         # Counters for tests and metrics (read from any thread; written by the worker only).
         self.decoded_tokens = 0
         self.steps = 0
+        # Tokens sampled under a grammar, and the time spent in it for them (mask and advance).
+        self.masked_tokens = 0
+        self.grammar_ns = 0
         self._thread = threading.Thread(target=self._run, name="sluice-local-decode", daemon=True)
         self._thread.start()
 
@@ -327,9 +330,15 @@ class DecodeLoop:
         if constraint is None:
             return self._accept(row, sample(logits, row.job.sampling, row.generator))
         try:
-            token = sample(constraint.mask(logits), row.job.sampling, row.generator)
+            started = time.perf_counter_ns()
+            masked = constraint.mask(logits)
+            masked_at = time.perf_counter_ns()
+            token = sample(masked, row.job.sampling, row.generator)
+            sampled_at = time.perf_counter_ns()
             if token not in self._model.eos_ids:
                 constraint.advance(token)
+            self.grammar_ns += masked_at - started + time.perf_counter_ns() - sampled_at
+            self.masked_tokens += 1
         except Exception as exc:  # this row's grammar failed: only this row ends
             log.exception("constrained sampling failed")
             row.job.deliver(exc)
