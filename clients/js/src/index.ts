@@ -1,8 +1,9 @@
 /**
  * sluice-client: the public API, and nothing else (a test pins these names).
  *
- * `connect()` opens a session over WebSocket, falling back to SSE; on it, `generate()` streams,
- * `embed()` and `classify()` answer, all at once, each request told apart by its id.
+ * `connect()` opens a session over WebSocket, falling back to SSE; on it, `generate()` streams
+ * (text, and tool calls when given `tools`), `embed()` and `classify()` answer, all at once, each
+ * request told apart by its id.
  */
 
 export { connect, Session } from './session.js';
@@ -14,8 +15,8 @@ export type {
   SessionEvents,
 } from './session.js';
 export type { ConnectionState, StateChange, TransportChoice } from './connection.js';
-export { GenerateStream } from './requests.js';
-export type { GenerateResult, EmbedResult, ClassifyResult } from './requests.js';
+export { GenerateStream, ToolCall } from './requests.js';
+export type { GenerateResult, EmbedResult, ClassifyResult, StreamItem } from './requests.js';
 export { SluiceError } from './errors.js';
 export { PROTOCOL_ERROR_CODES, CLIENT_ERROR_CODES, isRetryable } from './codes.js';
 export type { ErrorCode, ProtocolErrorCode, ClientErrorCode } from './codes.js';
@@ -33,6 +34,15 @@ export type {
   ServerMessage,
   LoggedMessage,
   GenerateOptions,
+  OutputFormat,
+  JsonSchema,
+  Tool,
+  ToolFunction,
+  ToolChoice,
+  NamedToolChoice,
+  MessageToolCall,
+  FunctionCall,
+  ToolCallEvent,
   Welcome,
   Done,
   Usage,

@@ -18,18 +18,24 @@ import type {
   Embed,
   Embedding,
   Error as ErrorMessage,
+  FunctionCall,
   Generate,
   GenerateOptions,
   Goaway,
   Hello,
   LabelScore,
   Limits,
+  MessageToolCall,
   Models,
+  NamedToolChoice,
   Ping,
   Pong,
   ServerInfo,
   ServerMessage,
   Timings,
+  Tool,
+  ToolCall as ToolCallEvent,
+  ToolFunction,
   Usage,
   Welcome,
 } from './messages.gen.js';
@@ -46,21 +52,34 @@ export type {
   Embed,
   Embedding,
   ErrorMessage,
+  FunctionCall,
   Generate,
   GenerateOptions,
   Goaway,
   Hello,
   LabelScore,
   Limits,
+  MessageToolCall,
   Models,
+  NamedToolChoice,
   Ping,
   Pong,
   ServerInfo,
   ServerMessage,
   Timings,
+  Tool,
+  ToolCallEvent,
+  ToolFunction,
   Usage,
   Welcome,
 };
+
+/** `format` of a generate: `"json"`, or a JSON Schema the reply text is an instance of. */
+export type OutputFormat = NonNullable<Generate['format']>;
+/** A JSON Schema, as `format` and a tool's `parameters` carry it. */
+export type JsonSchema = { [key: string]: unknown };
+/** `"auto"` (the default), `"none"`, `"required"`, or `{type: 'function', function: {name}}`. */
+export type ToolChoice = NonNullable<Generate['tool_choice']>;
 
 export const PROTOCOL_VERSION = 1;
 
@@ -69,7 +88,7 @@ export type RequestMessage = Generate | Embed | Classify;
 /** The messages that carry `seq` and make up the session's event log (PROTOCOL.md §1). */
 export type LoggedMessage = Exclude<ServerMessage, { type: 'welcome' } | { type: 'pong' }>;
 
-const LOGGED = new Set(['delta', 'done', 'embedding', 'classification', 'error', 'goaway']);
+const LOGGED = new Set(['delta', 'tool_call', 'done', 'embedding', 'classification', 'error', 'goaway']);
 
 /**
  * Narrow one decoded JSON value to a server message, or `undefined` when it is not one we know

@@ -1,6 +1,7 @@
 /**
  * The caller's side of one request: a `GenerateStream` (an async iterable of text pieces whose
- * `result` settles with the final `done`) and the promise behind `embed` / `classify`.
+ * `result` settles with the final `done`; `events()` also yields its `ToolCall`s) and the promise
+ * behind `embed` / `classify`.
  *
  * Each turns the request's events into what the caller sees and settles exactly once. None of
  * them sends anything; `session.ts` owns the wire and tells them what arrived.
@@ -8,16 +9,70 @@
 
 import { SluiceError } from './errors.js';
 import type {
+  ChatMessage,
   Classification,
   Done,
   Embedding,
   LabelScore,
   LoggedMessage,
+  MessageToolCall,
   RequestMessage,
+  ToolCallEvent,
 } from './messages.js';
 
-/** The end of a generation: the server's `done` message, with the whole text. */
-export type GenerateResult = Done & { readonly text: string };
+/** One call the model made to a tool of the request (a `tool_call` event). */
+export class ToolCall {
+  /** From 0 within the request. */
+  readonly index: number;
+  /** Made by the server; what the `tool` message answering this call names. */
+  readonly call_id: string;
+  readonly name: string;
+  /** The JSON text of an object, as the server sent it. */
+  readonly arguments: string;
+
+  constructor(event: Pick<ToolCallEvent, 'index' | 'call_id' | 'name' | 'arguments'>) {
+    this.index = event.index;
+    this.call_id = event.call_id;
+    this.name = event.name;
+    this.arguments = event.arguments;
+  }
+
+  /** `arguments`, parsed. Throws a `SluiceError` when they are not a JSON object. */
+  get parsed(): Record<string, unknown> {
+    let value: unknown;
+    try {
+      value = JSON.parse(this.arguments);
+    } catch {
+      value = undefined;
+    }
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+      throw new SluiceError('internal', `the arguments of tool call ${this.call_id} are not a JSON object`);
+    }
+    return value as Record<string, unknown>;
+  }
+
+  /** The `tool` message answering this call, for a later request's `messages`. */
+  reply(content: string): ChatMessage {
+    return { role: 'tool', content, tool_call_id: this.call_id };
+  }
+
+  /** This call as an assistant message carries it. */
+  toMessageCall(): MessageToolCall {
+    return { id: this.call_id, type: 'function', function: { name: this.name, arguments: this.arguments } };
+  }
+}
+
+/** The end of a generation: the server's `done` message, with the whole text and the tool calls. */
+export type GenerateResult = Done & {
+  readonly text: string;
+  /** In `index` order; `finish_reason` is `'tool_calls'` when there are any. */
+  readonly tool_calls: ToolCall[];
+  /** This reply as the assistant turn of a later request's `messages`, its calls included. */
+  readonly message: ChatMessage;
+};
+
+/** What `GenerateStream.events()` yields: a piece of text, or a whole tool call. */
+export type StreamItem = string | ToolCall;
 
 export interface EmbedResult {
   readonly model: string;
@@ -47,9 +102,9 @@ export interface Pending {
 }
 
 /**
- * The pieces of a streamed generation, in order. Iterate it once; `result` settles when the
- * request ends (with `finish_reason: 'cancelled'` after an abort). Breaking out of the loop early
- * cancels the request.
+ * The pieces of a streamed generation, in order. Iterate it once (the stream itself for text
+ * only, or `events()` for text and tool calls); `result` settles when the request ends (with
+ * `finish_reason: 'cancelled'` after an abort). Breaking out of the loop early cancels the request.
  */
 export class GenerateStream implements AsyncIterable<string>, Pending {
   readonly id: string;
@@ -58,8 +113,9 @@ export class GenerateStream implements AsyncIterable<string>, Pending {
   seen = false;
   resent = false;
 
-  private readonly pieces: string[] = [];
+  private readonly pieces: StreamItem[] = [];
   private readonly parts: string[] = [];
+  private readonly calls: ToolCall[] = [];
   private wake: (() => void) | undefined;
   private ended = false;
   private stopped = false;
@@ -85,6 +141,11 @@ export class GenerateStream implements AsyncIterable<string>, Pending {
     return this.parts.join('');
   }
 
+  /** The tool calls received so far. */
+  get toolCalls(): readonly ToolCall[] {
+    return this.calls;
+  }
+
   /** Ask the server to stop; iteration ends now, `result` settles when the server confirms. */
   cancel(): void {
     if (this.ended) return;
@@ -101,11 +162,24 @@ export class GenerateStream implements AsyncIterable<string>, Pending {
         this.seen = true;
         this.notify();
         return false;
-      case 'done':
+      case 'tool_call': {
+        const call = new ToolCall(message);
+        this.calls.push(call);
+        if (!this.stopped) this.pieces.push(call);
+        this.seen = true;
+        this.notify();
+        return false;
+      }
+      case 'done': {
         this.ended = true;
-        this.resolve({ ...message, text: this.text });
+        const text = this.text;
+        const tool_calls = [...this.calls];
+        const reply: ChatMessage = { role: 'assistant', content: text };
+        if (tool_calls.length > 0) reply.tool_calls = tool_calls.map((call) => call.toMessageCall());
+        this.resolve({ ...message, text, tool_calls, message: reply });
         this.notify();
         return true;
+      }
       case 'error':
         this.fail(
           new SluiceError(message.code, message.message, {
@@ -131,6 +205,11 @@ export class GenerateStream implements AsyncIterable<string>, Pending {
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<string> {
+    for await (const item of this.events()) if (typeof item === 'string') yield item;
+  }
+
+  /** Text pieces and `ToolCall`s in the order they came (iterate this or the stream, once). */
+  async *events(): AsyncGenerator<StreamItem, void, undefined> {
     let finished = false;
     try {
       for (;;) {

@@ -24,7 +24,10 @@ import type {
   Generate,
   GenerateOptions,
   LoggedMessage,
+  OutputFormat,
   RequestMessage,
+  Tool,
+  ToolChoice,
   Welcome,
 } from './messages.js';
 import {
@@ -46,7 +49,12 @@ export interface GenerateParams {
   system?: string;
   model?: string;
   options?: GenerateOptions;
-  format?: 'json';
+  /** `'json'`, or a JSON Schema: the reply text is guaranteed to be one JSON value / an instance. */
+  format?: OutputFormat;
+  /** Tools the model may call, in OpenAI's shape: `{type: 'function', function: {name, description?, parameters?}}`. */
+  tools?: Tool[];
+  /** `'auto'` (the default), `'none'`, `'required'`, or `{type: 'function', function: {name}}`. */
+  toolChoice?: ToolChoice;
   /** Keep the conversation in the session (PROTOCOL.md `history`). */
   history?: boolean;
   signal?: AbortSignal;
@@ -169,6 +177,9 @@ export class Session {
     if (params.model !== undefined) message.model = params.model;
     if (params.options !== undefined) message.options = params.options;
     if (params.format !== undefined) message.format = params.format;
+    checkTools(params.tools, params.toolChoice);
+    if (params.tools !== undefined) message.tools = params.tools as [Tool, ...Tool[]];
+    if (params.toolChoice !== undefined) message.tool_choice = params.toolChoice;
     if (params.history !== undefined) message.history = params.history;
     const stream = new GenerateStream(message, () => this.cancel(message.id));
     this.submit(stream, params.signal);
@@ -407,6 +418,35 @@ export class Session {
         // A listener's bug must not break the session's bookkeeping.
       }
     }
+  }
+}
+
+/** The mistakes the server would refuse anyway, refused before sending (PROTOCOL.md §1). */
+function checkTools(tools: Tool[] | undefined, choice: ToolChoice | undefined): void {
+  if (tools !== undefined) {
+    if (!Array.isArray(tools) || tools.length === 0) {
+      throw new SluiceError('invalid_request', 'tools must be a non-empty array of tools');
+    }
+    const names = new Set<string>();
+    for (const tool of tools) {
+      const name = tool?.function?.name;
+      if (tool?.type !== 'function' || typeof name !== 'string') {
+        throw new SluiceError(
+          'invalid_request',
+          "each tool must be {type: 'function', function: {name, ...}}",
+        );
+      }
+      if (names.has(name)) throw new SluiceError('invalid_request', `tool ${name} is listed twice`);
+      names.add(name);
+    }
+  }
+  if (choice === undefined) return;
+  if (tools === undefined) throw new SluiceError('invalid_request', 'toolChoice is only allowed with tools');
+  if (typeof choice === 'object' && !tools.some((tool) => tool.function.name === choice.function?.name)) {
+    throw new SluiceError(
+      'invalid_request',
+      `toolChoice names ${choice.function?.name}, which is not one of the tools`,
+    );
   }
 }
 

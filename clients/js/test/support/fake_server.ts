@@ -42,8 +42,8 @@ export class FakeSession {
   emit(message: Unnumbered): LoggedMessage {
     const logged = { ...message, seq: this.log.length + 1 } as LoggedMessage;
     this.log.push(logged);
-    if ('id' in logged && typeof logged.id === 'string' && logged.type !== 'delta')
-      this.inflight.delete(logged.id);
+    const progress = logged.type === 'delta' || logged.type === 'tool_call';
+    if ('id' in logged && typeof logged.id === 'string' && !progress) this.inflight.delete(logged.id);
     if (!this.server.holdEvents) this.live?.send(logged);
     return logged;
   }
@@ -52,7 +52,18 @@ export class FakeSession {
     return this.emit({ type: 'delta', id, text });
   }
 
-  done(id: string, finish_reason: 'stop' | 'length' | 'cancelled' = 'stop'): LoggedMessage {
+  /** One complete tool call of a generation (`index` and `call_id` as the test says). */
+  toolCall(
+    id: string,
+    index: number,
+    name: string,
+    args: object,
+    call_id = `call-${id}-${index}`,
+  ): LoggedMessage {
+    return this.emit({ type: 'tool_call', id, index, call_id, name, arguments: JSON.stringify(args) });
+  }
+
+  done(id: string, finish_reason: 'stop' | 'length' | 'tool_calls' | 'cancelled' = 'stop'): LoggedMessage {
     return this.emit({
       type: 'done',
       id,

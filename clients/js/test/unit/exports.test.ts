@@ -10,6 +10,7 @@ test('index exports exactly the public runtime names', () => {
     'PROTOCOL_ERROR_CODES',
     'Session',
     'SluiceError',
+    'ToolCall',
     'connect',
     'isRetryable',
   ]);
