@@ -32,7 +32,7 @@ from server.backends.ollama.errors import (
 from server.backends.ollama.guard import StallGuard
 from server.backends.ollama.health import OLLAMA_PREFIX
 from server.backends.ollama.pool import Upstream, UpstreamPool
-from server.backends.ollama.transport import UpstreamTransport
+from server.backends.ollama.transport import UpstreamTransport, body_stream
 from server.backends.ollama.wire import (
     CHAT_PATH,
     StreamDecoder,
@@ -94,7 +94,7 @@ class OllamaBackend(Generator):
             if response.status_code != 200:
                 raise await _status_error(response)
             first = True
-            async for data in response.aiter_bytes():
+            async for data in body_stream(response):
                 text = decoder.feed(data)
                 if text:
                     if first:

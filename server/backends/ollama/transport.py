@@ -27,13 +27,14 @@ import asyncio
 import functools
 import ssl
 from collections import deque
+from collections.abc import AsyncIterable
 from typing import Any, Self, cast
 
 import httpx
 
 from server.backends.ollama.net import Connection
 
-__all__ = ["UpstreamTransport"]
+__all__ = ["UpstreamTransport", "body_stream"]
 
 
 class _Pool:
@@ -227,6 +228,20 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             context = (self._ssl or _default_tls()) if scheme == "https" else None
             pool = self._pools[key] = _Pool((url.host, port), context, self._limit, self._keepalive_s)
         return pool
+
+
+def body_stream(response: httpx.Response) -> AsyncIterable[bytes]:
+    """A streamed response's body, piece by piece as it arrives, decoded.
+
+    An unencoded body (what Ollama sends) is read straight from the transport's stream: httpx's
+    ``aiter_bytes`` would wrap each read in three more async generators (byte counting, an
+    identity decoder, a re-chunker) that change nothing. A body with a ``Content-Encoding`` goes
+    through ``aiter_bytes``, which decodes it. Closing the response closes either.
+    """
+    stream = response.stream
+    if "content-encoding" not in response.headers and isinstance(stream, httpx.AsyncByteStream):
+        return stream
+    return response.aiter_bytes()
 
 
 @functools.cache

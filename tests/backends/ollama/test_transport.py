@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ import pytest
 import uvloop
 
 from server.backends.ollama.net import HIGH_WATER, Connection
-from server.backends.ollama.transport import UpstreamTransport
+from server.backends.ollama.transport import UpstreamTransport, body_stream
 from tests.support.ollama_emulator import start_emulator
 
 pytestmark = pytest.mark.timeout(30)
@@ -529,3 +530,33 @@ async def test_a_failed_connect_frees_its_slot_for_the_next_waiter() -> None:
         url = f"http://127.0.0.1:{port}/"
         answers = await asyncio.gather(http.get(url), http.get(url), return_exceptions=True)
     assert [type(answer) for answer in answers] == [httpx.ConnectError, httpx.ConnectError]
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["plain", "gzip"])
+async def test_body_stream_gives_the_decoded_body_as_it_arrives(encoded: bool) -> None:
+    first, second = NDJSON[:10], NDJSON[10:]
+    pieces = [gzip.compress(NDJSON)[:20], gzip.compress(NDJSON)[20:]] if encoded else [first, second]
+    sent_second = asyncio.Event()
+
+    async def two_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        encoding = b"Content-Encoding: gzip\r\n" if encoded else b""
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + encoding + b"\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        sent_second.set()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with serving(two_chunks) as url, client() as http:
+        async with http.stream("GET", url) as response:
+            received = []
+            async for data in body_stream(response):
+                received.append(data)
+                if not encoded:
+                    assert not sent_second.is_set()  # each piece comes as it arrives, not at the end
+    assert b"".join(received) == NDJSON  # decoded when the upstream compressed it
+    if not encoded:
+        assert received == [first, second]
