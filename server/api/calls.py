@@ -11,6 +11,11 @@ Ollama's stream, stops local decoding and drops queued batch items (see `server.
 iterator on disconnect by itself, and `start_generation` reads the first item before the
 response starts, so that a failure before any output still gets its proper status. Nothing here
 encodes a response body: each API module writes its own wire format.
+
+`generate_message` builds the `Generate` from protocol-shaped parts (messages with their tool
+calls, ``format``, ``tools``, ``tool_choice``) and turns a protocol validation failure (an invalid
+schema, a ``tool_choice`` naming no listed tool) into a 400 that names the field as the API
+calls it, through the API's ``rename``.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
+from pydantic import ValidationError
 
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import ChatMessage, Classify, Embed, Generate, GenerateOptions
+from protocol.messages import Classify, Embed, Generate
+from server.api.errors import FieldError, field_of, validation_errors
 from server.backends.base import ToolCall
 from server.dispatcher import ClassifyResult, EmbedResult, Finished, RequestTrace
 from server.services import Services, services_of
@@ -34,6 +41,7 @@ from server.services import Services, services_of
 __all__ = [
     "ClientGone",
     "Generation",
+    "Reply",
     "Role",
     "classify",
     "complete",
@@ -46,6 +54,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 Role = Literal["system", "user", "assistant", "tool"]
+# A protocol field path (``messages[2].tool_calls[0].function.arguments``) as the API names it.
+Rename = Callable[[str], str]
 
 
 class ClientGone(Exception):
@@ -84,7 +94,7 @@ def generate_message(
     *,
     model: str | None,
     prompt: str | None = None,
-    messages: Sequence[tuple[Role, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     system: str | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -92,35 +102,66 @@ def generate_message(
     max_tokens: int | None = None,
     stop: Sequence[str] | None = None,
     seed: int | None = None,
-    json_format: bool = False,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    rename: Rename = str,
 ) -> Generate:
-    """The protocol `Generate` for an HTTP request (raises pydantic's ValidationError: 422)."""
-    return Generate(
-        type="generate",
-        id=new_id("http"),
-        model=model or None,
-        prompt=prompt,
-        messages=[ChatMessage(role=role, content=content) for role, content in messages]
-        if messages is not None
-        else None,
-        system=system or None,
-        options=GenerateOptions(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_tokens,
-            stop=list(stop) if stop else None,
-            seed=seed,
-        ),
-        format="json" if json_format else None,
-    )
+    """The protocol `Generate` for an HTTP request; ``messages``, ``tools`` and ``tool_choice`` in
+    the protocol's shapes (PROTOCOL.md §1). A value the protocol refuses raises `FieldError`
+    (``invalid_request``, 400) naming the field through ``rename``."""
+    options = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_tokens": max_tokens,
+        "stop": list(stop) if stop else None,
+        "seed": seed,
+    }
+    fields: dict[str, Any] = {
+        "type": "generate",
+        "id": new_id("http"),
+        "model": model or None,
+        "prompt": prompt,
+        "messages": [dict(message) for message in messages] if messages is not None else None,
+        "system": system or None,
+        "options": {name: value for name, value in options.items() if value is not None},
+        "format": format or None,
+        "tools": [dict(tool) for tool in tools] if tools else None,
+        "tool_choice": tool_choice,
+    }
+    try:
+        return Generate.model_validate(fields)
+    except ValidationError as exc:
+        raise _refusal(validation_errors(exc), rename) from None
+
+
+def _refusal(errors: Sequence[Mapping[str, Any]], rename: Rename) -> FieldError:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    path = field_of(("body", *first.get("loc", ())))
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if path == "body" and "tool_choice" in reason:
+        path = "tool_choice"  # the check of tool_choice against tools spans both fields
+    name = rename(path)
+    if len(reason) > 200:
+        reason = reason[:199] + "…"
+    return FieldError(name, ErrorCode.INVALID_REQUEST, f"invalid field {name!r}: {reason}")
+
+
+@dataclass(slots=True)
+class Reply:
+    """A whole generation: its text, the tool calls it made (with their ``call_id``), how it ended."""
+
+    text: str
+    finished: Finished
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class Generation:
     """A started generation: its first item (already read) and the rest of its stream.
 
-    Iterate it once (text pieces, then one `Finished`); iterating closes the stream at the end,
+    Iterate it once (text pieces and tool calls, then one `Finished`); iterating closes the stream at the end,
     on error, and when the iterating task is cancelled (client gone).
     """
 
@@ -165,26 +206,28 @@ async def _first(stream: AsyncGenerator[str | ToolCall | Finished, None]) -> str
         raise SluiceError(ErrorCode.INTERNAL, "generation ended without a result") from None
 
 
-async def complete(request: Request, key_id: str, message: Generate) -> tuple[str, Finished]:
-    """The whole text of a generation and how it finished (request/response APIs)."""
+async def complete(request: Request, key_id: str, message: Generate) -> Reply:
+    """The whole reply of a generation (request/response APIs)."""
     services = services_of(request)
     services.dispatcher.admit(key_id)
     return await run_or_cancel(request, _collect(services, key_id, message))
 
 
-async def _collect(services: Services, key_id: str, message: Generate) -> tuple[str, Finished]:
+async def _collect(services: Services, key_id: str, message: Generate) -> Reply:
     parts: list[str] = []
+    calls: list[ToolCall] = []
     finished: Finished | None = None
     async with aclosing(services.dispatcher.generate(message, key_id=key_id)) as stream:
         async for item in stream:
             if isinstance(item, Finished):
                 finished = item
+            elif isinstance(item, ToolCall):
+                calls.append(item)
             else:
-                assert isinstance(item, str), "tool calls are not wired into the HTTP APIs yet"
                 parts.append(item)
     if finished is None:
         raise SluiceError(ErrorCode.INTERNAL, "generation ended without a result")
-    return "".join(parts), finished
+    return Reply(text="".join(parts), finished=finished, tool_calls=calls)
 
 
 async def embed(

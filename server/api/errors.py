@@ -32,6 +32,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "Family",
+    "FieldError",
     "OllamaErrorBody",
     "OpenAIErrorBody",
     "OpenAIErrorDetail",
@@ -92,6 +93,14 @@ class StatusError(SluiceError):
     def __init__(self, status: int, code: ErrorCode, message: str, **kwargs: Any) -> None:
         super().__init__(code, message, **kwargs)
         self.status = status
+
+
+class FieldError(SluiceError):
+    """A `SluiceError` about one request field, which the body names (``field``, OpenAI's ``param``)."""
+
+    def __init__(self, field: str, code: ErrorCode, message: str, **kwargs: Any) -> None:
+        super().__init__(code, message, **kwargs)
+        self.field = field
 
 
 def status_for(error: SluiceError | ErrorCode) -> int:
@@ -198,6 +207,8 @@ def error_response(
 ) -> Response:
     """``error`` as a complete HTTP response of ``family``, with ``Retry-After`` when known."""
     status = status_for(error) if status is None else status
+    if field is None and isinstance(error, FieldError):
+        field = error.field
     headers: dict[str, str] = {}
     if error.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, -(-error.retry_after_ms // 1000)))

@@ -295,8 +295,13 @@ class EmulatorServer:
                 models = [self._tag(name) for name in names]
                 return await self._send(conn, record, _response(200, {"models": models}))
             case "GET", "/api/ps":
-                models = [self._tag(name) for name in sorted(self.loaded)]
+                loaded = (
+                    sorted(self.loaded) if cfg.advertise_faults else sorted(self.loaded - set(FAULT_MODELS))
+                )
+                models = [self._tag(name) for name in loaded]
                 return await self._send(conn, record, _response(200, {"models": models}))
+            case "POST", "/api/show":
+                return await self._send(conn, record, self._show(body))
             case "POST", "/api/generate" | "/api/chat" | "/api/embed" | "/api/embeddings" as endpoint:
                 return await self._model_call(conn, record, endpoint, body, cfg)
             case _:
@@ -308,6 +313,23 @@ class EmulatorServer:
         details = {"format": "gguf", "family": name.split(":")[0], "parameter_size": "1B"}
         entry = {"name": name, "model": name, "modified_at": "2025-01-01T00:00:00Z", "size": 1 << 30}
         return entry | {"digest": digest, "details": details}
+
+    def _show(self, body: Any) -> bytes:
+        model = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not self._known(model):
+            return _response(404, {"error": f"model '{model}' not found"})
+        embedding = "embed" in model
+        family = model.split(":")[0]
+        answer = {
+            "modelfile": f"FROM {model}\n",
+            "parameters": 'stop "<|eot_id|>"',
+            "template": "{{ .Prompt }}",
+            "details": self._tag(model)["details"],
+            "model_info": {"general.architecture": family, f"{family}.context_length": 4096},
+            "capabilities": ["embedding"] if embedding else ["completion", "tools"],
+            "modified_at": "2025-01-01T00:00:00Z",
+        }
+        return _response(200, answer)
 
     def _known(self, model: str) -> bool:
         models = self.config.models

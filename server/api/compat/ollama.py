@@ -1,5 +1,6 @@
-"""The Ollama-compatible API: ``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``,
-``/api/version``, in Ollama's own wire format (OLLAMA.md).
+"""The Ollama-compatible API: ``/api/chat``, ``/api/generate``, ``/api/embed``, the legacy
+``/api/embeddings``, ``/api/version``, and the model metadata of `ollama_models` (``/api/tags``,
+``/api/show``, ``/api/ps``), in Ollama's own wire format (OLLAMA.md).
 
 Tools that speak to Ollama can point at sluice and get its batching, limits and metrics: the
 requests become protocol messages and run through the dispatcher (`server.api.calls`).
@@ -10,16 +11,18 @@ object with ``done_reason`` and the timings in nanoseconds. An error before any 
 staying 200. A request with nothing to generate (empty prompt or no messages) answers at once
 with ``done_reason`` ``load`` (``unload`` with ``keep_alive: 0``), as Ollama does.
 
-What sluice cannot honour is refused, never silently dropped: images, ``suffix``, and JSON-schema
-``format`` (only ``"json"``) get a 400. Unknown ``options`` (``num_ctx`` and the like) are ignored,
-as Ollama itself ignores options a model does not use. ``/api/version`` reports sluice's version.
-``prompt_eval_count`` of ``/api/embed`` counts whitespace-separated words (embedders report no
-token counts).
+Requests are read by `ollama_chat` (``format``, ``tools``, tool calls in the history, and what is
+refused with a 400 naming it). Each tool call the model makes is one more chunk whose
+``message.tool_calls`` holds that call, complete (``arguments`` an object), as Ollama streams
+them; ``done_reason`` stays ``stop`` after calls, as in Ollama. ``/api/version`` reports
+sluice's version. ``prompt_eval_count`` of ``/api/embed`` counts whitespace-separated words
+(embedders report no token counts); the legacy ``/api/embeddings`` answers the model's vector
+without normalising it, as Ollama's does (an ``ollama/`` model's vector comes normalised from
+Ollama's ``/api/embed``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -31,11 +34,21 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import MAX_INPUTS, MAX_STOP, Generate, Timings
+from protocol.messages import MAX_INPUTS, Generate, Timings
 from server.api import calls
+from server.api.compat import ollama_models
+from server.api.compat.ollama_chat import (
+    KeepAlive,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    chat_message,
+    generate_message,
+    tool_calls_out,
+)
 from server.api.errors import Family, error_body, json_response, status_for
 from server.api.routing import api_router, caller_key, error_model
 from server.api.streams import NDJSON, ndjson_stream
+from server.backends.base import ToolCall
 from server.dispatcher import Finished
 from server.services import SERVER_VERSION, services_of
 
@@ -69,44 +82,6 @@ class _Body(BaseModel):
 
 
 Text = Annotated[str, StringConstraints(max_length=1_000_000)]
-KeepAlive = str | int | float | None
-
-
-class OllamaOptions(_Body):
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=1000)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    # -1: until the model stops, -2: until the context is full; sluice has no such cap for either.
-    num_predict: int | None = Field(default=None, ge=-2, le=32768)
-    stop: list[str] | None = Field(default=None, max_length=MAX_STOP)
-
-
-class OllamaMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: Text = ""
-    images: list[str] | None = None
-
-
-class OllamaChatRequest(_Body):
-    model: str | None = Field(default=None, min_length=1, max_length=256)
-    messages: list[OllamaMessage] = Field(default_factory=list, max_length=4096)
-    stream: bool = True
-    format: str | dict[str, Any] | None = None
-    options: OllamaOptions | None = None
-    keep_alive: KeepAlive = None
-
-
-class OllamaGenerateRequest(_Body):
-    model: str | None = Field(default=None, min_length=1, max_length=256)
-    prompt: Text = ""
-    system: Text | None = None
-    suffix: str | None = None
-    images: list[str] | None = None
-    stream: bool = True
-    format: str | dict[str, Any] | None = None
-    options: OllamaOptions | None = None
-    keep_alive: KeepAlive = None
 
 
 class OllamaEmbedRequest(_Body):
@@ -117,9 +92,31 @@ class OllamaEmbedRequest(_Body):
     keep_alive: KeepAlive = None
 
 
+class OllamaLegacyEmbeddingsRequest(_Body):
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    prompt: Text = ""
+    keep_alive: KeepAlive = None
+
+
+class OllamaLegacyEmbeddingsResponse(BaseModel):
+    embedding: list[float]
+
+
+class OllamaFunctionOut(BaseModel):
+    index: int
+    name: str
+    arguments: dict[str, Any]
+
+
+class OllamaToolCallOut(BaseModel):
+    id: str
+    function: OllamaFunctionOut
+
+
 class OllamaAssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCallOut] | None = None
 
 
 class _Final(BaseModel):
@@ -141,6 +138,7 @@ class OllamaChatResponse(_Final):
 
 class OllamaGenerateResponse(_Final):
     response: str
+    tool_calls: list[OllamaToolCallOut] | None = None
 
 
 class OllamaEmbedResponse(BaseModel):
@@ -151,61 +149,12 @@ class OllamaEmbedResponse(BaseModel):
     prompt_eval_count: int
 
 
-class ModelDetails(BaseModel):
-    parent_model: str = ""
-    format: str = ""
-    family: str = ""
-    families: list[str] | None = None
-    parameter_size: str = ""
-    quantization_level: str = ""
-
-
-class OllamaTag(BaseModel):
-    name: str
-    model: str
-    modified_at: str
-    size: int
-    digest: str
-    details: ModelDetails
-
-
-class OllamaTags(BaseModel):
-    models: list[OllamaTag]
-
-
 class OllamaVersion(BaseModel):
     version: str
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _json_format(value: str | dict[str, Any] | None) -> bool:
-    if value is None or value == "":
-        return False
-    if value == "json":
-        return True
-    raise SluiceError(ErrorCode.INVALID_REQUEST, 'format: only "json" is supported')
-
-
-def _sampling(options: OllamaOptions | None) -> dict[str, Any]:
-    if options is None:
-        return {}
-    limit = options.num_predict
-    return {
-        "temperature": options.temperature,
-        "top_p": options.top_p,
-        "top_k": options.top_k,
-        "seed": options.seed,
-        "max_tokens": limit if limit is not None and limit > 0 else None,
-        "stop": options.stop,
-    }
-
-
-def _no_images(images: list[str] | None) -> None:
-    if images:
-        raise SluiceError(ErrorCode.INVALID_REQUEST, "images are not supported by sluice's models")
 
 
 def _ns(ms: float) -> int:
@@ -218,7 +167,8 @@ def _stats(finished: Finished) -> dict[str, Any]:
     first = timings.ttft_ms if timings.ttft_ms is not None else timings.total_ms
     return {
         "done": True,
-        "done_reason": finished.finish_reason,
+        # Ollama says "stop" after tool calls too (OLLAMA.md).
+        "done_reason": "stop" if finished.finish_reason == "tool_calls" else finished.finish_reason,
         "total_duration": _ns(timings.total_ms),
         "load_duration": 0,
         "prompt_eval_count": finished.usage.prompt_tokens,
@@ -241,15 +191,7 @@ async def chat(request: Request, body: OllamaChatRequest) -> Response:
     model = body.model or services_of(request).settings.default_model
     if not body.messages:
         return _idle(model, body.keep_alive, "message", {"role": "assistant", "content": ""})
-    for message in body.messages:
-        _no_images(message.images)
-    generate = calls.generate_message(
-        model=body.model,
-        messages=[(message.role, message.content) for message in body.messages],
-        json_format=_json_format(body.format),
-        **_sampling(body.options),
-    )
-    return await _answer(request, generate, body.stream, chat=True)
+    return await _answer(request, chat_message(body), body.stream, chat=True)
 
 
 @router.post(
@@ -257,31 +199,27 @@ async def chat(request: Request, body: OllamaChatRequest) -> Response:
 )
 async def generate(request: Request, body: OllamaGenerateRequest) -> Response:
     model = body.model or services_of(request).settings.default_model
-    _no_images(body.images)
-    if body.suffix:
-        raise SluiceError(ErrorCode.INVALID_REQUEST, "suffix (fill-in-the-middle) is not supported")
-    if not body.prompt:
+    message = generate_message(body) if body.prompt else None
+    if message is None:
         return _idle(model, body.keep_alive, "response", "")
-    message = calls.generate_message(
-        model=body.model,
-        prompt=body.prompt,
-        system=body.system,
-        json_format=_json_format(body.format),
-        **_sampling(body.options),
-    )
     return await _answer(request, message, body.stream, chat=False)
 
 
 async def _answer(request: Request, message: Generate, stream: bool, *, chat: bool) -> Response:
     key_id = caller_key(request)
     if not stream:
-        text, finished = await calls.complete(request, key_id, message)
-        body: dict[str, Any] = {"model": finished.model, "created_at": _now()}
+        reply = await calls.complete(request, key_id, message)
+        body: dict[str, Any] = {"model": reply.finished.model, "created_at": _now()}
+        made = tool_calls_out(reply.tool_calls)
         if chat:
-            body["message"] = {"role": "assistant", "content": text}
+            body["message"] = {"role": "assistant", "content": reply.text}
+            if made:
+                body["message"]["tool_calls"] = made
         else:
-            body["response"] = text
-        return json_response(body | _stats(finished))
+            body["response"] = reply.text
+            if made:
+                body["tool_calls"] = made
+        return json_response(body | _stats(reply.finished))
     generation = await calls.start_generation(request, key_id, message)
     return ndjson_stream(_lines(generation, chat=chat))
 
@@ -296,6 +234,7 @@ async def _lines(generation: calls.Generation, *, chat: bool) -> AsyncIterator[b
     else:
         middle = b'","response":'
         suffix = b',"done":false}\n'
+    made = 0
     try:
         async for item in generation.items():
             if isinstance(item, Finished):
@@ -305,6 +244,15 @@ async def _lines(generation: calls.Generation, *, chat: bool) -> AsyncIterator[b
                 else:
                     final["response"] = ""
                 yield orjson.dumps(final | _stats(item)) + b"\n"
+            elif isinstance(item, ToolCall):
+                line: dict[str, Any] = {"model": generation.model, "created_at": _now()}
+                calls_out = tool_calls_out([item], made)
+                made += 1
+                if chat:
+                    line["message"] = {"role": "assistant", "content": "", "tool_calls": calls_out}
+                else:
+                    line |= {"response": "", "tool_calls": calls_out}
+                yield orjson.dumps(line | {"done": False}) + b"\n"
             else:
                 yield prefix + _now().encode() + middle + orjson.dumps(item) + suffix
     except SluiceError as exc:
@@ -344,23 +292,14 @@ async def embed(request: Request, body: OllamaEmbedRequest) -> Response:
     )
 
 
-@router.get("/tags", response_model=OllamaTags, summary="Models (Ollama)")
-async def tags(request: Request) -> Response:
-    listed = services_of(request).registry.models()
-    names = list(dict.fromkeys([*listed.get("generate", []), *listed.get("embed", [])]))
-    modified = _now()
-    return json_response({"models": [_tag(name, modified) for name in names]})
-
-
-def _tag(name: str, modified_at: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": modified_at,
-        "size": 0,
-        "digest": hashlib.sha256(name.encode()).hexdigest(),
-        "details": ModelDetails(family=name.split(":")[0].split("/")[-1]).model_dump(),
-    }
+@router.post(
+    "/embeddings", response_model=OllamaLegacyEmbeddingsResponse, summary="Embed one text (Ollama, legacy)"
+)
+async def embeddings(request: Request, body: OllamaLegacyEmbeddingsRequest) -> Response:
+    if not body.prompt:
+        return json_response({"embedding": []})  # what Ollama answers for an empty prompt
+    result = await calls.embed(request, caller_key(request), [body.prompt], model=body.model, normalize=False)
+    return json_response({"embedding": result.embeddings[0]})
 
 
 @_public.get("/version", response_model=OllamaVersion, summary="Server version (Ollama)")
@@ -368,4 +307,4 @@ async def version() -> Response:
     return json_response({"version": SERVER_VERSION})
 
 
-routers = (router, _public)
+routers = (router, ollama_models.router, _public)

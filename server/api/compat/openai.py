@@ -4,17 +4,18 @@ Shaped so that the ``openai`` SDK and the tools built on it work unchanged when 
 (``base_url=http://host:port/v1``):
 
 - chat completions, whole (``chat.completion``) or streamed as ``chat.completion.chunk`` events
-  (a first chunk with the role, one per piece, one with ``finish_reason``, then, with
-  ``stream_options.include_usage``, one with ``usage`` and no choices; then ``data: [DONE]``);
+  (a first chunk with the role, one per piece, two per tool call, one with ``finish_reason``,
+  then, with ``stream_options.include_usage``, one with ``usage`` and no choices; then
+  ``data: [DONE]``), with structured outputs and tools (`server.api.compat.openai_chat` reads the
+  request and audits every parameter);
 - embeddings with ``encoding_format`` ``float`` or ``base64`` (little-endian float32, what the
   SDK asks for by default and decodes itself);
 - the model list, and OpenAI-shaped error bodies (`server.api.errors`, family ``openai``).
 
-Requests become protocol messages and run through the dispatcher (`server.api.calls`). What the
-protocol cannot do is refused with a 400 naming the parameter (``n`` > 1, token arrays as
-input, JSON-schema response formats), never silently ignored; unknown parameters are ignored,
-as OpenAI-compatible servers do. Embedding ``usage`` counts whitespace-separated words: the
-embedders do not report their token counts.
+Requests become protocol messages and run through the dispatcher (`server.api.calls`). What
+sluice cannot do is refused with a 400 naming the parameter (``n`` > 1, token arrays as input,
+``logprobs``, an unrecognized parameter), never silently ignored. Embedding ``usage`` counts
+whitespace-separated words: the embedders do not report their token counts.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import MAX_INPUTS, MAX_STOP, Generate
+from protocol.messages import MAX_INPUTS
 from server.api import calls
+from server.api.compat.openai_chat import CallRules, ChatCompletionRequest, refuse, to_generate
 from server.api.errors import Family, error_body, json_response, status_for
 from server.api.routing import api_router, caller_key, error_model
 from server.api.streams import event_stream
+from server.backends.base import ToolCall
 from server.dispatcher import Finished
 from server.services import services_of
 
@@ -54,63 +57,30 @@ _DONE: Final = b"data: [DONE]\n\n"
 router = api_router(Family.OPENAI, prefix="/v1", tags=["OpenAI-compatible API"], responses=_ERRORS)
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
 Text = Annotated[str, StringConstraints(max_length=1_000_000)]
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: Text
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
 
 
-class OpenAIChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-
-
-class ChatCompletionRequest(_Body):
-    model: str | None = Field(default=None, min_length=1, max_length=256)
-    messages: list[OpenAIChatMessage] = Field(min_length=1, max_length=4096)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=1000)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = Field(default=None)
-    n: int = Field(default=1, ge=1, le=128)
-    response_format: ResponseFormat | None = None
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class OpenAIAssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: OpenAIAssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -129,11 +99,14 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage
 
 
-class OpenAIEmbeddingsRequest(_Body):
+class OpenAIEmbeddingsRequest(BaseModel):
+    # Every parameter OpenAI has; any other is refused (422 naming it), as OpenAI refuses it.
+    model_config = ConfigDict(extra="forbid")
     input: Text | list[Text] | list[int] | list[list[int]]
     model: str | None = Field(default=None, min_length=1, max_length=256)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None  # an end-user identifier: asks nothing of the vectors
 
 
 class EmbeddingItem(BaseModel):
@@ -166,36 +139,6 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
-def _refuse(param: str, message: str) -> SluiceError:
-    return SluiceError(ErrorCode.INVALID_REQUEST, f"{param}: {message}")
-
-
-def _role(role: str) -> calls.Role:
-    # OpenAI's "developer" messages are its newer name for system instructions.
-    return "system" if role == "developer" else role  # type: ignore[return-value]
-
-
-def _message(body: ChatCompletionRequest) -> Generate:
-    if body.n != 1:
-        raise _refuse("n", "only n=1 is supported")
-    if body.response_format is not None and body.response_format.type == "json_schema":
-        raise _refuse("response_format", "json_schema is not supported; use json_object")
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    if stop is not None and len(stop) > MAX_STOP:
-        raise _refuse("stop", f"at most {MAX_STOP} stop sequences")
-    return calls.generate_message(
-        model=body.model,
-        messages=[(_role(message.role), message.text()) for message in body.messages],
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        stop=stop,
-        seed=body.seed,
-        json_format=body.response_format is not None and body.response_format.type == "json_object",
-    )
-
-
 def _usage(finished: Finished) -> dict[str, int]:
     usage = finished.usage
     return {
@@ -212,38 +155,51 @@ def _usage(finished: Finished) -> dict[str, int]:
     summary="Chat completion (whole, or streamed with stream: true)",
 )
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    message = _message(body)
+    message = to_generate(body)
+    rules = CallRules(body)
     key_id = caller_key(request)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         generation = await calls.start_generation(request, key_id, message)
-        events = _chunks(completion_id, generation, include_usage)
+        events = _chunks(completion_id, generation, include_usage, rules)
         return event_stream(events, services_of(request).settings)
-    text, finished = await calls.complete(request, key_id, message)
+    reply = await calls.complete(request, key_id, message)
+    tool_calls = [_call(call) for call in reply.tool_calls if rules.keep(call)]
+    assistant: dict[str, Any] = {"role": "assistant", "content": reply.text}
+    if tool_calls:
+        # As OpenAI answers a reply that is only calls: no content at all, not an empty one.
+        assistant = {"role": "assistant", "content": reply.text or None, "tool_calls": tool_calls}
     return json_response(
         {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": finished.model,
+            "model": reply.finished.model,
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finished.finish_reason,
+                    "message": assistant,
+                    "finish_reason": reply.finished.finish_reason,
                     "logprobs": None,
                 }
             ],
-            "usage": _usage(finished),
+            "usage": _usage(reply.finished),
         }
     )
 
 
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 async def _chunks(
-    completion_id: str, generation: calls.Generation, include_usage: bool
+    completion_id: str, generation: calls.Generation, include_usage: bool, rules: CallRules
 ) -> AsyncIterator[bytes]:
-    """The ``chat.completion.chunk`` events of one generation, then ``[DONE]``."""
+    """The ``chat.completion.chunk`` events of one generation, then ``[DONE]``.
+
+    A tool call is two chunks, as OpenAI streams one: its index, id, type and name with empty
+    ``arguments``, then the arguments (sluice's backends give each call whole)."""
     head = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -257,7 +213,7 @@ async def _chunks(
         b'},"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if include_usage else b"") + b"}\n\n"
     )
 
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> bytes:
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         extra = {"usage": None} if include_usage else {}
         return b"data: " + orjson.dumps({**head, "choices": [choice], **extra}) + b"\n\n"
@@ -269,6 +225,14 @@ async def _chunks(
                 yield chunk({}, item.finish_reason)
                 if include_usage:
                     yield b"data: " + orjson.dumps({**head, "choices": [], "usage": _usage(item)}) + b"\n\n"
+            elif isinstance(item, ToolCall):
+                if rules.keep(item):
+                    index = rules.kept - 1
+                    named = {"name": item.name, "arguments": ""}
+                    opened = {"index": index, "id": item.id, "type": "function", "function": named}
+                    yield chunk({"tool_calls": [opened]}, None)
+                    arguments = {"index": index, "function": {"arguments": item.arguments}}
+                    yield chunk({"tool_calls": [arguments]}, None)
             else:
                 yield prefix + orjson.dumps(item) + suffix
     except SluiceError as exc:
@@ -288,16 +252,16 @@ async def embeddings(request: Request, body: OpenAIEmbeddingsRequest) -> Respons
     elif all(isinstance(item, str) for item in raw):
         texts = [item for item in raw if isinstance(item, str)]
     else:
-        raise _refuse("input", "token arrays are not supported; send text")
+        raise refuse("input", "token arrays are not supported; send text")
     if not texts:
-        raise _refuse("input", "at least one input is required")
+        raise refuse("input", "at least one input is required")
     if len(texts) > MAX_INPUTS:
-        raise _refuse("input", f"at most {MAX_INPUTS} inputs per request")
+        raise refuse("input", f"at most {MAX_INPUTS} inputs per request")
     result = await calls.embed(
         request, caller_key(request), texts, model=body.model, encoding=body.encoding_format
     )
     if body.dimensions is not None and body.dimensions != result.dimensions:
-        raise _refuse("dimensions", f"model {result.model} has {result.dimensions} dimensions")
+        raise refuse("dimensions", f"model {result.model} has {result.dimensions} dimensions")
     words = _word_count(texts)
     return json_response(
         {
