@@ -1,12 +1,16 @@
 """The client against a real server generating with the embedded SmolLM2 (constrained decoding):
 a JSON Schema reply, and a forced tool call whose arguments are valid against its parameters,
-answered with a tool result in a second request. Every structured reply is checked with
-`jsonschema`. Replies are short: this CPU decodes few tokens per second under load."""
+answered with a tool result in a second request; and examples/tools.py. Every structured reply
+is checked with `jsonschema`. Replies are short: this CPU decodes few tokens per second under load."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -103,3 +107,15 @@ def test_forced_tool_call_then_tool_result_round_trip(local_server: str) -> None
         ).collect()
         assert answer.finish_reason in ("stop", "length") and answer.tool_calls == ()
         assert answer.text.strip()
+
+
+def test_the_tools_example_runs(local_server: str) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "tools.py"
+    run = subprocess.run(
+        [sys.executable, str(script), local_server], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("-> get_weather({"), run.stdout
+    river = ast.literal_eval(lines[-1])
+    assert set(river) == {"river", "length_km"} and isinstance(river["length_km"], int)
