@@ -5,14 +5,15 @@ Both sides run in this one process on the shipped all-MiniLM-L6-v2, interleaved 
 
 - direct:  ``encode(texts)``, one forward pass over all 64 texts (``batch_size=64``);
 - batched: 64 ``SentenceEmbedder.embed([text])`` calls awaited concurrently, through the
-  `MicroBatcher` (a worker thread, ``max_batch``/``max_wait_ms`` from the flags).
+  `MicroBatcher` (a worker thread, continuous batching, ``max_batch``/``max_batch_tokens`` from
+  the flags; ``--threads 0`` lets the embedder's `ThreadTuner` choose torch threads per pass).
 
 It prints texts/s for each and their ratio per repetition, then the median; also the ratio of
 process CPU time (all threads; less disturbed by other processes on a shared machine) and the
 batcher's own cost per call, timed with a forward pass that does nothing. With ``--sequential``
 it also times 64 separate one-text ``encode`` calls (what a per-request endpoint would do).
 
-    .venv/bin/python bench/embed_batching.py --reps 7 [--max-wait-ms 5] [--threads N] [--json out.json]
+    .venv/bin/python bench/embed_batching.py --reps 7 [--max-batch-tokens 16384] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
+from bench.corpus import CORPORA
 from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path
 from server.settings import Settings
 
@@ -57,9 +63,10 @@ async def batched_once(embedder: SentenceEmbedder, texts: list[str]) -> tuple[fl
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-def direct_once(embedder: SentenceEmbedder, texts: list[str]) -> tuple[float, float]:
+def direct_once(model: object, texts: list[str]) -> tuple[float, float]:
+    """One sentence-transformers ``encode`` of all texts (the raw limit), at torch's current threads."""
     started, cpu = time.perf_counter(), time.process_time()
-    embedder.encode(texts)
+    model.encode(texts, batch_size=len(texts), show_progress_bar=False)  # type: ignore[attr-defined]
     return time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -80,25 +87,32 @@ async def overhead_per_call_us(n: int, settings: Settings, rounds: int = 50) -> 
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = Settings(ollama_urls=[], embed_max_batch=args.max_batch, embed_max_wait_ms=args.max_wait_ms)
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.direct_threads)
+    settings = Settings(
+        ollama_urls=[],
+        embed_max_batch=args.max_batch,
+        embed_max_batch_tokens=args.max_batch_tokens,
+        torch_threads=args.threads,
+    )
     load_started = time.perf_counter()
     embedder = SentenceEmbedder.load(MINILM, minilm_path(), settings)
     load_s = time.perf_counter() - load_started
+    model = SentenceTransformer(minilm_path(), device="cpu")
     embedder.start()
-    texts = make_texts(args.n)
+    texts = CORPORA[args.corpus](args.n)
     try:
-        direct_once(embedder, texts)  # warm-up: first passes allocate and tune kernels
+        direct_once(model, texts)  # warm-up: first passes allocate and tune kernels
         await batched_once(embedder, texts)
         rows = []
         for rep in range(args.reps):
             if rep % 2 == 0:
-                direct, direct_cpu = direct_once(embedder, texts)
+                direct, direct_cpu = direct_once(model, texts)
                 batched, batched_cpu = await batched_once(embedder, texts)
             else:
                 batched, batched_cpu = await batched_once(embedder, texts)
-                direct, direct_cpu = direct_once(embedder, texts)
+                direct, direct_cpu = direct_once(model, texts)
             row = {
                 "direct_texts_per_s": args.n / direct,
                 "batched_texts_per_s": args.n / batched,
@@ -113,11 +127,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 flush=True,
             )
         stats = embedder.batcher.stats
+        chosen = dict(embedder.tuner.chosen) if embedder.tuner is not None else {}
         sequential = None
         if args.sequential:
             started = time.perf_counter()
             for text in texts:
-                embedder.encode([text])
+                model.encode([text], show_progress_bar=False)
             sequential = args.n / (time.perf_counter() - started)
     finally:
         await embedder.close()
@@ -125,9 +140,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     result: dict[str, object] = {
         "n": args.n,
         "reps": args.reps,
+        "corpus": args.corpus,
         "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms,
-        "torch_threads": torch.get_num_threads(),
+        "max_batch_tokens": args.max_batch_tokens,
+        "server_threads_setting": args.threads,
+        "passes_per_thread_count": chosen,
+        "direct_torch_threads": args.direct_threads,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "load_s": round(load_s, 2),
@@ -141,6 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "batches": stats.batches,
         "mean_batch_size": round(stats.items / max(stats.batches, 1), 1),
         "mean_oldest_wait_ms": round(stats.queue_wait_ms_sum / max(stats.batches, 1), 2),
+        "mean_padded_tokens": round(stats.padded_tokens_sum / max(stats.batches, 1), 1),
         "sequential_texts_per_s": None if sequential is None else round(sequential, 1),
         "rows": rows,
     }
@@ -156,8 +175,15 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="mixed")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="the embedder's torch threads (SLUICE_TORCH_THREADS; 0 = tuned)",
+    )
+    parser.add_argument("--direct-threads", type=int, default=1, help="torch threads of the direct encode")
     parser.add_argument(
         "--sequential", action="store_true", help="also time n separate one-text encode calls"
     )

@@ -1,11 +1,17 @@
-"""Benchmark 1: embeddings with 1, 8 and 64 concurrent clients, one text per request.
+"""Benchmark 1: embeddings with 1, 8 and 64 concurrent clients, one text per request, two corpora.
 
 Targets: sluice over WebSocket (`embed`) and over its seed-compatible HTTP endpoint, the seed-style
 service, infinity-emb (its OpenAI-style `/embeddings`), and the raw limit: one in-process
-`encode()` of as many texts as there are clients. Each client keeps exactly one request in flight
-on its own connection. After a warm-up, the run is cut into equal windows; throughput and p50/p99
-latency are computed per window and their medians reported. The load generator is one asyncio
-process (websockets client, `bench.rawhttp` keep-alive HTTP client); its CPU share is recorded.
+`encode()` of as many texts as there are clients, at its fastest torch thread count. Each client
+keeps exactly one request in flight on its own connection. After a warm-up, the run is cut into
+equal windows; throughput and p50/p99 latency are computed per window and their medians reported,
+with the server process's CPU time per embedded text over the windows (psutil) next to raw
+encode's process CPU time per text. The load generator is one asyncio process (websockets client,
+`bench.rawhttp` keep-alive HTTP client); its CPU share is recorded.
+
+The raw limit is measured alone first, then again between targets, always while no server process
+is alive, on both corpora (`bench.corpus`: ``mixed`` and ``short``); its median is the limit. The
+mixed corpus keeps the top-level ``targets`` layout; the short one is under ``short.targets``.
 
 Run alone: `python -m bench.embeddings [--quick]` prints its JSON.
 """
@@ -27,7 +33,7 @@ import orjson
 
 from bench import procs, servers
 from bench.baselines import infinity as infinity_venv
-from bench.corpus import texts as corpus
+from bench.corpus import CORPORA
 from bench.procs import VENV_BIN, ProcessFailed, base_env
 from bench.rawhttp import HttpConnection
 from bench.session_clients import WsSession, new_id
@@ -42,15 +48,25 @@ Call = Callable[[str], Awaitable[str | None]]  # None when the request succeeded
 @dataclass
 class EmbedConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 64])
+    corpora: list[str] = field(default_factory=lambda: ["mixed", "short"])
     warmup_s: float = 1.0
     window_s: float = 2.0
     windows: int = 3
     raw_repeats: int = 5
     infinity: bool = True
+    http_corpora: list[str] | None = None  # sluice's HTTP endpoint: these corpora only (None: all)
 
     @classmethod
     def quick(cls) -> EmbedConfig:
-        return cls(concurrency=[1, 64], warmup_s=0.5, window_s=2.0, windows=1, raw_repeats=2, infinity=False)
+        return cls(
+            concurrency=[1, 64],
+            warmup_s=0.5,
+            window_s=2.0,
+            windows=1,
+            raw_repeats=2,
+            infinity=False,
+            http_corpora=["mixed"],
+        )
 
 
 class _Client:
@@ -95,13 +111,18 @@ def _infinity_body(text: str) -> object:
 
 
 async def _drive(
-    make: Callable[[], Awaitable[_Client]], concurrency: int, config: EmbedConfig
+    make: Callable[[], Awaitable[_Client]],
+    concurrency: int,
+    config: EmbedConfig,
+    texts: list[str],
+    server: servers.Server | None,
 ) -> dict[str, Any]:
-    texts = corpus(max(64, concurrency))
     clients = await asyncio.gather(*(make() for _ in range(concurrency)))
     done: list[tuple[float, float, bool]] = []  # (finished at, latency s, ok)
     start = time.perf_counter()
-    stop_at = start + config.warmup_s + config.window_s * config.windows
+    measured_from = start + config.warmup_s
+    stop_at = measured_from + config.window_s * config.windows
+    server_cpu: list[float] = []  # the server's CPU seconds at the start and the end of the windows
 
     async def loop(index: int, client: _Client) -> None:
         sent = index
@@ -115,11 +136,19 @@ async def _drive(
             done.append((ended, ended - began, ok))
             sent += concurrency
 
+    async def sample_server_cpu() -> None:
+        if server is None:
+            return
+        for at in (measured_from, stop_at):
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            server_cpu.append(await asyncio.to_thread(server.proc.cpu_seconds))
+
     cpu = CpuMeter()
     cpu.start()
     try:
         await asyncio.wait_for(
-            asyncio.gather(*(loop(i, c) for i, c in enumerate(clients))), stop_at - start + 60.0
+            asyncio.gather(sample_server_cpu(), *(loop(i, c) for i, c in enumerate(clients))),
+            stop_at - start + 60.0,
         )
     finally:
         cpu.stop()
@@ -127,13 +156,14 @@ async def _drive(
     elapsed = time.perf_counter() - start
     throughputs, p50s, p99s = [], [], []
     for window in range(config.windows):
-        low = start + config.warmup_s + window * config.window_s
+        low = measured_from + window * config.window_s
         high = low + config.window_s
         latencies = [lat for at, lat, ok in done if ok and low <= at < high]
         throughputs.append(len(latencies) / config.window_s)
         p50s.append(percentile(latencies, 50) * 1000)
         p99s.append(percentile(latencies, 99) * 1000)
-    return {
+    in_windows = sum(1 for at, _, ok in done if ok and measured_from <= at < stop_at)
+    row: dict[str, Any] = {
         "concurrency": concurrency,
         "throughput_per_s": median(throughputs),
         "throughput_windows": throughputs,
@@ -143,11 +173,21 @@ async def _drive(
         "errors": sum(1 for *_, ok in done if not ok),
         "client_cpu_pct": 100.0 * cpu.seconds / elapsed,
     }
+    if len(server_cpu) == 2 and in_windows:
+        row["server_cpu_ms_per_text"] = 1000.0 * (server_cpu[1] - server_cpu[0]) / in_windows
+    return row
 
 
-def _sweep(make: Callable[[], Awaitable[_Client]], config: EmbedConfig) -> dict[str, Any]:
-    async def main() -> dict[str, Any]:
-        out = {}
+def _sweep(
+    make: Callable[[], Awaitable[_Client]],
+    config: EmbedConfig,
+    server: servers.Server | None,
+    corpora: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every concurrency level on each corpus: ``{corpus: {level: row}}``."""
+
+    async def main() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         warm = await make()  # first request loads lazily in some servers; keep it out of the windows
         try:
             for _ in range(3):
@@ -155,8 +195,11 @@ def _sweep(make: Callable[[], Awaitable[_Client]], config: EmbedConfig) -> dict[
                     raise RuntimeError(f"warm-up request failed: {error}")
         finally:
             await warm.close()
-        for concurrency in config.concurrency:
-            out[str(concurrency)] = await _drive(make, concurrency, config)
+        for corpus in corpora or config.corpora:
+            texts = CORPORA[corpus](max(64, *config.concurrency))
+            out[corpus] = {
+                str(level): await _drive(make, level, config, texts, server) for level in config.concurrency
+            }
         return out
 
     return asyncio.run(main())
@@ -201,20 +244,30 @@ class RawLimit:
                 return reply
 
     def measure(self) -> None:
+        """One sample of the limit on every corpus (``{corpus: {size: figures}}``)."""
         assert self._proc.stdin is not None
-        request = {"texts": self.config.concurrency, "repeats": self.config.raw_repeats}
-        self._proc.stdin.write(orjson.dumps(request) + b"\n")
-        self._proc.stdin.flush()
-        self.samples.append(self._reply(300.0))
+        sample = {}
+        for corpus in self.config.corpora:
+            request = {"texts": self.config.concurrency, "repeats": self.config.raw_repeats, "corpus": corpus}
+            self._proc.stdin.write(orjson.dumps(request) + b"\n")
+            self._proc.stdin.flush()
+            sample[corpus] = self._reply(300.0)
+        self.samples.append(sample)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, corpus: str) -> dict[str, Any]:
+        """The median of the samples per size; ``alone_*`` is the first sample, taken before any
+        server had started."""
         out = {}
+        samples = [sample[corpus] for sample in self.samples if corpus in sample]
         for size in map(str, self.config.concurrency):
-            rates = [sample[size]["texts_per_s"] for sample in self.samples]
+            rows = [sample[size] for sample in samples]
             out[size] = {
-                "texts_per_s": median(rates),
-                "samples_texts_per_s": rates,
-                "best_threads": [sample[size]["best_threads"] for sample in self.samples],
+                "texts_per_s": median([row["texts_per_s"] for row in rows]),
+                "latency_ms": median([row["latency_ms"] for row in rows]),
+                "cpu_ms_per_text": median([row["cpu_ms_per_text"] for row in rows]),
+                "samples_texts_per_s": [row["texts_per_s"] for row in rows],
+                "best_threads": [row["best_threads"] for row in rows],
+                "alone_texts_per_s": rows[0]["texts_per_s"],
             }
         return out
 
@@ -244,23 +297,33 @@ def _recording(results: dict[str, Any], unavailable: dict[str, str], *names: str
 def run(config: EmbedConfig) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    out: dict[str, Any] = {"generator": GENERATOR, "targets": targets, "unavailable": unavailable}
+    by_corpus: dict[str, dict[str, Any]] = {corpus: {} for corpus in config.corpora}
+    out: dict[str, Any] = {
+        "generator": GENERATOR,
+        "corpora": {name: CORPORA[name].__doc__ for name in config.corpora},
+        "targets": targets,
+        "unavailable": unavailable,
+    }
     raw: RawLimit | None = None
     with _recording(targets, unavailable, "raw"):
         raw = RawLimit(config)
 
     def limit() -> None:
-        """Measure the limit again, right before the next target (a failure only loses this sample)."""
+        """Measure the limit again while no server runs (a failure only loses this sample)."""
         if raw is not None:
             try:
                 raw.measure()
             except Exception as exc:  # this sample is lost; the others still give the limit
                 out.setdefault("raw_errors", []).append(f"{type(exc).__name__}: {exc}"[:300])
 
+    def record(name: str, rows: dict[str, dict[str, Any]]) -> None:
+        for corpus, levels in rows.items():
+            by_corpus[corpus][name] = levels
+
     try:
-        limit()
+        limit()  # alone: before any server has started
         with _recording(targets, unavailable, "seed"), servers.seed() as seed:
-            targets["seed"] = _sweep(_http_client(seed.port, "/api/v1/embeddings", _seed_body), config)
+            record("seed", _sweep(_http_client(seed.port, "/api/v1/embeddings", _seed_body), config, seed))
 
         reason = infinity_venv.ensure() if config.infinity else "skipped (--quick)"
         if reason is not None:
@@ -269,7 +332,7 @@ def run(config: EmbedConfig) -> dict[str, Any]:
             out["infinity_version"] = infinity_venv.version()
             limit()
             with _recording(targets, unavailable, "infinity"), servers.infinity() as inf:
-                targets["infinity"] = _sweep(_http_client(inf.port, "/embeddings", _infinity_body), config)
+                record("infinity", _sweep(_http_client(inf.port, "/embeddings", _infinity_body), config, inf))
 
         reason = servers.sluice_unavailable()
         if reason is not None:
@@ -281,18 +344,25 @@ def run(config: EmbedConfig) -> dict[str, Any]:
                 servers.sluice(label="embeddings") as sluice,
             ):
                 with _recording(targets, unavailable, "sluice-ws"):
-                    targets["sluice-ws"] = _sweep(lambda: _ws_client(sluice), config)
+                    record("sluice-ws", _sweep(lambda: _ws_client(sluice), config, sluice))
                 with _recording(targets, unavailable, "sluice-http"):
                     http = _http_client(sluice.port, "/api/v1/embeddings", _seed_body)
-                    targets["sluice-http"] = _sweep(http, config)
+                    record("sluice-http", _sweep(http, config, sluice, config.http_corpora))
         limit()
     finally:
         if raw is not None:
             raw.close()
             if raw.samples:
-                targets["raw"] = raw.summary()
+                for corpus in config.corpora:
+                    by_corpus[corpus]["raw"] = raw.summary(corpus)
             else:
                 unavailable["raw"] = "; ".join(out.get("raw_errors", ["no sample"]))
+    for corpus, found in by_corpus.items():
+        for name, levels in found.items():
+            if name not in unavailable:
+                (targets if corpus == "mixed" else out.setdefault(corpus, {"targets": {}})["targets"])[
+                    name
+                ] = levels
     return out
 
 

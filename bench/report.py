@@ -76,31 +76,9 @@ def _why_missing(results: Results, bench: str, *targets: str) -> str:
 
 
 def figures(results: Results) -> list[Figure]:
-    out: list[Figure] = []
-    emb = _get(results, "embeddings", "targets") or {}
-    raw = emb.get("raw") or {}
-    for name in ("sluice-ws", "sluice-http", "infinity", "seed"):
-        for level, row in (emb.get(name) or {}).items():
-            limit = _num(_get(raw, level, "texts_per_s"))
-            value = _num(row.get("throughput_per_s"))
-            note = f"p50 {row.get('p50_ms', math.nan):.1f} ms, p99 {row.get('p99_ms', math.nan):.1f} ms"
-            note += f", errors {row.get('errors', 0)}"
-            out.append(
-                Figure(
-                    "embeddings",
-                    f"{name} texts/s @{level}",
-                    value,
-                    "texts/s",
-                    f"raw encode({level})",
-                    limit,
-                    ratio(value, limit),
-                    note,
-                )
-            )
-    for level, row in raw.items():
-        out.append(
-            Figure("embeddings", f"raw encode texts/s @{level}", _num(row.get("texts_per_s")), "texts/s")
-        )
+    from bench import embed_report  # it imports this module's types
+
+    out: list[Figure] = embed_report.figures(results)
 
     relay = _get(results, "relay", "targets") or {}
     for name in ("sluice", "sluice-http", "seed", "direct"):
@@ -203,34 +181,9 @@ def _check(
 
 
 def targets(results: Results) -> list[TargetCheck]:
-    checks = []
-    emb = _get(results, "embeddings", "targets") or {}
-    ws64 = _num(_get(emb, "sluice-ws", "64", "throughput_per_s"))
-    raw64 = _num(_get(emb, "raw", "64", "texts_per_s"))
-    seed64 = _num(_get(emb, "seed", "64", "throughput_per_s"))
-    why = _why_missing(results, "embeddings", "sluice-ws", "raw", "seed")
-    checks.append(
-        _check(
-            "embeddings, 64 WS clients vs one encode() of 64",
-            "≥ 0.9x",
-            ratio(ws64, raw64),
-            raw64,
-            compare=lambda r: r >= 0.9,
-            show=lambda r: f"{r:.2f}x",
-            missing=why,
-        )
-    )
-    checks.append(
-        _check(
-            "embeddings, 64 WS clients vs seed endpoint",
-            "≥ 3.5x",
-            ratio(ws64, seed64),
-            seed64,
-            compare=lambda r: r >= 3.5,
-            show=lambda r: f"{r:.2f}x",
-            missing=why,
-        )
-    )
+    from bench import embed_report  # it imports this module's types
+
+    checks = embed_report.targets(results)
     relay = _get(results, "relay", "targets") or {}
     why = _why_missing(results, "relay", "sluice", "seed")
     cpu = _num(_get(relay, "sluice", "500", "cpu_s_per_1k_tokens"))

@@ -3,8 +3,8 @@
 On a small shared machine the best thread count for a forward pass changes with the pass size and
 with what else holds the cores: two threads can be several times slower than one when another
 process is busy, and faster when the machine is quiet. `ThreadTuner` times passes of each size
-class (padded tokens, by power of two) with each candidate count, runs the fastest, and now and
-then tries the others again so that it follows the load. `set_torch_threads` is the fixed
+class with each candidate count, runs the fastest, and now and then (rationed by time) tries the
+others again so that it follows the load. `set_torch_threads` is the fixed
 alternative (``SLUICE_TORCH_THREADS`` above 0).
 
 Everything here runs on the worker thread that owns the forward passes, never on the event loop.
@@ -48,66 +48,71 @@ def thread_candidates(setting: int) -> list[int]:
 
 
 class ThreadTuner:
-    """Chooses the thread count of each pass from the measured seconds per padded token.
+    """Chooses the thread count of each pass from the measured wall seconds per padded token.
 
-    Per size class it first runs each candidate ``trials`` times, then the one with the lowest
-    median of its last ``window`` samples; every ``explore_every`` passes of a class it runs the
-    candidate measured longest ago instead, so a change of load is noticed.
+    Per size class (padded tokens, by powers of four) the first pass only warms up (it is not
+    counted: a first pass of a shape is slow whatever the count); then each candidate runs once,
+    and from then on the one with the lowest median of its last ``window`` samples. A candidate
+    that is not the best is tried again after ``explore_interval_s`` times how much slower than the
+    best it was, per class: on a loaded machine a pass with too many threads can take many times
+    as long, so trying it is rationed by time and by its cost, not by a count of passes.
     """
 
     def __init__(
         self,
         candidates: Sequence[int],
         *,
-        trials: int = 2,
         window: int = 5,
-        explore_every: int = 64,
+        explore_interval_s: float = 30.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not candidates or min(candidates) < 1 or trials < 1 or window < 1 or explore_every < 2:
-            raise ValueError("need candidates >= 1, trials >= 1, window >= 1, explore_every >= 2")
+        if not candidates or min(candidates) < 1 or window < 1 or explore_interval_s <= 0:
+            raise ValueError("need candidates >= 1, window >= 1 and a positive explore interval")
         self.candidates = list(dict.fromkeys(candidates))
-        self.trials = trials
         self.window = window
-        self.explore_every = explore_every
+        self.explore_interval_s = explore_interval_s
         self.clock = clock
         self.current = 0  # the count last set on the worker thread (0: not yet)
         self.chosen: dict[int, int] = {}  # passes run per thread count, for stats
-        self._samples: dict[int, dict[int, deque[float]]] = {}
-        self._last_run: dict[int, dict[int, int]] = {}
-        self._passes: dict[int, int] = {}
+        self._samples: dict[tuple[int, int], deque[float]] = {}
+        self._tried_at: dict[tuple[int, int], float] = {}
+        self._warm: set[int] = set()
 
     @staticmethod
     def size_class(padded_tokens: int) -> int:
-        return max(1, padded_tokens).bit_length()
+        return (max(1, padded_tokens).bit_length() + 1) // 2
 
     def choose(self, padded_tokens: int) -> int:
+        """The thread count for the next pass of this size (call `record` after it)."""
         if len(self.candidates) == 1:
             return self.candidates[0]
         key = self.size_class(padded_tokens)
-        samples = self._samples.setdefault(
-            key, {count: deque(maxlen=self.window) for count in self.candidates}
-        )
-        last_run = self._last_run.setdefault(key, dict.fromkeys(self.candidates, -1))
-        passes = self._passes.get(key, 0)
-        self._passes[key] = passes + 1
-        untried = [count for count in self.candidates if len(samples[count]) < self.trials]
+        if key not in self._warm:
+            return self.candidates[0]
+        untried = [count for count in self.candidates if not self._samples.get((key, count))]
         if untried:
-            return min(untried, key=lambda count: len(samples[count]))
-        if passes % self.explore_every == self.explore_every - 1:
-            return min(self.candidates, key=lambda count: last_run[count])
-        return min(self.candidates, key=lambda count: statistics.median(samples[count]))
+            return untried[0]
+        medians = {count: statistics.median(self._samples[(key, count)]) for count in self.candidates}
+        best = min(self.candidates, key=medians.__getitem__)
+        now = self.clock()
+        for count in self.candidates:
+            # A count k times slower than the best waits k intervals: trying it costs little.
+            wait = self.explore_interval_s * max(1.0, medians[count] / max(medians[best], 1e-12))
+            if count != best and now - self._tried_at[(key, count)] >= wait:
+                return count
+        return best
 
     def record(self, padded_tokens: int, threads: int, seconds: float) -> None:
-        key = self.size_class(padded_tokens)
-        samples = self._samples.setdefault(
-            key, {count: deque(maxlen=self.window) for count in self.candidates}
-        )
-        if threads not in samples:
-            return
-        samples[threads].append(seconds / max(1, padded_tokens))
-        self._last_run.setdefault(key, dict.fromkeys(self.candidates, -1))[threads] = self._passes.get(key, 0)
         self.chosen[threads] = self.chosen.get(threads, 0) + 1
+        if len(self.candidates) == 1 or threads not in self.candidates:
+            return
+        key = self.size_class(padded_tokens)
+        if key not in self._warm:
+            self._warm.add(key)
+            return
+        samples = self._samples.setdefault((key, threads), deque(maxlen=self.window))
+        samples.append(seconds / max(1, padded_tokens))
+        self._tried_at[(key, threads)] = self.clock()
 
     def run(self, padded_tokens: int, forward: Callable[[], V]) -> V:
         """Run ``forward`` with the chosen thread count (set on this thread) and time it."""

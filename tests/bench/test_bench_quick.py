@@ -104,9 +104,45 @@ def test_targets_are_judged_from_the_numbers() -> None:
     checks = {c.what: c for c in report.targets(results)}
     assert checks["embeddings, 64 WS clients vs one encode() of 64"].status == "met"  # 0.95x
     assert checks["embeddings, 64 WS clients vs seed endpoint"].status == "met"  # 3.8x
+    assert checks["embeddings, 8 WS clients vs one encode() of 8"].status == "not measured"
+    assert "level not measured" in checks["embeddings, 8 WS clients vs one encode() of 8"].reason
     assert checks["relay 500 streams: server CPU per token vs seed relay"].status == "not met"  # 0.6x
     assert checks["relay 500 streams: p99 added inter-token delay (steady state)"].status == "met"
     assert checks["relay 500 streams: tokens lost (or duplicated)"].status == "met"
+    embedded = {
+        "embeddings": {
+            "targets": {
+                "raw": {
+                    "1": {"texts_per_s": 80.0, "latency_ms": 12.5, "cpu_ms_per_text": 12.0},
+                    "64": {"texts_per_s": 150.0, "latency_ms": 427.0, "cpu_ms_per_text": 6.0},
+                },
+                "seed": {"1": {"throughput_per_s": 60.0, "p50_ms": 16.0}},
+                "sluice-ws": {
+                    "1": {"throughput_per_s": 70.0, "p50_ms": 13.9},
+                    "64": {"throughput_per_s": 140.0, "server_cpu_ms_per_text": 7.5},
+                },
+            },
+            "short": {
+                "targets": {
+                    "raw": {"64": {"texts_per_s": 300.0}},
+                    "sluice-ws": {"64": {"throughput_per_s": 240.0}},
+                }
+            },
+            "unavailable": {"infinity": "skipped (--quick)"},
+        }
+    }
+    judged = {c.what: c for c in report.targets(embedded)}
+    assert (
+        judged["embeddings, 64 WS clients vs one encode() of 64, short sentences"].status == "not met"
+    )  # 0.8x
+    assert (
+        judged["embeddings, server CPU per text at 64 WS clients vs raw encode's"].status == "not met"
+    )  # 1.25x
+    added = judged["embeddings, one WS client: p50 latency over raw encode of one text"]
+    assert added.status == "met" and added.measured == "+1.4 ms"
+    assert judged["embeddings, one WS client: p50 latency vs seed endpoint's"].status == "met"
+    behind = judged["embeddings, WS vs infinity-emb at 1, 8 and 64 clients (the lowest ratio)"]
+    assert behind.status == "not measured" and "skipped" in behind.reason
     sse = checks["SSE vs WS throughput, one stream"]
     assert sse.status == "not measured" and "404" in sse.reason
     assert checks["local generation, 4 concurrent vs 1 alone"].reason == "local_generation not run"
@@ -140,14 +176,15 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
 
     # The baselines need no sluice code, so they must always yield numbers.
     results = doc["results"]
-    assert results["embeddings"]["targets"]["raw"]["64"]["texts_per_s"] > 0
-    assert results["embeddings"]["targets"]["seed"]["64"]["requests"] > 0
+    for embedded in (results["embeddings"]["targets"], results["embeddings"]["short"]["targets"]):
+        assert embedded["raw"]["64"]["texts_per_s"] > 0 and embedded["raw"]["64"]["cpu_ms_per_text"] > 0
+        assert embedded["seed"]["64"]["requests"] > 0 and embedded["seed"]["64"]["server_cpu_ms_per_text"] > 0
     for kind in ("direct", "seed"):
         relayed = results["relay"]["targets"][kind]["20"]
         assert relayed["tokens_lost"] == 0 and relayed["tokens_received"] == relayed["tokens_expected"] > 0
     assert results["ttft"]["targets"]["direct"]["samples"] > 0
 
-    assert len(doc["targets"]) == 9
+    assert len(doc["targets"]) == 17
     for check in doc["targets"]:
         assert check["status"] in STATUSES
         assert (check["value"] is None) == (check["status"] == "not measured")
