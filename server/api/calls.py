@@ -145,7 +145,7 @@ def _refusal(errors: Sequence[Mapping[str, Any]], rename: Rename) -> FieldError:
     name = rename(path)
     if len(reason) > 200:
         reason = reason[:199] + "…"
-    return FieldError(name, ErrorCode.INVALID_REQUEST, f"invalid field {name!r}: {reason}")
+    return FieldError(name, ErrorCode.INVALID_REQUEST, f"{name}: {reason}")
 
 
 @dataclass(slots=True)
