@@ -20,7 +20,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.errors import ErrorCode, SluiceError
 from server.cluster.scripts import APPEND, CLAIM
@@ -54,6 +58,10 @@ class RedisStore:
                 socket_timeout=_SOCKET_TIMEOUT_S,
                 socket_connect_timeout=_SOCKET_TIMEOUT_S,
                 health_check_interval=0,
+                # A pooled connection the server closed (a restart) fails once: try a fresh one.
+                # Every write is safe to repeat (the scripts detect a replayed batch).
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
             )
         )
         self.append_script = self.client.register_script(APPEND)

@@ -66,7 +66,8 @@ def control_channel(node_id: str) -> str:
 #
 # KEYS: meta, log.  ARGV: node, epoch, first seq, maxlen, ttl ms, channel, release (1: the home
 # lets go of the session after this batch), then a count and that many request ids that started,
-# a count and that many that ended, then the events' JSON.
+# a count and that many that ended, then the events' JSON. A release publishes ``!H`` after the
+# events: whoever holds the session's transport may claim it.
 #
 # Returns the new last seq; the batch already applied (a retry after a lost reply) returns it too.
 # -1: no such session or another epoch (the store lost it), -2: seqs do not follow, -3: the node
@@ -98,7 +99,10 @@ if n > 0 then
   redis.call('HSET', KEYS[1], 'seq', first + n - 1)
   redis.call('PUBLISH', ARGV[6], table.concat(ARGV, '\\n', i))
 end
-if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'home', '') end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'home', '')
+  redis.call('PUBLISH', ARGV[6], '!H')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return first + n - 1

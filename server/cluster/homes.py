@@ -1,0 +1,119 @@
+"""A session's home in Redis: making one, claiming one, and ending a dead home's requests.
+
+Each function is one step on the store, atomic where it must be (the scripts of
+`server.cluster.scripts`): `create` writes a new session's meta with this node as its home;
+`claim` makes this node the home of a session that has none and reads back its log, so the node
+can build the `Session` from it; `recover` ends, in the session's log, every request a stopped
+home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
+a home, fenced by that home's id so that it happens once; `delete` forgets a session.
+
+Nothing here keeps state or decides anything: `server.cluster.sessions` does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.codec import encode
+from protocol.errors import ErrorCode
+from protocol.messages import Error, LoggedMessage
+from server.cluster.eventlog import decode_event
+from server.cluster.redis import RedisStore
+from server.cluster.scripts import feed_channel, log_key, meta_key, node_sessions_key
+
+__all__ = ["NODE_STOPPED", "Claimed", "claim", "create", "delete", "recover", "recover_node"]
+
+NODE_STOPPED = "the node running this request stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A session this node is now the home of, as the store had it."""
+
+    epoch: str
+    last_seq: int
+    past: list[LoggedMessage]  # the newest events the log holds, contiguous, ending at last_seq
+
+
+def _text(raw: bytes | str | None) -> str:
+    if raw is None:
+        return ""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+async def create(store: RedisStore, session_id: str, *, key_id: str, node_id: str, ttl_ms: int) -> str:
+    """Write a new session homed at ``node_id``; its epoch."""
+    epoch = secrets.token_hex(8)
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.hset(meta_key(session_id), mapping={"key": key_id, "epoch": epoch, "seq": 0, "home": node_id})
+        pipe.pexpire(meta_key(session_id), ttl_ms)
+        pipe.sadd(node_sessions_key(node_id), session_id)
+        await pipe.execute()
+    return epoch
+
+
+async def claim(store: RedisStore, session_id: str, node_id: str) -> Claimed | str | None:
+    """Become the home of ``session_id`` if it has none: what it holds, or the node that is its
+    home, or None when there is no such session."""
+    keys = [meta_key(session_id)]
+    reply = await store.run(store.claim_script(keys=keys, args=[node_id, ""], client=store.client))
+    if reply is None or isinstance(reply, bytes | str):
+        return _text(reply) if reply is not None else None
+    epoch, last_seq = _text(reply[0]), int(reply[1])
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.xrange(log_key(session_id), max=f"{last_seq}-0")
+        pipe.sadd(node_sessions_key(node_id), session_id)
+        entries, _ = await pipe.execute()
+    events = [decode_event(fields[b"m"]) for _, fields in entries]
+    return Claimed(epoch, last_seq, _contiguous(events, last_seq))
+
+
+async def recover(store: RedisStore, session_id: str, dead: str, *, maxlen: int, ttl_ms: int) -> None:
+    """End the unfinished requests of ``session_id``, whose home ``dead`` stopped."""
+    for _ in range(3):
+        meta = await store.run(store.client.hgetall(meta_key(session_id)))
+        if not meta or _text(meta.get(b"home")) != dead:
+            break
+        seq = int(meta[b"seq"])
+        ids = sorted(field[2:].decode() for field in meta if field.startswith(b"r:"))
+        events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
+        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, maxlen, ttl_ms, feed_channel(session_id)]
+        args += ["1", 0, len(ids), *ids, *events]
+        keys = [meta_key(session_id), log_key(session_id)]
+        if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != -2:
+            break  # -2: the seq moved between the read and the script; read again
+    await store.run(store.client.srem(node_sessions_key(dead), session_id))
+
+
+async def recover_node(store: RedisStore, dead: str, *, maxlen: int, ttl_ms: int) -> None:
+    """`recover` every session whose home was ``dead``."""
+    for raw in await store.run(store.client.smembers(node_sessions_key(dead))):
+        await recover(store, _text(raw), dead, maxlen=maxlen, ttl_ms=ttl_ms)
+    await store.run(store.client.delete(node_sessions_key(dead)))
+
+
+async def delete(store: RedisStore, session_id: str, node_id: str) -> None:
+    """Forget ``session_id``; its transports hear ``!E`` and close."""
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.delete(meta_key(session_id), log_key(session_id))
+        pipe.publish(feed_channel(session_id), "!E")
+        pipe.srem(node_sessions_key(node_id), session_id)
+        await pipe.execute()
+
+
+def _stopped(request_id: str, seq: int) -> Error:
+    return Error(id=request_id, seq=seq, code=ErrorCode.INTERNAL, message=NODE_STOPPED, retryable=True)
+
+
+def _contiguous(events: list[LoggedMessage], last: int) -> list[LoggedMessage]:
+    """The run of ``events`` that ends at seq ``last`` with no gap."""
+    start, expected = len(events), last
+    while start > 0 and events[start - 1].seq == expected:
+        start -= 1
+        expected -= 1
+    return events[start:]

@@ -1,0 +1,289 @@
+"""One session as seen from this node in cluster mode: the home's runtime, and/or a transport here.
+
+A session has one *home*, the node whose `SessionRuntime` numbers its events, runs its requests
+and writes its log (a `RedisEventLog`) to Redis. Its transport may be attached on any node; there
+a `ClusterSession` feeds the transport's `Outbox` from the session's live feed in Redis, never
+from the runtime directly (even when the home is this node), so that a client is only ever sent
+what is already logged: a node that dies cannot have shown a client an event that no other node
+can replay. Attaching is Centrifugo's recovery: subscribe to the feed first, then read the log
+after ``last_seq``, queue that, then the feed's events with a newer seq, in seq order; a gap in
+the feed (a pub/sub reconnect) is filled from the log again. Exactly, or `attach` says False.
+
+The transport gives its client messages to `handle` here: on the home they go to the runtime at
+once (so an SSE ``POST`` learns its outcome); elsewhere they are forwarded to the home in order
+over its control channel (`Ignored` is returned: what becomes of them arrives in the feed). When
+the home stopped, the node holding the transport becomes the home (`ClusterSessionRegistry`
+claims the session) and handles what is queued itself.
+
+Feed notices (lines starting ``!``): ``!A <token>`` a transport attached somewhere (any other
+transport of the session closes 4009), ``!E`` the session ended, ``!H`` the home let go of it.
+
+This module never talks to Redis itself: the registry (`server.cluster.sessions`) does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from protocol.close import CloseCode
+from protocol.errors import SluiceError
+from protocol.messages import ClientMessage, LoggedMessage, Ping, Pong, Welcome
+from protocol.session import Accepted, Ignored, Outcome, Reply
+from server.cluster.eventlog import RedisEventLog, decode_event
+from server.outbox import Outbox
+from server.runtime import SessionRuntime
+
+if TYPE_CHECKING:
+    from server.cluster.sessions import ClusterSessionRegistry
+
+__all__ = ["ClusterSession", "FeedSink"]
+
+log = logging.getLogger("sluice.cluster.session")
+
+_IGNORED = Ignored()
+
+
+class FeedSink(Outbox):
+    """The home runtime's permanent connection: always room, sends nothing (transports read the
+    feed), so the runtime numbers each token as it comes and never holds text back."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(encode=lambda message: b"", soft_bytes=1, hard_bytes=1)
+
+    @property
+    def has_room(self) -> bool:
+        return True
+
+    def push(self, message: object) -> None:
+        return None
+
+    def push_replay(self, messages: object) -> None:
+        return None
+
+
+class ClusterSession:
+    """See the module docstring."""
+
+    def __init__(self, registry: ClusterSessionRegistry, session_id: str, key_id: str, home: str) -> None:
+        self._registry = registry
+        self.id = session_id
+        self.key_id = key_id
+        self.home = home  # '' while unknown or none
+        # Set while this node is the home.
+        self.runtime: SessionRuntime | None = None
+        self.event_log: RedisEventLog | None = None
+        # The home's view of the transport: the token attached last, and since when none is.
+        self.current: str | None = None
+        self.detached_since: float | None = None
+        # The transport attached on this node, if any.
+        self._outbox: Outbox | None = None
+        self._token: str | None = None
+        self._delivered = 0
+        # Feed events held while the log is being read (attach, or filling a gap).
+        self._held: list[LoggedMessage] | None = None
+        self._forward: deque[dict[str, Any]] = deque()
+        self._forwarder: asyncio.Task[None] | None = None
+        self.subscribed = False
+        self.ended = False
+        # Held while this node claims the session or settles where its home is.
+        self.lock = asyncio.Lock()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._outbox is not None and not self._outbox.closed
+
+    @property
+    def busy(self) -> bool:
+        return self.runtime is not None and self.runtime.busy
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self._outbox
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @property
+    def last_seq(self) -> int:
+        return self._delivered
+
+    # -- attaching (the registry subscribed to the feed and reads the log) --------------------
+
+    def begin_attach(self) -> None:
+        """From now on feed events are held until `complete_attach`."""
+        self._held = []
+
+    def complete_attach(
+        self,
+        outbox: Outbox,
+        token: str,
+        replay: list[LoggedMessage],
+        last_seq: int,
+        welcome: Callable[[str, int], Welcome] | None,
+    ) -> None:
+        """Make ``outbox`` the transport here: the welcome, ``replay`` (every event after
+        ``last_seq``), then what the feed brought meanwhile and after. An older transport on this
+        node is closed 4009."""
+        previous = self._outbox
+        if previous is not None and previous is not outbox:
+            previous.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
+        top = last_seq + len(replay)
+        self._outbox, self._token, self._delivered = outbox, token, top
+        if welcome is not None:
+            outbox.push(welcome(self.id, top))
+        outbox.push_replay(replay)
+        held, self._held = self._held or [], None
+        self._deliver(held)
+
+    def abandon_attach(self) -> None:
+        if self._held is not None and self._outbox is None:
+            self._held = None
+
+    def detach(self, outbox: Outbox) -> None:
+        """The transport behind ``outbox`` is gone; a newer one may already have taken over."""
+        if self._outbox is outbox:
+            token = self._token
+            self._outbox = self._token = None
+            self._registry.detached(self, token)
+
+    # -- the feed ----------------------------------------------------------------------------
+
+    def on_feed(self, payload: bytes) -> None:
+        events: list[LoggedMessage] = []
+        for line in payload.split(b"\n"):
+            if line.startswith(b"!"):
+                if events:
+                    self._deliver(events)
+                    events = []
+                self._notice(line)
+            else:
+                events.append(decode_event(line))
+        if events:
+            self._deliver(events)
+
+    def _deliver(self, events: list[LoggedMessage]) -> None:
+        if self._held is not None:
+            self._held.extend(events)
+            return
+        outbox = self._outbox
+        if outbox is None or outbox.closed:
+            return
+        for index, event in enumerate(events):
+            if event.seq <= self._delivered:
+                continue  # the log gave it already
+            if event.seq != self._delivered + 1:
+                self._held = list(events[index:])
+                self._registry.fill_gap(self, self._delivered)
+                return
+            outbox.push(event)
+            self._delivered = event.seq
+
+    def gap_filled(self, events: list[LoggedMessage] | None) -> None:
+        """The log's events after the last delivered one (None: the log no longer has them all)."""
+        held, self._held = self._held or [], None
+        if events is None:
+            if self._outbox is not None:
+                self._outbox.fail(CloseCode.GOING_AWAY, "events were lost: resume to find out")
+            return
+        self._deliver(events)
+        self._deliver(held)
+
+    def resync(self) -> None:
+        """The feed may have missed payloads (pub/sub reconnected): read the log after the last
+        delivered event."""
+        if self._outbox is not None and self._held is None:
+            self._held = []
+            self._registry.fill_gap(self, self._delivered)
+
+    def _notice(self, line: bytes) -> None:
+        kind, _, arg = line[1:].partition(b" ")
+        if kind == b"A":
+            token = arg.decode()
+            if self.runtime is not None:
+                self.current, self.detached_since = token, None
+            if self._outbox is not None and token != self._token:
+                self._outbox.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
+        elif kind == b"E":
+            self.ended = True
+            if self._outbox is not None:
+                self._outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        elif kind == b"H":
+            self.home = ""
+            if self.attached:
+                self._registry.adopt(self)
+
+    # -- client messages ---------------------------------------------------------------------
+
+    def handle(self, message: ClientMessage) -> Outcome:
+        """Act on one decoded client message; see the module docstring."""
+        if isinstance(message, Ping):
+            pong = Pong(nonce=message.nonce)
+            if self._outbox is not None:
+                self._outbox.push(pong)
+            return Reply(pong)
+        if self.runtime is not None and not self._forward:
+            return self.handle_here(message)
+        self._queue({"op": "msg", "m": message.model_dump(mode="json", exclude_unset=True)})
+        return _IGNORED
+
+    def handle_here(self, message: ClientMessage) -> Outcome:
+        """On the home: give ``message`` to the runtime and record an accepted request."""
+        assert self.runtime is not None and self.event_log is not None
+        outcome = self.runtime.handle(message)
+        if isinstance(outcome, Accepted):
+            self.event_log.started(outcome.request.id)
+        return outcome
+
+    def refuse(self, error: SluiceError) -> None:
+        if self.runtime is not None and not self._forward:
+            self.runtime.refuse(error)
+            return
+        self._queue({"op": "refuse", **refusal_fields(error)})
+
+    def goaway(self, reason: str, retry_after_ms: int) -> None:
+        if self.runtime is not None:
+            self.runtime.goaway(reason, retry_after_ms)
+
+    def fail_all(self, error: SluiceError) -> None:
+        if self.runtime is not None:
+            self.runtime.fail_all(error)
+
+    def finish_connection(self, code: CloseCode, reason: str) -> None:
+        if self._outbox is not None and not self._outbox.closed:
+            self._outbox.finish(code, reason)
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        self._forward.append(message)
+        if self._forwarder is None:
+            self._forwarder = asyncio.create_task(self._send_forward(), name=f"sluice forward {self.id}")
+
+    async def _send_forward(self) -> None:
+        try:
+            while self._forward and not self.ended:
+                if not await self._registry.forward(self, self._forward[0]):
+                    continue  # the registry found the home again (or became it): try once more
+                self._forward.popleft()
+        except Exception:
+            log.exception("forwarding to the session's home failed", extra={"session": self.id})
+            self._forward.clear()
+        finally:
+            self._forwarder = None
+
+
+def refusal_fields(error: SluiceError) -> dict[str, Any]:
+    return {
+        "code": error.code.value,
+        "message": error.message,
+        "retryable": error.retryable,
+        "retry_after_ms": error.retry_after_ms,
+        "ref": error.ref,
+    }

@@ -1,0 +1,531 @@
+"""The cluster-mode session registry: every node opens, resumes, attaches and ends any session.
+
+The same methods as the in-memory `server.sessions.SessionRegistry` (`connect`, `open_or_resume`,
+`attach`, `find`, `end`, the sweeper, `close`), with the sessions in Redis: the meta hash says
+who owns a session (its key), its epoch and its home node. Opening a session makes this node its
+home. Resuming one reads its meta: another key's session is "no such session"; one whose home is
+gone (``home`` empty, or a node without a lease) is claimed here, after its unfinished requests
+were ended with a retryable ``internal`` error (`recover`, the same step every node runs for a
+node whose lease expired); otherwise the transport attaches here and the home stays where it is
+(`server.cluster.session` for how events and client messages travel). A resume is exact or it
+is a new session (``resumed: false``): the store lost the session, or the log no longer holds
+every event after ``last_seq``.
+
+The home alone decides when a session expires (no transport attached anywhere for the TTL: the
+transports' nodes tell it on attach and detach) and refreshes its keys' TTL in Redis. While Redis
+cannot be reached nothing new starts here: `connect` and friends raise ``upstream_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from protocol.close import CloseCode
+from protocol.codec import decode
+from protocol.errors import ErrorCode, SluiceError
+from protocol.messages import Welcome
+from protocol.session import Session, SessionLimits
+from server.cluster import homes
+from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
+from server.cluster.node import Node
+from server.cluster.redis import RedisStore
+from server.cluster.scripts import feed_channel, log_key, meta_key
+from server.cluster.session import ClusterSession, FeedSink
+from server.dispatcher import Dispatcher
+from server.metrics import Metrics
+from server.outbox import Outbox
+from server.ratelimit import RateLimiter
+from server.runtime import SessionRuntime
+from server.sessions import new_session_id
+
+__all__ = ["ClusterConnected", "ClusterSessionRegistry", "Unattached"]
+
+log = logging.getLogger("sluice.cluster.sessions")
+
+_SWEEP_EVERY_S = 5.0
+# A forwarded message whose home does not answer waits this long before looking again.
+_SETTLE_RETRY_S = 0.25
+# Forwarded messages were checked at the node that took them; this only bounds the decoder.
+_FORWARDED_MAX_BYTES = 1 << 30
+
+
+class Unattached(Enum):
+    """Why `ClusterSessionRegistry.attach` attached nothing."""
+
+    UNKNOWN = "unknown"
+    INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConnected:
+    runtime: ClusterSession
+    resumed: bool
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.decode() if raw is not None else ""
+
+
+class ClusterSessionRegistry:
+    """The sessions this node is home of or holds a transport of; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        limits: SessionLimits,
+        ttl_s: float,
+        dispatcher: Dispatcher,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        store: RedisStore,
+        node: Node,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = limits
+        self._ttl_s = ttl_s
+        self._dispatcher = dispatcher
+        self._limiter = limiter
+        self._metrics = metrics
+        self._store = store
+        self._node = node
+        self._clock = clock
+        self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
+        self.writer = LogWriter(store, node.id, maxlen=limits.replay_events, ttl_ms=self._key_ttl_ms)
+        self._sessions: dict[str, ClusterSession] = {}
+        self._tokens = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        node.on_control = self._on_control
+        node.on_dead = self.recover_node
+        node.on_reconnect = self._resync
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[ClusterSession]:
+        return iter(list(self._sessions.values()))
+
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    # -- the transports' methods -------------------------------------------------------------
+
+    async def connect(
+        self,
+        outbox: Outbox,
+        *,
+        key_id: str,
+        welcome: Callable[[str, bool, int], Welcome],
+        resume: str | None = None,
+        last_seq: int | None = None,
+    ) -> ClusterConnected:
+        """Attach ``outbox`` to session ``resume`` (replaying after ``last_seq``) or to a new one."""
+        self._store.check()
+        if resume is not None:
+            session = await self._lookup(resume, key_id)
+            if session is not None and await self._attach(
+                session, outbox, last_seq or 0, lambda sid, seq: welcome(sid, True, seq)
+            ):
+                return ClusterConnected(session, resumed=True)
+        session = await self._create(key_id)
+        attached = await self._attach(session, outbox, 0, lambda sid, seq: welcome(sid, False, seq))
+        assert attached, "a new session always replays from 0"
+        return ClusterConnected(session, resumed=False)
+
+    async def open_or_resume(
+        self,
+        *,
+        key_id: str,
+        welcome: Callable[[str, bool, int], Welcome],
+        resume: str | None = None,
+        last_seq: int | None = None,
+    ) -> Welcome:
+        """`connect`'s decision, attaching nothing (``POST /v1/sessions``)."""
+        self._store.check()
+        if resume is not None and await self._lookup(resume, key_id) is not None:
+            replay = await read_after(self._store, resume, last_seq or 0)
+            if replay is not None:
+                return welcome(resume, True, (last_seq or 0) + len(replay))
+        session = await self._create(key_id)
+        return welcome(session.id, False, 0)
+
+    async def attach(
+        self, outbox: Outbox, *, session_id: str, key_id: str, last_seq: int
+    ) -> ClusterSession | Unattached:
+        """Attach ``outbox`` to the existing session (an SSE stream: no welcome)."""
+        self._store.check()
+        session = await self._lookup(session_id, key_id)
+        if session is None:
+            return Unattached.UNKNOWN
+        return session if await self._attach(session, outbox, last_seq, None) else Unattached.INCOMPLETE
+
+    async def find(self, session_id: str, key_id: str) -> ClusterSession | None:
+        """Session ``session_id`` if it exists and belongs to ``key_id``."""
+        self._store.check()
+        return await self._lookup(session_id, key_id)
+
+    async def end(self, session_id: str) -> bool:
+        """End the session wherever its home is, cancelling what it has in flight."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.runtime is not None:
+            await self._end_here(session)
+            return True
+        home = await self._store.run(self._store.client.hget(meta_key(session_id), "home"))
+        if home is None:
+            return False
+        home = _text(home)
+        if home and home != self._node.id and await self._node.alive(home):
+            return bool(await self._node.call(home, {"op": "end", "s": session_id}))
+        await self._delete(session_id)
+        return True
+
+    # -- finding and making homes ------------------------------------------------------------
+
+    async def _lookup(self, session_id: str, key_id: str) -> ClusterSession | None:
+        meta = await self._store.run(self._store.client.hgetall(meta_key(session_id)))
+        session = self._sessions.get(session_id)
+        epoch = _text(meta.get(b"epoch"))
+        if session is not None and session.event_log is not None and session.event_log.epoch != epoch:
+            self._lost(session)  # the store lost it (or made it anew): never resume from memory
+            session = None
+        if not meta or _text(meta.get(b"key")) != key_id:
+            return None
+        home = _text(meta.get(b"home"))
+        if session is None:
+            session = self._sessions[session_id] = ClusterSession(self, session_id, key_id, home)
+        elif session.runtime is None:
+            session.home = home
+        if session.runtime is None and (home in ("", self._node.id) or not await self._node.alive(home)):
+            await self._settle(session)
+        return session
+
+    async def _settle(self, session: ClusterSession) -> None:
+        """Make sure ``session.home`` names a live node, claiming the session when it has none."""
+        async with session.lock:
+            if session.runtime is not None:
+                return
+            home = await self._store.run(self._store.client.hget(meta_key(session.id), "home"))
+            if home is None:
+                session.ended = True
+                return
+            home = _text(home)
+            if home and home != self._node.id and await self._node.alive(home):
+                session.home = home
+                return
+            if home:
+                await self.recover(session.id, home)
+            await self._claim(session)
+
+    async def _claim(self, session: ClusterSession) -> None:
+        claimed = await homes.claim(self._store, session.id, self._node.id)
+        if claimed is None:
+            session.ended = True
+        elif isinstance(claimed, str):
+            session.home = claimed
+        else:
+            capacity = self._limits.replay_events
+            event_log = RedisEventLog(
+                session.id,
+                claimed.epoch,
+                capacity=capacity,
+                writer=self.writer,
+                past=claimed.past,
+                last_seq=claimed.last_seq,
+            )
+            self._make_home(session, event_log)
+            log.info("claimed session", extra={"session": session.id})
+
+    async def _create(self, key_id: str) -> ClusterSession:
+        self._limiter.acquire_session(key_id)
+        session_id = new_session_id()
+        try:
+            epoch = await homes.create(
+                self._store, session_id, key_id=key_id, node_id=self._node.id, ttl_ms=self._key_ttl_ms
+            )
+        except SluiceError:
+            self._limiter.release_session(key_id)
+            raise
+        session = self._sessions[session_id] = ClusterSession(self, session_id, key_id, self._node.id)
+        capacity = self._limits.replay_events
+        self._make_home(session, RedisEventLog(session_id, epoch, capacity=capacity, writer=self.writer))
+        self._metrics.session_opened()
+        return session
+
+    def _make_home(self, session: ClusterSession, event_log: RedisEventLog) -> None:
+        runtime = SessionRuntime(
+            Session(session.id, self._limits, event_log),
+            dispatcher=self._dispatcher,
+            metrics=self._metrics,
+            key_id=session.key_id,
+            clock=self._clock,
+        )
+        runtime.attach(FeedSink(), runtime.session.last_seq)
+        event_log.on_lost = lambda _: self._lost(session)
+        session.runtime, session.event_log, session.home = runtime, event_log, self._node.id
+        session.current = session.token
+        session.detached_since = None if session.attached else self._clock()
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    async def _attach(
+        self,
+        session: ClusterSession,
+        outbox: Outbox,
+        last_seq: int,
+        welcome: Callable[[str, int], Welcome] | None,
+    ) -> bool:
+        token = f"{self._node.id}/{next(self._tokens)}"
+        session.begin_attach()
+        try:
+            if not session.subscribed:
+                await self._node.subscribe(feed_channel(session.id), session.on_feed)
+                session.subscribed = True
+            replay = await read_after(self._store, session.id, last_seq)
+        except BaseException:
+            session.abandon_attach()
+            raise
+        if replay is None:
+            session.abandon_attach()
+            return False
+        session.complete_attach(outbox, token, replay, last_seq, welcome)
+        if replay:
+            self._metrics.replay(len(replay))
+        await self._store.run(self._store.client.publish(feed_channel(session.id), f"!A {token}"))
+        self._tell_home(session, {"op": "att", "t": token})
+        return True
+
+    def detached(self, session: ClusterSession, token: str | None) -> None:
+        """A transport of ``session`` on this node went away."""
+        self._tell_home(session, {"op": "det", "t": token})
+        if session.runtime is None:
+            self._spawn(self._forget(session))
+
+    def _tell_home(self, session: ClusterSession, message: dict[str, Any]) -> None:
+        if session.runtime is not None:
+            self._attachment(session, message)
+        elif session.home:
+            self._spawn(self._node.send(session.home, {**message, "s": session.id}))
+
+    def _attachment(self, session: ClusterSession, message: dict[str, Any]) -> None:
+        if message["op"] == "att":
+            session.current, session.detached_since = message["t"], None
+        elif session.current == message["t"] and session.detached_since is None:
+            session.detached_since = self._clock()
+
+    async def _forget(self, session: ClusterSession) -> None:
+        """Drop a view of a session homed elsewhere once no transport holds it here."""
+        await asyncio.sleep(0)
+        if session.attached or session.runtime is not None or self._sessions.get(session.id) is not session:
+            return
+        del self._sessions[session.id]
+        if session.subscribed:
+            session.subscribed = False
+            await self._node.unsubscribe(feed_channel(session.id))
+
+    def fill_gap(self, session: ClusterSession, after: int) -> None:
+        async def fill() -> None:
+            for _ in range(20):
+                with contextlib.suppress(SluiceError):
+                    session.gap_filled(await read_after(self._store, session.id, after))
+                    return
+                await asyncio.sleep(_SETTLE_RETRY_S)
+            session.gap_filled(None)
+
+        self._spawn(fill())
+
+    def _resync(self) -> None:
+        for session in list(self._sessions.values()):
+            session.resync()
+
+    def adopt(self, session: ClusterSession) -> None:
+        """The home let go of a session whose transport is here: become its home."""
+        self._spawn(self._settle(session))
+
+    # -- forwarding client messages to the home ----------------------------------------------
+
+    async def forward(self, session: ClusterSession, message: dict[str, Any]) -> bool:
+        """Deliver one queued client message to the session's home; False: try it again."""
+        if session.runtime is not None:
+            self._apply(session, message)
+            return True
+        if session.home:
+            try:
+                if await self._node.call(session.home, {**message, "s": session.id, "k": session.key_id}):
+                    return True
+            except SluiceError:
+                pass  # not listening or not answering: find out whether it is still the home
+        await asyncio.sleep(_SETTLE_RETRY_S)
+        with contextlib.suppress(SluiceError):
+            session.home = ""
+            await self._settle(session)
+        return False
+
+    def _apply(self, session: ClusterSession, message: dict[str, Any]) -> None:
+        runtime = session.runtime
+        assert runtime is not None
+        if message["op"] == "msg":
+            session.handle_here(decode(orjson.dumps(message["m"]), max_bytes=_FORWARDED_MAX_BYTES))
+        elif message["op"] == "refuse":
+            error = SluiceError(
+                ErrorCode(message["code"]),
+                message["message"],
+                retryable=message["retryable"],
+                retry_after_ms=message["retry_after_ms"],
+                ref=message["ref"],
+            )
+            runtime.refuse(error)
+
+    async def _on_control(self, message: dict[str, Any]) -> object:
+        session = self._sessions.get(message.get("s", ""))
+        home = session is not None and session.runtime is not None
+        match message["op"]:
+            case "msg" | "refuse":
+                if not home or session is None or session.key_id != message["k"]:
+                    return False  # not (or no longer) the home: the sender looks again
+                self._apply(session, message)
+                return True
+            case "att" | "det" if home and session is not None:
+                self._attachment(session, message)
+            case "end":
+                return await self.end(message["s"])
+            case _:
+                pass
+        return None
+
+    # -- ending ------------------------------------------------------------------------------
+
+    async def _end_here(self, session: ClusterSession) -> None:
+        runtime = session.runtime
+        assert runtime is not None
+        self._sessions.pop(session.id, None)
+        session.runtime = None
+        self._limiter.release_session(session.key_id)
+        self._metrics.session_closed()
+        await runtime.close()
+        await self.writer.flush()
+        if session.outbox is not None:
+            session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        with contextlib.suppress(SluiceError):
+            await self._delete(session.id)
+        if session.subscribed:
+            session.subscribed = False
+            with contextlib.suppress(SluiceError):
+                await self._node.unsubscribe(feed_channel(session.id))
+
+    async def _delete(self, session_id: str) -> None:
+        await homes.delete(self._store, session_id, self._node.id)
+
+    def _lost(self, session: ClusterSession) -> None:
+        """The store no longer has this session as this node knew it: end it here, quietly."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        runtime, session.runtime = session.runtime, None
+        if runtime is not None:
+            self._limiter.release_session(session.key_id)
+            self._metrics.session_closed()
+            self._spawn(runtime.close())
+        if session.outbox is not None:
+            session.outbox.fail(CloseCode.GOING_AWAY, "session lost by the session store")
+
+    async def recover(self, session_id: str, dead: str) -> None:
+        """End what ``dead``, the stopped home of ``session_id``, left unfinished there."""
+        await homes.recover(
+            self._store, session_id, dead, maxlen=self._limits.replay_events, ttl_ms=self._key_ttl_ms
+        )
+
+    async def recover_node(self, dead: str) -> None:
+        """Every session whose home was ``dead`` (its lease expired)."""
+        await homes.recover_node(
+            self._store, dead, maxlen=self._limits.replay_events, ttl_ms=self._key_ttl_ms
+        )
+
+    # -- sweeping and closing ----------------------------------------------------------------
+
+    def expired(self) -> list[ClusterSession]:
+        now = self._clock()
+        return [
+            session
+            for session in self._sessions.values()
+            if session.runtime is not None
+            and session.detached_since is not None
+            and now - session.detached_since >= self._ttl_s
+        ]
+
+    async def sweep(self) -> int:
+        """End the sessions homed here with no transport for the TTL; refresh the others' keys."""
+        ended = 0
+        for session in self.expired():
+            log.info("session expired", extra={"session": session.id})
+            await self._end_here(session)
+            ended += 1
+        homes = [s.id for s in self._sessions.values() if s.runtime is not None]
+        if homes:
+            async with self._store.translated():
+                pipe = self._store.client.pipeline(transaction=False)
+                for session_id in homes:
+                    pipe.pexpire(meta_key(session_id), self._key_ttl_ms)
+                    pipe.pexpire(log_key(session_id), self._key_ttl_ms)
+                await pipe.execute()
+        return ended
+
+    def start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="sluice cluster sweeper")
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, min(_SWEEP_EVERY_S, self._ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except SluiceError:
+                pass  # Redis is down; the store's health check says so
+            except Exception:
+                log.exception("session sweep failed")
+
+    async def close(self) -> None:
+        """Stop: end the requests still running here (retryable: resume elsewhere), let go of
+        every session homed here so another node can take it at once, close local transports."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        error = SluiceError(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
+        for session in list(self._sessions.values()):
+            runtime = session.runtime
+            if runtime is not None and session.event_log is not None:
+                runtime.fail_all(error)
+                await runtime.close()
+                session.event_log.let_go()
+            if session.outbox is not None:
+                session.outbox.fail(CloseCode.GOING_AWAY, "server shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self.writer.flush()
+        for task in list(self._tasks):
+            task.cancel()
+        self._sessions.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, SluiceError):
+                log.error("cluster task failed", exc_info=exc)

@@ -1,0 +1,116 @@
+"""Nodes against a real redis-server: control messages in order, calls answered, feeds delivered
+only after the subscription is confirmed, a node that stops is found dead and handed over once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from server.cluster.node import Node
+from server.cluster.redis import RedisStore
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+async def second(store: RedisStore, redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    other = RedisStore(redis_server.url)
+    await other.start()
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+async def _started(store: RedisStore, node_id: str, **kwargs: Any) -> Node:
+    node = Node(store, node_id, **kwargs)
+    await node.start()
+    return node
+
+
+async def test_control_messages_arrive_in_order_and_calls_get_answers(
+    store: RedisStore, second: RedisStore
+) -> None:
+    a = await _started(store, "n_a")
+    b = await _started(second, "n_b")
+    seen: list[int] = []
+
+    async def on_control(message: dict[str, Any]) -> object:
+        if message["op"] == "add":
+            await asyncio.sleep(0.001 * (message["n"] % 3))  # slower handlers must not reorder
+            seen.append(message["n"])
+            return None
+        return {"sum": sum(seen)}
+
+    b.on_control = on_control
+    try:
+        for n in range(50):
+            assert await a.send("n_b", {"op": "add", "n": n})
+        assert await a.call("n_b", {"op": "sum"}) == {"sum": sum(range(50))}
+        assert seen == list(range(50))
+        assert not await a.send("n_nobody", {"op": "add", "n": 1})
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_feed_gets_everything_published_after_subscribe_returns(
+    store: RedisStore, second: RedisStore
+) -> None:
+    a = await _started(store, "n_a")
+    got: list[bytes] = []
+    try:
+        await a.subscribe("sluice:{s_x}:feed", got.append)
+        for n in range(100):
+            await second.client.publish("sluice:{s_x}:feed", str(n))
+        for _ in range(100):
+            if len(got) == 100:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [str(n).encode() for n in range(100)]
+        await a.unsubscribe("sluice:{s_x}:feed")
+        await second.client.publish("sluice:{s_x}:feed", "late")
+        await asyncio.sleep(0.1)
+        assert len(got) == 100
+    finally:
+        await a.close()
+
+
+async def test_a_node_that_stops_beating_is_handed_to_one_survivor(
+    store: RedisStore, second: RedisStore, redis_server: RedisServer
+) -> None:
+    dead: list[tuple[str, str]] = []
+    a = await _started(store, "n_a", lease_s=1.0, beat_s=0.2)
+    b = await _started(second, "n_b", lease_s=1.0, beat_s=0.2)
+    third = RedisStore(redis_server.url)
+    await third.start()
+    c = await _started(third, "n_c", lease_s=1.0, beat_s=0.2)
+
+    async def on_dead_for(survivor: str) -> Any:
+        async def on_dead(node_id: str) -> None:
+            dead.append((survivor, node_id))
+
+        return on_dead
+
+    a.on_dead = await on_dead_for("n_a")
+    b.on_dead = await on_dead_for("n_b")
+    try:
+        await asyncio.sleep(0.5)
+        for task in c._tasks:  # a SIGKILL, seen from Redis: the beat stops, nothing is cleaned up
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        for _ in range(100):
+            if dead:
+                break
+            await asyncio.sleep(0.05)
+        assert loop.time() - stopped < 2.5
+        await asyncio.sleep(0.5)
+        assert len(dead) == 1 and dead[0][1] == "n_c"
+        assert await a.alive("n_b") and not await a.alive("n_c")
+    finally:
+        await a.close()
+        await b.close()
+        await third.close()

@@ -1,0 +1,218 @@
+"""The cluster session registry in-process: two nodes, one real redis-server, fake backends.
+Resume on the other node mid-stream, cancel and takeover across nodes, ownership, ending from
+either node, a node that stops mid-request, and Redis restarted empty."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from protocol.close import CloseCode
+from protocol.messages import Cancel, Generate
+from server.cluster.sessions import Unattached
+from tests.cluster.inprocess import InProcessNode, collect, kill, outbox, start_node, terminal, welcome
+from tests.server.fakes import FakeRegistry, ScriptedGenerator
+from tests.support.redis_server import RedisServer
+
+PIECES = [f"w{n} " for n in range(40)]
+
+
+@pytest.fixture
+async def pair(
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[InProcessNode, InProcessNode, ScriptedGenerator]]:
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    generator = ScriptedGenerator(pieces=PIECES, delay_s=0.01)
+    a = await start_node(redis_server.url, "n_a", FakeRegistry(generator))
+    b = await start_node(redis_server.url, "n_b", FakeRegistry(generator))
+    try:
+        yield a, b, generator
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _text(events: list[dict[str, object]], request_id: str) -> str:
+    return "".join(str(e["text"]) for e in events if e["type"] == "delta" and e["id"] == request_id)
+
+
+def _seqs(events: list[dict[str, object]]) -> list[int]:
+    return [int(str(e["seq"])) for e in events if "seq" in e]
+
+
+async def test_a_session_resumes_on_the_other_node_mid_stream_exactly(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    box_a = outbox()
+    connected = await a.sessions.connect(box_a, key_id="k", welcome=welcome)
+    session = connected.runtime.id
+    connected.runtime.handle(Generate(type="generate", id="g1", prompt="hi"))
+    first = await collect(box_a, lambda ev: len([e for e in ev if e["type"] == "delta"]) >= 10)
+    assert first[0]["type"] == "welcome" and first[0]["resumed"] is False
+    seen = _seqs(first)
+    connected.runtime.detach(box_a)
+    box_b = outbox()
+    resumed = await b.sessions.connect(box_b, key_id="k", welcome=welcome, resume=session, last_seq=seen[-1])
+    assert resumed.resumed and resumed.runtime.id == session
+    rest = await collect(box_b, terminal("g1"))
+    assert rest[0]["type"] == "welcome" and rest[0]["resumed"] is True
+    events = first[1:] + rest[1:]
+    assert _seqs(events) == list(range(1, len(events) + 1))
+    assert _text(events, "g1") == "".join(PIECES)
+    assert events[-1]["type"] == "done"
+
+
+async def test_cancel_on_the_other_node_closes_the_upstream(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, generator = pair
+    box_a = outbox()
+    connected = await a.sessions.connect(box_a, key_id="k", welcome=welcome)
+    connected.runtime.handle(Generate(type="generate", id="g1", prompt="hi"))
+    await collect(box_a, lambda ev: any(e["type"] == "delta" for e in ev))
+    connected.runtime.detach(box_a)
+    box_b = outbox()
+    on_b = await b.sessions.connect(
+        box_b, key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0
+    )
+    on_b.runtime.handle(Cancel(type="cancel", id="g1"))
+    events = await collect(box_b, terminal("g1"))
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled"
+    for _ in range(100):
+        if generator.records[0].closed_early:
+            break
+        await asyncio.sleep(0.02)
+    assert generator.records[0].closed_early
+
+
+async def test_a_transport_attaching_on_another_node_takes_over(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    box_a = outbox()
+    connected = await a.sessions.connect(box_a, key_id="k", welcome=welcome)
+    box_b = outbox()
+    await b.sessions.connect(box_b, key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0)
+    await collect(box_a, lambda ev: False, within=5.0)
+    assert box_a.close_code is CloseCode.TAKEN_OVER
+    assert not box_b.closed
+    # And back: the transport on b is the one closed now.
+    box_a2 = outbox()
+    await a.sessions.connect(box_a2, key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0)
+    await collect(box_b, lambda ev: False, within=5.0)
+    assert box_b.close_code is CloseCode.TAKEN_OVER
+
+
+async def test_another_key_cannot_resume_a_session_on_another_node(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    connected = await a.sessions.connect(outbox(), key_id="k1", welcome=welcome)
+    other = await b.sessions.connect(
+        outbox(), key_id="k2", welcome=welcome, resume=connected.runtime.id, last_seq=0
+    )
+    assert not other.resumed and other.runtime.id != connected.runtime.id
+    assert await b.sessions.find(connected.runtime.id, "k2") is None
+    assert (
+        await b.sessions.attach(outbox(), session_id=connected.runtime.id, key_id="k2", last_seq=0)
+        is Unattached.UNKNOWN
+    )
+
+
+async def test_a_resume_past_what_was_logged_is_a_new_session(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    connected = await a.sessions.connect(outbox(), key_id="k", welcome=welcome)
+    again = await b.sessions.connect(
+        outbox(), key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=5
+    )
+    assert not again.resumed
+    sse = await b.sessions.attach(outbox(), session_id=connected.runtime.id, key_id="k", last_seq=5)
+    assert sse is Unattached.INCOMPLETE
+
+
+async def test_ending_from_the_other_node_ends_it_everywhere(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, generator = pair
+    box_a = outbox()
+    connected = await a.sessions.connect(box_a, key_id="k", welcome=welcome)
+    connected.runtime.handle(Generate(type="generate", id="g1", prompt="hi"))
+    await collect(box_a, lambda ev: any(e["type"] == "delta" for e in ev))
+    assert await b.sessions.end(connected.runtime.id)
+    await collect(box_a, lambda ev: False, within=5.0)
+    assert box_a.closed
+    assert generator.records[0].closed_early
+    assert await b.sessions.find(connected.runtime.id, "k") is None
+    assert not await b.sessions.end(connected.runtime.id)
+
+
+async def test_messages_posted_on_one_node_stream_on_the_other(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    opened = await a.sessions.open_or_resume(key_id="k", welcome=welcome)
+    stream = outbox()
+    attached = await a.sessions.attach(stream, session_id=opened.session, key_id="k", last_seq=0)
+    assert not isinstance(attached, Unattached)
+    on_b = await b.sessions.find(opened.session, "k")
+    assert on_b is not None
+    on_b.handle(Generate(type="generate", id="g1", prompt="hi"))
+    events = await collect(stream, terminal("g1"))
+    assert _text(events, "g1") == "".join(PIECES)
+    again = await b.sessions.open_or_resume(key_id="k", welcome=welcome, resume=opened.session, last_seq=3)
+    assert again.resumed and again.session == opened.session
+
+
+async def test_a_node_that_stops_mid_request_has_it_ended_retryable_and_the_session_lives_on(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, generator = pair
+    generator.delay_s = 0.05
+    box_a = outbox()
+    connected = await a.sessions.connect(box_a, key_id="k", welcome=welcome)
+    session = connected.runtime.id
+    connected.runtime.handle(Generate(type="generate", id="g1", prompt="hi"))
+    first = await collect(box_a, lambda ev: len([e for e in ev if e["type"] == "delta"]) >= 3)
+    # A dies as a SIGKILL looks from Redis: no more writes, no heartbeat, no cleanup.
+    await kill(a)
+    box_b = outbox()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    on_b = await b.sessions.connect(
+        box_b, key_id="k", welcome=welcome, resume=session, last_seq=_seqs(first)[-1]
+    )
+    assert on_b.resumed
+    rest = await collect(box_b, terminal("g1"), within=15.0)
+    assert loop.time() - started < 15.0
+    assert rest[-1]["type"] == "error" and rest[-1]["code"] == "internal" and rest[-1]["retryable"] is True
+    events = first[1:] + rest[1:]
+    assert _seqs(events) == list(range(1, len(events) + 1))
+    generator.delay_s = 0.0
+    on_b.runtime.handle(Generate(type="generate", id="g2", prompt="again"))
+    after = await collect(box_b, terminal("g2"))
+    assert _text(after, "g2") == "".join(PIECES)
+    assert _seqs(after) == list(range(events[-1]["seq"] + 1, events[-1]["seq"] + 1 + len(after)))  # type: ignore[operator]
+
+
+async def test_after_redis_restarted_empty_a_resume_is_a_new_session(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator], redis_server: RedisServer
+) -> None:
+    a, b, _ = pair
+    connected = await a.sessions.connect(outbox(), key_id="k", welcome=welcome)
+    redis_server.restart(empty=True)
+    for _ in range(100):
+        if a.store.healthy and b.store.healthy:
+            break
+        await asyncio.sleep(0.05)
+    for node in (a, b):
+        again = await node.sessions.connect(
+            outbox(), key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0
+        )
+        assert not again.resumed
