@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
         finally:
             await services.drainer.drain()
             await services.sessions.close()
+            await services.limiter.close()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await services.registry.close()

@@ -75,7 +75,7 @@ class Authenticator:
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self._digests: tuple[bytes, ...] = tuple(_digest_of_entry(entry) for entry in settings.api_keys)
-        self._tickets = TicketBook(ttl_s=settings.ticket_ttl_s, secret=settings.ticket_secret, clock=clock)
+        self._tickets = TicketBook.from_settings(settings, clock=clock)
         self.origins = OriginPolicy(settings.allowed_origins)
 
     @property

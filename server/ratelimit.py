@@ -1,7 +1,9 @@
 """Per-key limits: requests per minute, generated tokens per minute, concurrent sessions.
 
-Built on the ``limits`` library with in-memory storage (one process; each worker keeps its own
-counts). Requests use a moving window, so a burst at the edge of a minute cannot double the
+Built on the ``limits`` library with in-memory storage: one node's counts. In cluster mode
+(``SLUICE_REDIS_URL``) the same limits are also counted across every node
+(`server.sharedlimits.SharedCounts`: Redis storage, decisions from a view synced every 50 ms, so
+a limit may be overrun by what other nodes admit within one sync, never more). Requests use a moving window, so a burst at the edge of a minute cannot double the
 rate. Tokens use a fixed window because they are charged after the fact, as they are generated:
 a fixed-window counter can go past its limit (a generation already running is not cut short),
 and a moving window would have to store one entry per token. A request is refused while the
@@ -28,6 +30,7 @@ from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from protocol.errors import ErrorCode, SluiceError
 from server.settings import Settings
+from server.sharedlimits import SharedCounts
 
 __all__ = ["SESSION_RETRY_AFTER_MS", "RateLimiter"]
 
@@ -68,6 +71,24 @@ class RateLimiter:
         self._flush_tokens = max(1, min(64, settings.tokens_per_minute // 100))
         self._pending_tokens: dict[str, int] = {}
         self._sessions: dict[str, int] = {}
+        limited = self._requests or self._tokens or settings.sessions_per_key
+        self.shared: SharedCounts | None = (
+            SharedCounts(
+                settings.redis_url,
+                requests=self._requests,
+                tokens=self._tokens,
+                count_sessions=bool(settings.sessions_per_key),
+                window_s=window_s,
+                clock=clock,
+            )
+            if settings.redis_url and limited
+            else None
+        )
+
+    async def close(self) -> None:
+        """Stop counting across the cluster (nothing to do on one node)."""
+        if self.shared is not None:
+            await self.shared.close()
 
     def limits(self) -> dict[str, int]:
         """The configured per-key limits for ``welcome.limits``; unlimited ones are left out."""
@@ -80,14 +101,24 @@ class RateLimiter:
 
     def check_request(self, key_id: str) -> None:
         """Count one request for ``key_id``, or refuse it (its token budget or request rate spent)."""
+        shared = self.shared.view(key_id) if self.shared is not None else None
         if self._tokens is not None:
             self._flush(key_id, self._pending_tokens.get(key_id, 0))
             stats = self._fixed.get_window_stats(self._tokens, key_id)
             if stats.remaining <= 0:
                 raise self._refusal("generated tokens per minute", stats.reset_time)
-        if self._requests is not None and not self._moving.hit(self._requests, key_id):
-            stats = self._moving.get_window_stats(self._requests, key_id)
-            raise self._refusal("requests per minute", stats.reset_time)
+            if shared is not None and shared.tokens_left is not None:
+                if shared.tokens_left - shared.pending_tokens <= 0:
+                    raise self._refusal("generated tokens per minute", shared.tokens_reset)
+        if self._requests is not None:
+            if shared is not None and shared.requests_left is not None:
+                if shared.requests_left - shared.pending_requests <= 0:
+                    raise self._refusal("requests per minute", shared.requests_reset)
+            if not self._moving.hit(self._requests, key_id):
+                stats = self._moving.get_window_stats(self._requests, key_id)
+                raise self._refusal("requests per minute", stats.reset_time)
+            if shared is not None:
+                shared.pending_requests += 1
 
     def consume_tokens(self, key_id: str, n: int) -> None:
         """Charge ``n`` generated tokens to ``key_id``; never refuses (the tokens exist already).
@@ -106,20 +137,26 @@ class RateLimiter:
             self._pending_tokens[key_id] = pending
 
     def acquire_session(self, key_id: str) -> None:
-        """Count one more open session for ``key_id``, or refuse it past ``sessions_per_key``."""
+        """Count one more open session for ``key_id``, or refuse it past ``sessions_per_key``
+        (on the whole cluster, in cluster mode)."""
         limit = self._settings.sessions_per_key
         count = self._sessions.get(key_id, 0)
-        if limit and count >= limit:
+        open_now = self.shared.sessions(key_id) if self.shared is not None else count
+        if limit and open_now >= limit:
             raise SluiceError(
                 ErrorCode.RATE_LIMITED,
                 f"too many concurrent sessions for this key (limit {limit})",
                 retry_after_ms=SESSION_RETRY_AFTER_MS,
             )
         self._sessions[key_id] = count + 1
+        if self.shared is not None:
+            self.shared.session_opened(key_id)
 
     def release_session(self, key_id: str) -> None:
         """Count one session of ``key_id`` closed; extra releases are ignored."""
         count = self._sessions.get(key_id, 0)
+        if self.shared is not None:
+            self.shared.session_closed(key_id)
         if count <= 1:
             self._sessions.pop(key_id, None)
         else:
@@ -132,6 +169,8 @@ class RateLimiter:
         self._pending_tokens.pop(key_id, None)
         if pending and self._tokens is not None:
             self._fixed.hit(self._tokens, key_id, cost=pending)
+            if self.shared is not None:
+                self.shared.view(key_id).pending_tokens += pending
 
     def _refusal(self, what: str, reset_time: float) -> SluiceError:
         retry_after_ms = max(1, math.ceil((reset_time - self._clock()) * 1000))

@@ -9,9 +9,18 @@ with HMAC-SHA256 and accepted once: its nonce is remembered until it expires.
 This module must never see or hold an API key: it deals in ``key_id`` only, so a ticket leaked
 from a log or a proxy gives nothing beyond one connection for ``ticket_ttl_s`` seconds.
 
-With several worker processes, set ``SLUICE_TICKET_SECRET``: the random per-process secret used
-otherwise makes a ticket valid only in the process that issued it (and each process remembers
-its own used nonces).
+One node: the secret is ``SLUICE_TICKET_SECRET``, or random per process; used nonces are kept in
+memory. Cluster mode (``SLUICE_REDIS_URL``, `TicketBook.from_settings`): a ticket issued by any
+node works once, on any node, with no other setting. Its nonce is spent with ``SET NX`` in Redis
+(expiring with the ticket), and the nodes sign with one secret: ``SLUICE_TICKET_SECRET`` when
+set, else one derived from the configured API keys (an HMAC of them, so it reveals nothing of
+them), which every node of a cluster shares already. Changing the keys changes the secret and
+voids outstanding tickets (they live ``ticket_ttl_s``, 60 s by default).
+
+Spending a nonce in Redis is one round trip per ticket used (once per browser connection, not
+per message), made from the event loop with a 250 ms timeout; while Redis is unreachable tickets
+are refused with ``upstream_unavailable`` (retryable), and for a second after a failure no
+attempt is made, so an unreachable Redis cannot stall the loop on every connection.
 """
 
 from __future__ import annotations
@@ -25,15 +34,23 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from protocol.errors import ErrorCode, SluiceError
 
-__all__ = ["TicketBook", "TicketClaims"]
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+__all__ = ["RedisNonces", "SpentNonces", "TicketBook", "TicketClaims", "cluster_ticket_secret"]
 
 # A ticket is a few hundred bytes; anything far longer is not one of ours, and refusing it
 # before any decoding bounds the work a stranger can make us do.
 _MAX_TICKET_CHARS = 1024
 _INVALID = "invalid or expired ticket"
+# Cluster mode: how long a nonce check may take, and how long to stop trying after a failure.
+_REDIS_TIMEOUT_S = 0.25
+_REDIS_BACKOFF_S = 1.0
+_NONCE_PREFIX = "sluice:ticket:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +70,60 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def cluster_ticket_secret(api_keys: list[str]) -> str:
+    """The signing secret every node of a cluster derives alike from its API keys (see the module
+    docstring); order and repeats of the keys do not matter."""
+    material = "\n".join(sorted(set(api_keys))).encode()
+    return hmac.new(b"sluice ticket secret v1", material, hashlib.sha256).hexdigest()
+
+
+class SpentNonces(Protocol):
+    """Where used nonces are kept when they must be shared (cluster mode)."""
+
+    def spend(self, nonce: str, ttl_s: float) -> bool:
+        """Mark ``nonce`` used for ``ttl_s`` seconds: True if it was not used before. Raises
+        ``SluiceError(upstream_unavailable)`` when the store cannot answer."""
+        ...
+
+
+class RedisNonces:
+    """`SpentNonces` in Redis: ``SET sluice:ticket:<nonce> 1 NX PX <ttl>``, one round trip."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        import redis  # cluster mode only
+
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
+        )
+        self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+        self._clock = clock
+        self._retry_at = 0.0
+
+    def spend(self, nonce: str, ttl_s: float) -> bool:
+        if self._clock() < self._retry_at:
+            raise _store_unavailable()
+        try:
+            created = self._client.set(_NONCE_PREFIX + nonce, b"1", nx=True, px=max(1, int(ttl_s * 1000)))
+        except self._errors:
+            self._retry_at = self._clock() + _REDIS_BACKOFF_S
+            raise _store_unavailable() from None
+        return bool(created)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _store_unavailable() -> SluiceError:
+    return SluiceError(
+        ErrorCode.UPSTREAM_UNAVAILABLE,
+        "tickets cannot be checked: the session store (Redis) is unreachable",
+        retry_after_ms=int(_REDIS_BACKOFF_S * 1000),
+    )
+
+
 class TicketBook:
-    """Issues and verifies tickets; remembers used nonces until their tickets expire.
+    """Issues and verifies tickets; remembers used nonces until their tickets expire (in memory,
+    or in ``shared`` when given: cluster mode).
 
     ``max_used`` bounds the memory of used nonces. When that many tickets were used within one
     ``ttl_s``, further tickets are refused with ``overloaded`` until the oldest expire: refusing
@@ -68,16 +137,31 @@ class TicketBook:
         secret: str = "",
         max_used: int = 100_000,
         clock: Callable[[], float] = time.time,
+        shared: SpentNonces | None = None,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError("ticket ttl must be positive")
+        if shared is not None and not secret:
+            raise ValueError("shared nonces need a secret every node knows")
         self.ttl_s = ttl_s
         self._secret = secret.encode() if secret else secrets.token_bytes(32)
         self._max_used = max_used
         self._clock = clock
+        self._shared = shared
         # nonce -> expiry. Every ticket lives ttl_s, so insertion order is expiry order and
         # pruning only ever looks at the front.
         self._used: dict[str, float] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> TicketBook:
+        """The book for ``settings``: in cluster mode (``redis_url``) its nonces are spent in Redis
+        and its secret is shared (`cluster_ticket_secret` unless ``ticket_secret`` is set)."""
+        if not settings.redis_url:
+            return cls(ttl_s=settings.ticket_ttl_s, secret=settings.ticket_secret, clock=clock)
+        secret = settings.ticket_secret or cluster_ticket_secret(settings.api_keys)
+        return cls(
+            ttl_s=settings.ticket_ttl_s, secret=secret, clock=clock, shared=RedisNonces(settings.redis_url)
+        )
 
     def issue(self, key_id: str, *, session: str | None = None) -> str:
         """A new ticket for ``key_id``, valid for ``ttl_s`` seconds, once."""
@@ -137,6 +221,10 @@ class TicketBook:
         return TicketClaims(key_id=key_id, expires_at=float(expires), session=session), nonce
 
     def _spend(self, nonce: str, expires_at: float, now: float) -> None:
+        if self._shared is not None:
+            if not self._shared.spend(nonce, expires_at - now):
+                raise SluiceError(ErrorCode.UNAUTHORIZED, _INVALID)
+            return
         self._prune(now)
         if nonce in self._used:
             raise SluiceError(ErrorCode.UNAUTHORIZED, _INVALID)
