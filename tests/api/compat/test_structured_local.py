@@ -115,3 +115,16 @@ async def test_ollama_show_describes_the_embedded_generator(local_server: Server
     assert shown.modelinfo is not None and shown.modelinfo["llama.context_length"] == 2048
     running = {entry.model for entry in (await ollama.AsyncClient(host=local_server.url).ps()).models}
     assert {LOCAL, "all-MiniLM-L6-v2"} <= running
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_keyword_the_model_cannot_enforce_is_a_400(client: openai.AsyncOpenAI, stream: bool) -> None:
+    unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(
+            model=LOCAL,
+            messages=[{"role": "user", "content": "numbers"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": unique}},
+            stream=stream,
+        )
+    assert refused.value.code == "invalid_request" and "uniqueItems" in refused.value.message
