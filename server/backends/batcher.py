@@ -23,6 +23,7 @@ This module must never import a model library: the forward and length functions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -321,17 +322,7 @@ class MicroBatcher(Generic[T, R]):
 
     def _admit(self, arrivals: list[_Pending[T, R]]) -> bool:
         """Measure new requests (outside the lock) and queue their items; False once closed."""
-        sized: list[tuple[_Pending[T, R], list[int] | SluiceError]] = []
-        for pending in arrivals:
-            try:
-                lengths = (
-                    [1] * len(pending.items) if self._lengths is None else list(self._lengths(pending.items))
-                )
-                if len(lengths) != len(pending.items):
-                    raise RuntimeError(f"lengths gave {len(lengths)} values for {len(pending.items)} items")
-                sized.append((pending, lengths))
-            except Exception as exc:  # a request that cannot be measured fails alone
-                sized.append((pending, forward_error(exc)))
+        sized = self._measure(arrivals)
         failed: list[Outcome[T, R]] = []
         with self._cond:
             self._sizing = []
@@ -348,6 +339,34 @@ class MicroBatcher(Generic[T, R]):
                     self._buckets.add(pending, outcome)
         _deliver(failed)
         return True
+
+    def _measure(
+        self, arrivals: list[_Pending[T, R]]
+    ) -> list[tuple[_Pending[T, R], list[int] | SluiceError]]:
+        """Item lengths per request: one ``lengths`` call for all of them, or, when that fails,
+        one per request, so that only the request that cannot be measured fails."""
+        if self._lengths is None:
+            return [(pending, [1] * len(pending.items)) for pending in arrivals]
+        if len(arrivals) > 1:
+            with contextlib.suppress(Exception):  # measured again one by one below
+                every = list(self._lengths([item for pending in arrivals for item in pending.items]))
+                if len(every) == sum(len(pending.items) for pending in arrivals):
+                    out: list[tuple[_Pending[T, R], list[int] | SluiceError]] = []
+                    start = 0
+                    for pending in arrivals:
+                        out.append((pending, every[start : start + len(pending.items)]))
+                        start += len(pending.items)
+                    return out
+        sized: list[tuple[_Pending[T, R], list[int] | SluiceError]] = []
+        for pending in arrivals:
+            try:
+                lengths = list(self._lengths(pending.items))
+                if len(lengths) != len(pending.items):
+                    raise RuntimeError(f"lengths gave {len(lengths)} values for {len(pending.items)} items")
+                sized.append((pending, lengths))
+            except Exception as exc:  # a request that cannot be measured fails alone
+                sized.append((pending, forward_error(exc)))
+        return sized
 
     def _run_batch(self, slots: list[Slot[_Pending[T, R]]]) -> None:
         if self._lengths is not None:

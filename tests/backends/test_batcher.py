@@ -267,6 +267,27 @@ async def test_a_failing_length_function_fails_only_its_request() -> None:
     assert good == ["GOOD"] and batcher.queued == 0
 
 
+async def test_requests_that_arrive_together_are_measured_in_one_lengths_call() -> None:
+    calls: list[list[str]] = []
+    recorder = Recorder()
+
+    def lengths(items: Sequence[str]) -> list[int]:
+        calls.append(list(items))
+        return [len(item) for item in items]
+
+    batcher: MicroBatcher[str, str] = MicroBatcher("t", recorder, max_batch=8, max_queue=16, lengths=lengths)
+    batcher.start()
+    try:
+        gate = await hold_worker(batcher, recorder)
+        waiting = [asyncio.create_task(batcher.submit(texts)) for texts in (["a", "bb"], ["ccc"], ["dd"])]
+        await asyncio.sleep(0.01)
+        await release(recorder, gate)
+        assert await asyncio.gather(*waiting) == [["A", "BB"], ["CCC"], ["DD"]]
+    finally:
+        await batcher.close()
+    assert calls == [["gate"], ["a", "bb", "ccc", "dd"]]
+
+
 def test_from_settings_follows_the_batching_settings() -> None:
     settings = Settings(ollama_urls=[], embed_max_batch=7, embed_max_batch_tokens=900, embed_max_queue=99)  # type: ignore[call-arg]
     started: list[bool] = []
