@@ -13,7 +13,8 @@ unanswered when it names none). A call out is ``{"id", "function": {"index", "na
 What sluice cannot honour is refused with a 400 naming it: images, ``suffix``, ``think``,
 ``raw``, ``template``, ``context``, ``logprobs``. Unknown fields and unknown ``options`` are
 ignored, as Ollama ignores them; an assistant turn's ``thinking`` is dropped from the history,
-as Ollama's templates drop it. This module shapes requests only: it never runs anything.
+as Ollama's templates drop it; ``keep_alive`` asks nothing of a reply (sluice keeps its models
+loaded). This module shapes requests only: it never runs anything.
 """
 
 from __future__ import annotations
