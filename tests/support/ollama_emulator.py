@@ -33,6 +33,8 @@ from typing import Any
 
 import orjson
 
+from tests.support.ollama_replies import ReplyFault, format_pieces, plan_calls
+
 __all__ = ["DEFAULT_MODELS", "FAULT_MODELS", "Emulator", "EmulatorConfig", "RequestRecord", "start_emulator"]
 
 DEFAULT_MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "smollm2:135m", "nomic-embed-text")
@@ -80,6 +82,9 @@ class EmulatorConfig:
     version: str = "0.6.2"
     keep_records: bool = True  # off for long benchmark runs, where records would only grow
     advertise_faults: bool = False  # list FAULT_MODELS in /api/tags too (they always answer)
+    tool_calls: int = 1  # calls in a reply to a chat offering tools (the first offered tools)
+    text_before_calls: int = 2  # pieces of text such a reply streams before its calls
+    reply_fault: ReplyFault = ReplyFault.NONE  # a promise about tools or format to break
 
 
 @dataclasses.dataclass(eq=False)
@@ -96,6 +101,7 @@ class RequestRecord:
     pieces_sent: int = 0
     writes: int = 0
     planned: tuple[str, ...] = ()
+    calls: tuple[dict[str, Any], ...] = ()  # the tool_calls entries the reply carries
     connection: int = 0  # which client connection carried it (numbered from 1 in accept order)
 
     @property
@@ -148,6 +154,21 @@ def plan_text(body: dict[str, Any], tokens: int) -> tuple[list[str], str]:
             size += len(piece)
         pieces, reason = kept, "stop"
     return pieces, reason
+
+
+def plan_reply(body: dict[str, Any], cfg: EmulatorConfig) -> tuple[list[str], str, list[dict[str, Any]]]:
+    """`plan_text`, then what ``tools`` (a chat's calls) and ``format`` (JSON text) change."""
+    pieces, reason = plan_text(body, cfg.tokens)
+    calls = plan_calls(body, cfg.tool_calls, cfg.reply_fault) if "messages" in body else []
+    shaped = format_pieces(body, cfg.reply_fault)
+    if calls:
+        pieces = pieces[: cfg.text_before_calls]
+    elif shaped is not None and pieces:
+        limit = (body.get("options") or {}).get("num_predict")
+        pieces, reason = shaped, "stop"
+        if isinstance(limit, int) and 0 <= limit < len(shaped):
+            pieces, reason = shaped[:limit], "length"
+    return pieces, reason, calls
 
 
 def embedding_for(text: str, dimensions: int) -> list[float]:
@@ -373,8 +394,9 @@ class EmulatorServer:
             busy = {"error": _FAULT_STATUS["fault-503"][1]}
             headers = {"Retry-After": str(cfg.retry_after_s)} if cfg.retry_after_s is not None else {}
             return await self._send(conn, record, _response(503, busy, headers))
-        pieces, reason = plan_text(body, cfg.tokens)
+        pieces, reason, calls = plan_reply(body, cfg)
         record.planned = tuple(pieces)
+        record.calls = tuple(calls)
         self.busy += 1
         self.loaded.add(model)
         try:
@@ -444,6 +466,8 @@ class EmulatorServer:
             final["message" if chat else "response"] = (
                 {"role": "assistant", "content": "".join(pieces)} if chat else "".join(pieces)
             )
+            if record.calls:
+                final["message"]["tool_calls"] = list(record.calls)
             record.pieces_sent = len(pieces)
             return await self._send(conn, record, _response(200, final))
         head = {"Content-Type": "application/x-ndjson", "Transfer-Encoding": "chunked"}
@@ -481,6 +505,14 @@ class EmulatorServer:
         t_first = t_first or time.perf_counter_ns()
         if stop_at is not None:
             return await self._fault(conn, record, model, pending)
+        for call in record.calls:
+            # Each call complete in a chunk of its own, arguments an object (OLLAMA.md).
+            message = {"role": "assistant", "content": "", "tool_calls": [call]}
+            line = {"model": model, "created_at": _created_at().decode(), "message": message, "done": False}
+            record.writes += 1
+            writer.write(_chunk(pending + orjson.dumps(line) + b"\n"))
+            pending = b""
+            await writer.drain()
         final = self._final(body, chat, pieces, reason, t_start, t_first, model == "fault-no-stats")
         record.writes += 1
         record.outcome = "completed"
@@ -609,7 +641,7 @@ class Emulator:
 
     def expected_text(self, body: dict[str, Any]) -> str:
         """The full text a generate or chat body (as sent upstream) streams back."""
-        return "".join(plan_text(body, self.config.tokens)[0])
+        return "".join(plan_reply(body, self.config)[0])
 
     def expected_embedding(self, text: str) -> list[float]:
         return embedding_for(text, self.config.embed_dimensions)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import orjson
 
 from server.backends.base import Embedder, GenerationItem, GenerationRequest, Generator
+from server.backends.ollama.checks import ReplyCheck
 from server.backends.ollama.errors import (
     MalformedResponse,
     NoUpstream,
@@ -85,6 +86,7 @@ class OllamaBackend(Generator):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationItem]:
         path, body = encode_generation(request)
         decoder = StreamDecoder(chat=path == CHAT_PATH)
+        check = ReplyCheck(request)
         guard = StallGuard(self._first_token_s, self._idle_s)
         upstream: Upstream | None = None
         response: httpx.Response | None = None
@@ -96,18 +98,23 @@ class OllamaBackend(Generator):
             first = True
             async for data in body_stream(response):
                 text = decoder.feed(data)
-                if text:
+                calls = decoder.take_calls() if decoder.calls else None
+                if text or calls:
                     if first:
                         first = False
                         guard.first_piece()
                     guard.received()
-                    yield text
+                    if text:
+                        yield check.text(text)
+                    # A read that completed text and a call gives the text first.
+                    for call in calls or ():
+                        yield check.call(call)
                     guard.waiting()
                 if decoder.failure is not None:
                     raise decoder.failure
             # Reading on to the end of the body (not stopping at the done line) lets httpx put the
             # connection back in the pool.
-            result = result_from_final(decoder.finish(), decoder.pieces)
+            result = check.finish(result_from_final(decoder.finish(), decoder.pieces))
         except asyncio.CancelledError:
             stall = guard.expired()
             if stall is None:

@@ -1,10 +1,12 @@
 """Ollama's wire format, sans I/O: request bodies out, NDJSON bytes in, results out.
 
-`encode_generation` builds the ``/api/chat`` or ``/api/generate`` body for a `GenerationRequest`;
-`StreamDecoder` takes the response body in whatever pieces the network delivers (lines split
-across reads, several lines in one read, a UTF-8 character cut in two) and returns the text of
-each complete line, raising on an ``{"error": ...}`` line; `result_from_final` maps the final
-chunk to a `GenerationResult`. This module must never do I/O or know about httpx: the backend
+`encode_generation` builds the ``/api/chat`` or ``/api/generate`` body for a `GenerationRequest`
+(``format`` and ``tools`` passed through, tool calls and results mapped into Ollama's chat
+history); `StreamDecoder` takes the response body in whatever pieces the network delivers (lines
+split across reads, several lines in one read, a UTF-8 character cut in two) and returns the text
+of each complete line, raising on an ``{"error": ...}`` line, and collects the complete tool calls
+of ``message.tool_calls`` as `ToolCall` items; `result_from_final` maps the final chunk to a
+`GenerationResult`. This module must never do I/O or know about httpx: the backend
 feeds it bytes and the tests feed it byte strings.
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from server.backends.base import GenerationRequest, GenerationResult
+from server.backends.base import GenerationRequest, GenerationResult, Tool, ToolCall, Turn
 from server.backends.ollama.errors import MalformedResponse, StreamEnded, UpstreamErrorLine
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "decode_tags",
     "encode_embed",
     "encode_generation",
+    "offered_tools",
     "result_from_final",
 ]
 
@@ -53,15 +56,61 @@ def _options(request: GenerationRequest) -> dict[str, Any]:
     return options
 
 
+def _tool(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    # Ollama's function type has no optional parameters: no parameters means none.
+    function["parameters"] = tool.parameters if tool.parameters is not None else _NO_PARAMETERS
+    return {"type": "function", "function": function}
+
+
+_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def offered_tools(request: GenerationRequest) -> tuple[Tool, ...]:
+    """The tools Ollama is shown: none for ``tool_choice: none`` (it cannot call what it does not
+    see), only the named one for a named choice, otherwise every listed tool."""
+    choice = request.tool_choice
+    if choice.mode == "none":
+        return ()
+    if choice.name is not None:
+        return tuple(tool for tool in request.tools if tool.name == choice.name)
+    return request.tools
+
+
+def _chat_messages(turns: Sequence[Turn]) -> list[dict[str, Any]]:
+    """Turns as Ollama's chat history: an assistant turn's calls with object arguments, a tool
+    turn with the ``tool_name`` of the call it answers (found by its ``tool_call_id``)."""
+    names = {call.id: call.name for turn in turns for call in turn.tool_calls if call.id is not None}
+    messages: list[dict[str, Any]] = []
+    for turn in turns:
+        message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+        if turn.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": call.name, "arguments": orjson.loads(call.arguments)}}
+                for call in turn.tool_calls
+            ]
+        if turn.role == "tool" and turn.tool_call_id in names:
+            message["tool_name"] = names[turn.tool_call_id]
+        messages.append(message)
+    return messages
+
+
 def encode_generation(request: GenerationRequest) -> tuple[str, bytes]:
-    """The path and JSON body that stream `request` from Ollama."""
+    """The path and JSON body that stream `request` from Ollama. ``/api/generate`` has no tools:
+    a prompt offered tools goes through ``/api/chat`` as one user turn."""
     body: dict[str, Any] = {"model": request.model, "stream": True}
-    if request.messages is not None:
+    tools = offered_tools(request)
+    if request.messages is not None or tools:
         path = CHAT_PATH
-        messages = [{"role": turn.role, "content": turn.content} for turn in request.messages]
+        turns = request.messages if request.messages is not None else (Turn("user", request.prompt or ""),)
+        messages = _chat_messages(turns)
         if request.system is not None:
             messages.insert(0, {"role": "system", "content": request.system})
         body["messages"] = messages
+        if tools:
+            body["tools"] = [_tool(tool) for tool in tools]
     else:
         path = GENERATE_PATH
         body["prompt"] = request.prompt or ""
@@ -86,7 +135,7 @@ class StreamDecoder:
     that carried text, the token count to fall back on when Ollama leaves ``eval_count`` out.
     """
 
-    __slots__ = ("_buffer", "_key", "failure", "final", "pieces")
+    __slots__ = ("_buffer", "_key", "calls", "calls_made", "failure", "final", "pieces")
 
     def __init__(self, *, chat: bool) -> None:
         self._key = "message" if chat else "response"
@@ -94,6 +143,14 @@ class StreamDecoder:
         self.pieces = 0
         self.final: dict[str, Any] | None = None
         self.failure: Exception | None = None
+        # Tool calls decoded and not yet taken by the caller (`take_calls`), and all made so far.
+        self.calls: list[ToolCall] = []
+        self.calls_made = 0
+
+    def take_calls(self) -> list[ToolCall]:
+        """The tool calls the reads so far completed, each once, in order."""
+        calls, self.calls = self.calls, []
+        return calls
 
     def feed(self, data: bytes) -> str:
         if self._buffer:
@@ -139,7 +196,12 @@ class StreamDecoder:
             raise UpstreamErrorLine(error if isinstance(error, str) else "upstream failed mid-stream")
         value = chunk.get(self._key)
         if self._key == "message":
-            value = value.get("content") if type(value) is dict else None
+            if type(value) is dict:
+                if value.get("tool_calls"):
+                    self._tool_calls(value["tool_calls"])
+                value = value.get("content")
+            else:
+                value = None
         if chunk.get("done"):
             self.final = chunk
         if not value:
@@ -148,6 +210,19 @@ class StreamDecoder:
             raise MalformedResponse()
         self.pieces += 1
         return value
+
+    def _tool_calls(self, calls: Any) -> None:
+        """``message.tool_calls``: complete calls, ``arguments`` a JSON object (OLLAMA.md)."""
+        if type(calls) is not list:
+            raise MalformedResponse()
+        for entry in calls:
+            function = entry.get("function") if type(entry) is dict else None
+            name = function.get("name") if type(function) is dict else None
+            arguments = function.get("arguments", {}) if type(function) is dict else None
+            if type(name) is not str or not name or type(arguments) is not dict:
+                raise MalformedResponse()
+            self.calls.append(ToolCall(name=name, arguments=orjson.dumps(arguments).decode()))
+            self.calls_made += 1
 
 
 def _ms(chunk: dict[str, Any], key: str) -> float | None:
@@ -164,10 +239,15 @@ def _count(chunk: dict[str, Any], key: str, fallback: int) -> int:
     return fallback
 
 
-def result_from_final(final: dict[str, Any], pieces: int) -> GenerationResult:
-    """The result for a final chunk; `pieces` stands in for ``eval_count`` when it is absent."""
+def result_from_final(final: dict[str, Any], pieces: int, *, called: bool = False) -> GenerationResult:
+    """The result for a final chunk; `pieces` stands in for ``eval_count`` when it is absent.
+    ``called``: the reply made tool calls, so it ends ``tool_calls`` (Ollama still says "stop")."""
     # "load" and "unload" end a request that generated nothing; only "length" means cut short.
-    finish: Literal["stop", "length"] = "length" if final.get("done_reason") == "length" else "stop"
+    finish: Literal["stop", "length", "tool_calls"] = (
+        "length" if final.get("done_reason") == "length" else "stop"
+    )
+    if called and finish == "stop":
+        finish = "tool_calls"
     return GenerationResult(
         finish_reason=finish,
         prompt_tokens=_count(final, "prompt_eval_count", 0),

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from protocol.errors import INTERNAL_MESSAGE, ErrorCode, SluiceError
-from server.backends.base import GenerationRequest, SamplingOptions, Turn
+from server.backends.base import GenerationRequest, SamplingOptions, Tool, ToolCall, ToolChoice, Turn
 from server.backends.ollama.errors import (
     MalformedResponse,
     NoUpstream,
@@ -29,6 +29,7 @@ from server.backends.ollama.wire import (
     decode_embed,
     decode_tags,
     encode_generation,
+    offered_tools,
     result_from_final,
 )
 
@@ -351,3 +352,147 @@ async def test_guard_leaves_a_cancel_from_outside_alone() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- tools and format -----------------------------------------------------------------------------------
+
+WEATHER = Tool(
+    "get_weather", "weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}}
+)
+CLOCK = Tool("now")
+
+
+def body_of(request: GenerationRequest) -> tuple[str, dict[str, object]]:
+    path, raw = encode_generation(request)
+    return path, orjson.loads(raw)
+
+
+def test_a_prompt_with_tools_goes_through_chat_with_the_tools_and_format() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    path, body = body_of(
+        GenerationRequest("m", prompt="p", system="s", format=schema, tools=(WEATHER, CLOCK))
+    )
+    assert path == "/api/chat"
+    assert body == {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "weather of a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            },
+            # Ollama's function type needs parameters: none means an empty object.
+            {
+                "type": "function",
+                "function": {"name": "now", "parameters": {"type": "object", "properties": {}}},
+            },
+        ],
+        "format": schema,
+    }
+
+
+def test_tool_choice_decides_what_ollama_is_shown() -> None:
+    tools = (WEATHER, CLOCK)
+    _, named = body_of(
+        GenerationRequest("m", prompt="p", tools=tools, tool_choice=ToolChoice("required", "now"))
+    )
+    assert [t["function"]["name"] for t in named["tools"]] == ["now"]  # type: ignore[index]
+    _, required = body_of(GenerationRequest("m", prompt="p", tools=tools, tool_choice=ToolChoice("required")))
+    assert [t["function"]["name"] for t in required["tools"]] == ["get_weather", "now"]  # type: ignore[index]
+    # "none": the model cannot call what it is not shown; a prompt then stays on /api/generate.
+    path, none = body_of(GenerationRequest("m", prompt="p", tools=tools, tool_choice=ToolChoice("none")))
+    assert path == "/api/generate" and "tools" not in none
+    assert (
+        offered_tools(GenerationRequest("m", prompt="p", tools=tools, tool_choice=ToolChoice("none"))) == ()
+    )
+
+
+def test_tool_calls_and_results_map_into_ollamas_history() -> None:
+    turns = (
+        Turn("user", "weather and time?"),
+        Turn(
+            "assistant",
+            "",
+            tool_calls=(
+                ToolCall("get_weather", '{"city":"Oslo"}', id="call_1"),
+                ToolCall("now", "{}", id="call_2"),
+            ),
+        ),
+        Turn("tool", "rain", tool_call_id="call_1"),
+        Turn("tool", "12:00", tool_call_id="call_2"),
+        Turn("tool", "orphan", tool_call_id="call_unknown"),
+    )
+    _, body = body_of(GenerationRequest("m", messages=turns, tools=(WEATHER, CLOCK)))
+    assert body["messages"] == [
+        {"role": "user", "content": "weather and time?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+                {"function": {"name": "now", "arguments": {}}},
+            ],
+        },
+        {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+        {"role": "tool", "content": "12:00", "tool_name": "now"},
+        {"role": "tool", "content": "orphan"},
+    ]
+
+
+def call_line(*calls: dict[str, object], content: str = "") -> bytes:
+    message = {"role": "assistant", "content": content, "tool_calls": list(calls)}
+    return orjson.dumps({"model": "m", "created_at": "t", "message": message, "done": False}) + b"\n"
+
+
+def test_decoder_collects_complete_calls_with_object_arguments_as_json_text() -> None:
+    body = (
+        chat_line("Let me look.")
+        + call_line({"function": {"index": 0, "name": "get_weather", "arguments": {"city": "Zürich"}}})
+        + call_line({"function": {"name": "now", "arguments": {}}}, {"id": "x", "function": {"name": "now"}})
+        + chat_line("", **FINAL)
+    )
+    for cuts in ([], [len(body) // 3], list(range(1, len(body), 7))):
+        decoder = StreamDecoder(chat=True)
+        text, calls, start = "", [], 0
+        for cut in [*cuts, len(body)]:
+            text += decoder.feed(body[start:cut])
+            calls += decoder.take_calls()
+            start = cut
+        assert text == "Let me look."
+        assert calls == [
+            ToolCall("get_weather", '{"city":"Zürich"}'),
+            ToolCall("now", "{}"),
+            ToolCall("now", "{}"),
+        ]
+        assert decoder.calls_made == 3 and decoder.take_calls() == []
+        assert result_from_final(decoder.finish(), decoder.pieces, called=True).finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        "not a list",
+        ["not an object"],
+        [{"function": "f"}],
+        [{"function": {"arguments": {}}}],
+        [{"function": {"name": "", "arguments": {}}}],
+        [{"function": {"name": "f", "arguments": "{}"}}],  # OpenAI's string, not Ollama's object
+    ],
+)
+def test_malformed_tool_calls_raise(calls: object) -> None:
+    message = {"role": "assistant", "content": "", "tool_calls": calls}
+    line = orjson.dumps({"message": message, "done": False}) + b"\n"
+    with pytest.raises(MalformedResponse):
+        StreamDecoder(chat=True).feed(line)
+
+
+def test_called_keeps_length_and_only_turns_stop_into_tool_calls() -> None:
+    assert (
+        result_from_final({"done": True, "done_reason": "length"}, 0, called=True).finish_reason == "length"
+    )
+    assert result_from_final({"done": True, "done_reason": "stop"}, 0).finish_reason == "stop"
