@@ -53,9 +53,58 @@ def _depth(node: Any, limit: int) -> int:
     return deepest
 
 
+# Keywords whose values are data, not schemas: a "$ref" inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _refs(node: Any) -> list[str]:
+    """Every ``$ref`` of a schema, outside the keywords that hold data."""
+    found: list[str] = []
+    todo = [node]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            ref = value.get("$ref")
+            if isinstance(ref, str):
+                found.append(ref)
+            todo.extend(child for key, child in value.items() if key not in _DATA_KEYWORDS)
+        elif isinstance(value, list):
+            todo.extend(value)
+    return found
+
+
+def _resolves(schema: dict[str, Any], ref: str) -> bool:
+    """Whether a local ``$ref`` (``#``, ``#/json/pointer`` or ``#anchor``) names a part of ``schema``."""
+    if ref in ("#", ""):
+        return True
+    if ref.startswith("#/"):
+        node: Any = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return False
+        return isinstance(node, dict | bool)
+    anchor = ref[1:]
+    todo: list[Any] = [schema]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            if value.get("$anchor") == anchor or value.get("$dynamicAnchor") == anchor:
+                return True
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return False
+
+
 def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` if it is a valid JSON Schema (by the meta-schema of its ``$schema``, 2020-12 when
-    it names none); ValueError saying what is wrong otherwise."""
+    it names none) whose every ``$ref`` points inside it (nothing is fetched: a remote or dangling
+    reference could never be checked); ValueError saying what is wrong otherwise."""
     # jsonschema is pure Python (no I/O); imported here so that loading the protocol stays cheap.
     from jsonschema.exceptions import SchemaError
     from jsonschema.validators import Draft202012Validator, validator_for
@@ -72,6 +121,13 @@ def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
         where = "/".join(str(part) for part in exc.absolute_path)
         at = f" at {where!r}" if where else ""
         raise ValueError(f"invalid JSON Schema{at}: {exc.message[:120]}") from None
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            raise ValueError(
+                f"JSON Schema $ref {ref[:60]!r} is not local: only references inside the schema (#...)"
+            )
+        if not _resolves(schema, ref):
+            raise ValueError(f"JSON Schema $ref {ref[:60]!r} points to nothing in the schema")
     return schema
 
 

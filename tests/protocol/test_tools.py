@@ -416,3 +416,37 @@ def test_tool_call_on_a_non_generation_is_a_caller_bug() -> None:
     s.receive(dec({"type": "embed", "id": "e", "input": "x"}))
     with pytest.raises(ValueError, match="not generate"):
         s.tool_call("e", call_id="c", name="f", arguments="{}")
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"$ref": "https://example.com/schema.json"}, "is not local"),
+        ({"properties": {"a": {"$ref": "other.json#/x"}}}, "is not local"),
+        ({"properties": {"a": {"$ref": "#/$defs/missing"}}, "$defs": {}}, "points to nothing"),
+        ({"items": {"$ref": "#nowhere"}}, "points to nothing"),
+    ],
+)
+def test_references_must_stay_inside_the_schema(schema: dict[str, Any], words: str) -> None:
+    error = refused({**GEN, "format": schema})
+    assert error.message.startswith("invalid field 'format'") and words in error.message
+
+
+def test_local_references_and_data_that_looks_like_one_are_fine() -> None:
+    schema = {
+        "$defs": {
+            "point": {"type": "object", "properties": {"x": {"type": "number"}}},
+            "a/b": {"type": "string"},
+        },
+        "type": "object",
+        "properties": {
+            "p": {"$ref": "#/$defs/point"},
+            "q": {"$ref": "#/$defs/a~1b"},
+            "r": {"$ref": "#tagged"},
+            "s": {"$ref": "#"},
+            "t": {"const": {"$ref": "not a reference, a value"}},
+        },
+        "$comment": "r points at an anchor",
+        "additionalProperties": {"$anchor": "tagged", "type": "boolean"},
+    }
+    assert dec({**GEN, "format": schema}).format == schema

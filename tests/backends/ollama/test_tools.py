@@ -26,6 +26,7 @@ from server.backends.base import (
     Turn,
 )
 from server.backends.ollama.backend import OllamaBackend
+from server.backends.ollama.checks import ReplyCheck
 from server.settings import Settings
 from tests.support.ollama_emulator import Emulator, start_emulator
 from tests.support.ollama_replies import ReplyFault, instance_of
@@ -227,3 +228,20 @@ async def test_tool_choice_none_sends_no_tools_and_gets_text(emu: Emulator, back
     assert not any(isinstance(item, ToolCall) for item in got)
     (record,) = emu.generations()
     assert record.path == "/api/generate" and "tools" not in record.body
+
+
+def test_reply_check_follows_local_references() -> None:
+    schema = {
+        "$defs": {"item": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},
+        "type": "array",
+        "items": {"$ref": "#/$defs/item"},
+    }
+    done = GenerationResult(finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+    good = ReplyCheck(GenerationRequest(MODEL, prompt="p", format=schema))
+    good.text('[{"n": 1}, ')
+    good.text('{"n": 2}]')
+    assert good.finish(done) == done
+    bad = ReplyCheck(GenerationRequest(MODEL, prompt="p", format=schema))
+    bad.text('[{"n": "one"}]')
+    with pytest.raises(SluiceError, match="'one' is not of type 'integer' at '0/n'"):
+        bad.finish(done)
