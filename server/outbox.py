@@ -208,6 +208,12 @@ class Outbox:
 
     # -- consumer side -----------------------------------------------------------------------
 
+    def take_ready(self) -> Frame | None:
+        """The next frame if one is queued now, else None (the sender then awaits `next_frame`)."""
+        if self._close_code is not None or not self._frames:
+            return None
+        return self._take()
+
     async def next_frame(self) -> Frame | None:
         """The next frame to write, or None once the outbox is closed (see `close_code`)."""
         while True:

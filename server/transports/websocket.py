@@ -7,6 +7,11 @@ that encodes nothing itself. Reading never waits on writing, so a client that st
 still cancel, and one that never reads is closed 4008 once the outbox's hard bound is passed or
 a write is stuck for ``outbound_stall_s``.
 
+The sender is the hot path (once per token): once woken it sends every frame already queued,
+each as its own message, before it waits again, and it hands text frames to the ASGI ``send``
+itself (starlette's ``WebSocket.send`` only re-checks, per frame, a state that cannot change
+while the session is live; the handshake and the close still go through it).
+
 Before the handshake completes, `server.transports.admission.admit` checks the drain state (closed
 1012), the Origin and an ``Authorization`` header or ``?ticket=`` (closed 1008). Without either,
 and with auth on, the first message must be a ``hello`` carrying ``token``. The first message decides the session: a
@@ -33,7 +38,7 @@ from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
 from server.outbox import Frame, Outbox
-from server.runtime import SessionRuntime
+from server.seam import SessionHandle
 from server.services import Services, services_of
 from server.transports.admission import Admission, admit
 
@@ -58,7 +63,7 @@ class SessionSocket:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
-        await WebSocketConnection(websocket, services_of(websocket)).serve()
+        await WebSocketConnection(websocket, services_of(websocket), send).serve()
 
 
 session_socket = SessionSocket()
@@ -71,8 +76,10 @@ class _Disconnected(Exception):
 class WebSocketConnection:
     """One client connection, from handshake to close."""
 
-    def __init__(self, websocket: WebSocket, services: Services) -> None:
+    def __init__(self, websocket: WebSocket, services: Services, send: Send | None = None) -> None:
         self._ws = websocket
+        # The ASGI send of this connection, for data frames (see the module docstring).
+        self._asgi_send = send
         self._services = services
         self._settings = services.settings
         self._loop = asyncio.get_running_loop()
@@ -128,8 +135,8 @@ class WebSocketConnection:
                 resume=resume,
                 last_seq=hello.last_seq if hello is not None else None,
             )
-        except SluiceError as exc:  # bad credentials, too many sessions for this key
-            await self._close(CloseCode.POLICY, exc.code.value)
+        except SluiceError as exc:  # bad credentials, too many sessions, no session store
+            await self._close(_refusal_code(exc), exc.code.value)
             return
         runtime = connected.runtime
         if hello is None:
@@ -139,7 +146,7 @@ class WebSocketConnection:
 
     # -- the two loops -----------------------------------------------------------------------
 
-    async def _pump(self, runtime: SessionRuntime, outbox: Outbox) -> None:
+    async def _pump(self, runtime: SessionHandle, outbox: Outbox) -> None:
         """Read in this task, write in another, until either side ends.
 
         Two tasks per connection and no more (idle sessions must stay small): when the outbox
@@ -186,7 +193,7 @@ class WebSocketConnection:
             log.info("closing a slow consumer", extra={"session": runtime.id})
         await self._close(code, outbox.close_reason)
 
-    async def _read_loop(self, runtime: SessionRuntime) -> bool:
+    async def _read_loop(self, runtime: SessionHandle) -> bool:
         """Feed the runtime until the peer goes away (True)."""
         while True:
             try:
@@ -196,19 +203,28 @@ class WebSocketConnection:
             self._feed(runtime, item)
 
     async def _send_loop(self, outbox: Outbox) -> None:
+        loop, send = self._loop, self._send
+        frame: Frame | None
         while (frame := await outbox.next_frame()) is not None:
-            self._send_started = self._loop.time()
             if self._stall_timer is None:
                 self._arm_stall(outbox, self._settings.outbound_stall_s)
             try:
-                await self._send(frame)
+                # Everything queued now goes out before the next wait: no wake-up per frame.
+                while frame is not None:
+                    self._send_started = loop.time()
+                    await send(frame)
+                    frame = outbox.take_ready()
             except (WebSocketDisconnect, OSError, RuntimeError):
                 outbox.fail(CloseCode.GOING_AWAY, "connection lost")
                 return
             self._send_started = None
 
     async def _send(self, frame: Frame) -> None:
-        if isinstance(frame, str):
+        send = self._asgi_send
+        if send is not None and isinstance(frame, str):
+            # uvicorn raises ClientDisconnected (an OSError) once the peer is gone.
+            await send({"type": "websocket.send", "text": frame})
+        elif isinstance(frame, str):
             await self._ws.send_text(frame)
         else:
             await self._ws.send_bytes(frame)
@@ -251,7 +267,7 @@ class WebSocketConnection:
             return exc
 
     @staticmethod
-    def _feed(runtime: SessionRuntime, item: ClientMessage | SluiceError) -> None:
+    def _feed(runtime: SessionHandle, item: ClientMessage | SluiceError) -> None:
         if isinstance(item, SluiceError):
             runtime.refuse(item)
         else:
@@ -275,5 +291,7 @@ class WebSocketConnection:
 
 
 def _refusal_code(error: SluiceError) -> CloseCode:
-    """How a refused handshake closes: 1012 (go elsewhere, retry) while draining, else 1008."""
-    return CloseCode.SERVICE_RESTART if error.code is ErrorCode.SHUTTING_DOWN else CloseCode.POLICY
+    """How a refused connection closes: 1012 (go elsewhere, retry) while draining or while the
+    session store is unreachable (cluster mode), else 1008."""
+    retry = error.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.UPSTREAM_UNAVAILABLE)
+    return CloseCode.SERVICE_RESTART if retry else CloseCode.POLICY
