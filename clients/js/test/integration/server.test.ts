@@ -1,10 +1,18 @@
 // The client in Node against the real server (started here, with the Ollama emulator behind it):
-// concurrent requests on one session, abort, and connections cut mid-stream that resume with the
-// exact full text. SSE tests skip, saying why, until the server offers the SSE endpoints.
+// concurrent requests on one session, abort, connections cut mid-stream that resume with the
+// exact full text, tool calls and a schema-shaped reply. SSE tests skip, saying why, until the
+// server offers the SSE endpoints.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
-import { type ConnectOptions, Session, SluiceError } from '../../src/index.js';
+import {
+  type ChatMessage,
+  type ConnectOptions,
+  Session,
+  SluiceError,
+  type StreamItem,
+  type Tool,
+} from '../../src/index.js';
 import { MODEL, type Stack, startStack, unavailable } from '../support/stack.js';
 
 const why = unavailable();
@@ -29,6 +37,18 @@ afterEach(() => {
   for (const session of opened) session.close();
   opened.clear();
 });
+
+const WEATHER: Tool = {
+  type: 'function',
+  function: {
+    name: 'get_weather',
+    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+  },
+};
+const CLOCK: Tool = {
+  type: 'function',
+  function: { name: 'clock', parameters: { type: 'object', properties: {} } },
+};
 
 const PROMPT = { messages: [{ role: 'user' as const, content: 'tell me about the river' }], model: MODEL };
 
@@ -143,7 +163,63 @@ describe('against the real server', { skip: why }, () => {
     s.close();
   });
 
+  test('tools: a call with arguments from its parameters, then the tool result round trip', async () => {
+    const s = await open();
+    const turns: ChatMessage[] = [{ role: 'user', content: 'what is the weather?' }];
+    const stream = s.generate({ messages: turns, model: MODEL, tools: [WEATHER, CLOCK] });
+    const items: StreamItem[] = [];
+    for await (const item of stream.events()) items.push(item);
+    const first = await stream.result;
+    assert.equal(first.finish_reason, 'tool_calls');
+    assert.deepEqual(
+      first.tool_calls.map((call) => [call.index, call.name]),
+      [[0, 'get_weather']],
+    );
+    const call = first.tool_calls[0]!;
+    // The emulator fills the parameters' schema: a string property gets "sluice".
+    assert.deepEqual(call.parsed, { city: 'sluice' });
+    assert.ok(call.call_id.length > 0);
+    assert.equal(items[items.length - 1], call, 'the call came after the text');
+    assert.equal(items.filter((item) => typeof item === 'string').join(''), first.text);
+    turns.push(first.message, call.reply(JSON.stringify({ sky: 'clear' })));
+    const second = await s.generate({ messages: turns, model: MODEL, tools: [WEATHER, CLOCK] }).result;
+    assert.equal(second.finish_reason, 'stop');
+    assert.deepEqual(second.tool_calls, []);
+    assert.ok(second.text.length > 0);
+    s.close();
+  });
+
+  test('format: a JSON Schema reply is an instance of the schema', async () => {
+    const s = await open();
+    const schema = {
+      type: 'object',
+      properties: { name: { type: 'string' }, ok: { type: 'boolean' }, n: { type: 'integer', minimum: 3 } },
+      required: ['name', 'ok', 'n'],
+    };
+    const result = await s.generate({ prompt: 'shape it', model: MODEL, format: schema }).result;
+    assert.equal(result.finish_reason, 'stop');
+    assert.deepEqual(JSON.parse(result.text), { name: 'sluice', ok: true, n: 3 });
+    s.close();
+  });
+
   describe('SSE', () => {
+    test('a forced tool call over SSE', async (t) => {
+      if (!stack.sse) return t.skip('the server has no SSE endpoints (POST /v1/sessions) yet');
+      const s = await open({ transport: 'sse' });
+      const result = await s.generate({
+        prompt: 'time?',
+        model: MODEL,
+        tools: [WEATHER, CLOCK],
+        toolChoice: { type: 'function', function: { name: 'clock' } },
+      }).result;
+      assert.equal(result.finish_reason, 'tool_calls');
+      assert.deepEqual(
+        result.tool_calls.map((call) => [call.name, call.parsed]),
+        [['clock', {}]],
+      );
+      s.close();
+    });
+
     test('generate over SSE gives the same text as over WebSocket', async (t) => {
       if (!stack.sse) return t.skip('the server has no SSE endpoints (POST /v1/sessions) yet');
       const expected = await reference();
