@@ -144,6 +144,11 @@ async def test_bad_tools_and_formats_are_refused_before_sending(fake: FakeServer
             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
             ({"tool_choice": "required"}, "tool_choice"),
             (
+                {"tools": [WEATHER], "tool_choice": "get_weather"},
+                "{'type': 'function', 'function': {'name': 'get_weather'}}",
+            ),
+            ({"tools": [WEATHER], "tool_choice": {"name": "get_weather"}}, "tool_choice.type"),
+            (
                 {
                     "tools": [
                         {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}

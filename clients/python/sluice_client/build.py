@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 from pydantic import ValidationError
 
 from protocol.messages import MAX_INPUTS, ChatMessage, Classify, Embed, Generate, GenerateOptions
-from protocol.tools import NamedToolChoice, Tool
+from protocol.tools import NamedToolChoice, Tool, ToolChoice
 from sluice_client.errors import SluiceError, invalid_argument
 
 __all__ = [
@@ -153,11 +153,28 @@ def generate_request(
             history=history,
             format=format if isinstance(format, str | None) else _json_ready(format),
             tools=None if tools is None else [_json_ready(tool) for tool in tools],
-            tool_choice=tool_choice if isinstance(tool_choice, str | None) else _json_ready(tool_choice),
+            tool_choice=_tool_choice(tool_choice),
             options=options,
         )
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def _tool_choice(choice: ToolChoiceLike | None) -> ToolChoice | None:
+    """``choice`` checked on its own, so a mistake gets an error about the shape it was meant to be."""
+    if choice is None or isinstance(choice, NamedToolChoice):
+        return choice
+    if isinstance(choice, str):
+        if choice == "auto" or choice == "none" or choice == "required":
+            return choice
+        raise invalid_argument(
+            f"invalid tool_choice: {choice!r} is not 'auto', 'none' or 'required' (to make the model call "
+            f"one tool, pass {{'type': 'function', 'function': {{'name': {choice!r}}}}})"
+        )
+    try:
+        return NamedToolChoice.model_validate(_json_ready(choice))
+    except ValidationError as exc:
+        raise _invalid(exc, prefix="tool_choice") from None
 
 
 def text_list(texts: str | Sequence[str]) -> list[str]:
