@@ -176,9 +176,12 @@ class AsyncGenerateStream:
         """The next piece of text, or ``None`` at the end. Raises the request's `SluiceError`.
 
         Tool calls are not returned here (they are in `tool_calls`); `next_item` returns both."""
-        while (item := await self.next_item()) is not None:
-            if isinstance(item, str):
+        while not self.finished:
+            item = self._take(await self._queue.get())
+            if item and type(item) is str:
                 return item
+        if self._error is not None:
+            raise self._error
         return None
 
     async def next_item(self) -> StreamItem | None:
