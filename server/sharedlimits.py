@@ -98,6 +98,7 @@ class SharedCounts:
         self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._views: dict[str, View] = {}
         self._sessions: dict[str, int] = {}
+        self._published: set[str] = set()  # the keys of this node's hash in Redis
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failing = False
@@ -192,15 +193,22 @@ class SharedCounts:
 
     async def _sync_sessions(self, keys: list[str], now: float) -> None:
         mine = _sessions_key(self.node_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(mine)
+        # No transaction (the keys may live on different Redis Cluster slots) and no DEL first
+        # (a reader in between would see no sessions at all): set what is counted, drop what
+        # no longer is.
+        pipe = self._redis.pipeline(transaction=False)
+        gone = self._published - self._sessions.keys()
+        if gone:
+            pipe.hdel(mine, *gone)
         if self._sessions:
             pipe.hset(mine, mapping=dict(self._sessions))  # type: ignore[arg-type]
+        published = set(self._sessions)
         pipe.pexpire(mine, int(_NODE_TTL_S * 1000))
         pipe.zadd(_NODES_KEY, {self.node_id: now})
         pipe.zremrangebyscore(_NODES_KEY, "-inf", now - _NODE_TTL_S)
         pipe.zrange(_NODES_KEY, 0, -1)
         replies = await pipe.execute()
+        self._published = published
         others = [n.decode() for n in replies[-1] if n.decode() != self.node_id]
         totals = dict.fromkeys(keys, 0)
         if others and keys:
