@@ -33,6 +33,7 @@ from server.dispatcher import Dispatcher
 from server.draining import DrainState
 from server.metrics import Metrics, metrics_router
 from server.ratelimit import RateLimiter
+from server.seam import Sessions
 from server.services import SERVER_VERSION, ModelBackends, Services, services_of
 from server.sessions import SessionRegistry
 from server.settings import Settings
@@ -59,18 +60,29 @@ def build_services(settings: Settings, *, registry: ModelBackends | None = None)
     limiter = RateLimiter(settings)
     drain = DrainState()
     dispatcher = Dispatcher(registry, limiter=limiter, metrics=metrics, drain=drain)
-    sessions = SessionRegistry(
-        limits=SessionLimits(
-            max_inflight=settings.max_inflight,
-            replay_events=settings.replay_events,
-            replay_bytes=settings.replay_bytes,
-        ),
-        log_budget_bytes=settings.max_log_bytes,
-        ttl_s=settings.session_ttl_s,
-        dispatcher=dispatcher,
-        limiter=limiter,
-        metrics=metrics,
+    limits = SessionLimits(
+        max_inflight=settings.max_inflight,
+        replay_events=settings.replay_events,
+        replay_bytes=settings.replay_bytes,
     )
+    cluster = None
+    sessions: Sessions
+    if settings.redis_url:
+        from server.cluster.mode import ClusterMode  # redis is imported in cluster mode only
+
+        cluster = ClusterMode(
+            settings, limits=limits, dispatcher=dispatcher, limiter=limiter, metrics=metrics
+        )
+        sessions = cluster.sessions
+    else:
+        sessions = SessionRegistry(
+            limits=limits,
+            log_budget_bytes=settings.max_log_bytes,
+            ttl_s=settings.session_ttl_s,
+            dispatcher=dispatcher,
+            limiter=limiter,
+            metrics=metrics,
+        )
     return Services(
         settings=settings,
         registry=registry,
@@ -81,6 +93,7 @@ def build_services(settings: Settings, *, registry: ModelBackends | None = None)
         sessions=sessions,
         drain=drain,
         drainer=Drainer(sessions, drain, timeout_s=settings.drain_timeout_s),
+        cluster=cluster,
     )
 
 
@@ -93,12 +106,16 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(services.registry.start(), name="sluice model loading")
         loading.add_done_callback(_log_loading_failure)
+        if services.cluster is not None:
+            await services.cluster.start()
         services.sessions.start_sweeper()
         try:
             yield
         finally:
             await services.drainer.drain()
             await services.sessions.close()
+            if services.cluster is not None:
+                await services.cluster.close()
             await services.limiter.close()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
@@ -136,6 +153,10 @@ async def ready(request: Request) -> JSONResponse:
     services = services_of(request)
     body = dict(services.registry.status())
     is_ready = services.registry.ready and not services.draining
+    if services.cluster is not None:
+        # Without the session store a node can start nothing: it says so, and which store.
+        body["session_store"] = services.cluster.status()
+        is_ready = is_ready and services.cluster.ready
     body["ready"] = is_ready
     body["draining"] = services.draining
     return JSONResponse(body, status_code=200 if is_ready else 503)

@@ -238,9 +238,6 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**{name: value for name, value in flags.items() if value is not None})
     if settings.workers > 1 and not settings.redis_url:
         raise SystemExit(_WORKERS_NEED_REDIS.format(workers=settings.workers))
-    if settings.redis_url:
-        # Better to refuse than to run single-node while the operator believes sessions are shared.
-        raise SystemExit("sluice: cluster mode (SLUICE_REDIS_URL) is not implemented in this version")
     configure_logging(settings.log_level)
     if settings.workers > 1:
         _serve_workers(settings)

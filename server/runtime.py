@@ -22,7 +22,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import assert_never
@@ -190,6 +190,11 @@ class SessionRuntime:
             case _:
                 assert_never(outcome)
         return outcome
+
+    async def handle_all(self, messages: Sequence[ClientMessage]) -> list[Outcome]:
+        """`handle` each message in order (what SSE's ``POST .../messages`` answers from); async
+        for `server.seam.SessionHandle`, whose cluster sessions may ask another node."""
+        return [self.handle(message) for message in messages]
 
     def refuse(self, error: SluiceError) -> None:
         """A message that never became a request: a numbered, id-less error (``ref`` = its id)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.requests import HTTPConnection
 
@@ -20,9 +20,12 @@ from server.dispatcher import Dispatcher, ModelSource
 from server.draining import DrainState
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
-from server.sessions import SessionRegistry
+from server.seam import Sessions
 from server.settings import Settings
 from server.shutdown import Drainer
+
+if TYPE_CHECKING:
+    from server.cluster.mode import ClusterMode
 
 __all__ = ["SERVER_VERSION", "ModelBackends", "Services", "services_of"]
 
@@ -56,9 +59,11 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     dispatcher: Dispatcher
-    sessions: SessionRegistry
+    sessions: Sessions
     drain: DrainState
     drainer: Drainer
+    # Cluster mode's store and node (``SLUICE_REDIS_URL``); None on a single node.
+    cluster: ClusterMode | None = None
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +83,7 @@ class Services:
         return self.drain.active
 
     def welcome(self, session_id: str, resumed: bool, last_seq: int) -> Welcome:
-        """The first message of a session connection (`SessionRegistry.connect` calls it)."""
+        """The first message of a session connection (`Sessions.connect` calls it)."""
         return Welcome(
             session=session_id,
             resumed=resumed,

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
 
     # Cluster mode.
     redis_url: str = ""
+    # This node's id in the cluster (random per process when empty; suffixed per worker).
+    node_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
 
     @field_validator(
         "ollama_urls",

@@ -29,7 +29,7 @@ from protocol.errors import ErrorCode, SluiceError
 from server.draining import GOAWAY_RETRY_MS, DrainState
 
 if TYPE_CHECKING:
-    from server.sessions import SessionRegistry
+    from server.seam import Sessions
 
 __all__ = ["Drainer", "DrainingServer"]
 
@@ -43,7 +43,7 @@ _POLL_S = 0.05
 class Drainer:
     """Drains one app's sessions once; see the module docstring."""
 
-    def __init__(self, sessions: SessionRegistry, state: DrainState, *, timeout_s: float) -> None:
+    def __init__(self, sessions: Sessions, state: DrainState, *, timeout_s: float) -> None:
         self._sessions = sessions
         self._state = state
         self._timeout_s = timeout_s

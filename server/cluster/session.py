@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from protocol.close import CloseCode
@@ -234,6 +234,12 @@ class ClusterSession:
             return self.handle_here(message)
         self._queue({"op": "msg", "m": message.model_dump(mode="json", exclude_unset=True)})
         return _IGNORED
+
+    async def handle_all(self, messages: Sequence[ClientMessage]) -> list[Outcome]:
+        """`handle` each message and say what became of it, asking the home when it is elsewhere."""
+        if self.runtime is not None and not self._forward:
+            return [self.handle(message) for message in messages]
+        return await self._registry.submit(self, messages)
 
     def handle_here(self, message: ClientMessage) -> Outcome:
         """On the home: give ``message`` to the runtime and record an accepted request."""

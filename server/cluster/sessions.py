@@ -23,22 +23,21 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import orjson
 
 from protocol.close import CloseCode
-from protocol.codec import decode
+from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import Welcome
-from protocol.session import Session, SessionLimits
+from protocol.messages import Classify, ClientMessage, Embed, Error, Generate, Welcome
+from protocol.session import Accepted, Ignored, Outcome, Refused, Session, SessionLimits
 from server.cluster import homes
-from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
+from server.cluster.eventlog import LogWriter, RedisEventLog, decode_event, read_after
 from server.cluster.node import Node
-from server.cluster.redis import RedisStore
+from server.cluster.redis import RedisStore, store_unavailable
 from server.cluster.scripts import feed_channel, log_key, meta_key
 from server.cluster.session import ClusterSession, FeedSink
 from server.dispatcher import Dispatcher
@@ -46,9 +45,9 @@ from server.metrics import Metrics
 from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.runtime import SessionRuntime
-from server.sessions import new_session_id
+from server.sessions import NotAttached, new_session_id
 
-__all__ = ["ClusterConnected", "ClusterSessionRegistry", "Unattached"]
+__all__ = ["ClusterConnected", "ClusterSessionRegistry"]
 
 log = logging.getLogger("sluice.cluster.sessions")
 
@@ -57,17 +56,14 @@ _SWEEP_EVERY_S = 5.0
 _SETTLE_RETRY_S = 0.25
 # Forwarded messages were checked at the node that took them; this only bounds the decoder.
 _FORWARDED_MAX_BYTES = 1 << 30
-
-
-class Unattached(Enum):
-    """Why `ClusterSessionRegistry.attach` attached nothing."""
-
-    UNKNOWN = "unknown"
-    INCOMPLETE = "incomplete"
+_SUBMIT_TRIES = 40
+_IGNORED = Ignored()
 
 
 @dataclass(frozen=True, slots=True)
 class ClusterConnected:
+    """What `ClusterSessionRegistry.connect` attached the connection to."""
+
     runtime: ClusterSession
     resumed: bool
 
@@ -162,13 +158,13 @@ class ClusterSessionRegistry:
 
     async def attach(
         self, outbox: Outbox, *, session_id: str, key_id: str, last_seq: int
-    ) -> ClusterSession | Unattached:
+    ) -> ClusterSession | NotAttached:
         """Attach ``outbox`` to the existing session (an SSE stream: no welcome)."""
         self._store.check()
         session = await self._lookup(session_id, key_id)
         if session is None:
-            return Unattached.UNKNOWN
-        return session if await self._attach(session, outbox, last_seq, None) else Unattached.INCOMPLETE
+            return NotAttached.UNKNOWN
+        return session if await self._attach(session, outbox, last_seq, None) else NotAttached.INCOMPLETE
 
     async def find(self, session_id: str, key_id: str) -> ClusterSession | None:
         """Session ``session_id`` if it exists and belongs to ``key_id``."""
@@ -371,11 +367,30 @@ class ClusterSessionRegistry:
             await self._settle(session)
         return False
 
+    async def submit(self, session: ClusterSession, messages: Sequence[ClientMessage]) -> list[Outcome]:
+        """`ClusterSession.handle_all` for a session homed elsewhere: one call to the home."""
+        dumped = [message.model_dump(mode="json", exclude_unset=True) for message in messages]
+        for _ in range(_SUBMIT_TRIES):
+            if session.runtime is not None:
+                return [session.handle(message) for message in messages]
+            if session.home:
+                request = {"op": "submit", "s": session.id, "k": session.key_id, "m": dumped}
+                with contextlib.suppress(SluiceError):
+                    answer = await self._node.call(session.home, request)
+                    if isinstance(answer, list):
+                        return [
+                            _outcome(message, item) for message, item in zip(messages, answer, strict=True)
+                        ]
+            await asyncio.sleep(_SETTLE_RETRY_S)
+            session.home = ""
+            await self._settle(session)
+        raise store_unavailable()
+
     def _apply(self, session: ClusterSession, message: dict[str, Any]) -> None:
         runtime = session.runtime
         assert runtime is not None
         if message["op"] == "msg":
-            session.handle_here(decode(orjson.dumps(message["m"]), max_bytes=_FORWARDED_MAX_BYTES))
+            session.handle_here(_decoded(message["m"]))
         elif message["op"] == "refuse":
             error = SluiceError(
                 ErrorCode(message["code"]),
@@ -395,6 +410,10 @@ class ClusterSessionRegistry:
                     return False  # not (or no longer) the home: the sender looks again
                 self._apply(session, message)
                 return True
+            case "submit":
+                if not home or session is None or session.key_id != message["k"]:
+                    return False
+                return [_answer(session.handle(_decoded(item))) for item in message["m"]]
             case "att" | "det" if home and session is not None:
                 self._attachment(session, message)
             case "end":
@@ -529,3 +548,29 @@ class ClusterSessionRegistry:
             exc = task.exception()
             if not isinstance(exc, SluiceError):
                 log.error("cluster task failed", exc_info=exc)
+
+
+def _decoded(fields: dict[str, Any]) -> ClientMessage:
+    return decode(orjson.dumps(fields), max_bytes=_FORWARDED_MAX_BYTES)
+
+
+def _answer(outcome: Outcome) -> dict[str, Any]:
+    """An `Outcome` as the home sends it back to the node that took the message."""
+    match outcome:
+        case Accepted():
+            return {"accepted": True}
+        case Refused(event=event):
+            return {"refused": encode(event)}
+        case _:
+            return {}
+
+
+def _outcome(message: ClientMessage, answer: dict[str, Any]) -> Outcome:
+    if answer.get("accepted") and isinstance(message, Generate | Embed | Classify):
+        return Accepted(message)
+    refused = answer.get("refused")
+    if refused is not None:
+        event = decode_event(refused)
+        assert isinstance(event, Error)
+        return Refused(event)
+    return _IGNORED

@@ -70,7 +70,7 @@ from server.api.errors import Family, StatusError, error_response, json_response
 from server.api.routing import api_router, error_model
 from server.api.streams import SSE_HEADERS, keepalive
 from server.outbox import Frame, OutboundMessage, Outbox
-from server.runtime import SessionRuntime
+from server.seam import SessionHandle
 from server.services import Services, services_of
 from server.sessions import NotAttached
 from server.transports.admission import admit
@@ -173,7 +173,7 @@ def _key(
     return admit(request, services, opening=opening).key_for(session=session, token=token)
 
 
-async def _runtime(services: Services, session: str, key_id: str) -> SessionRuntime:
+async def _runtime(services: Services, session: str, key_id: str) -> SessionHandle:
     runtime = await services.sessions.find(session, key_id)
     if runtime is None:
         raise _unknown_session()
@@ -240,7 +240,7 @@ class _SessionStream:
 
     def __init__(self, services: Services) -> None:
         settings = services.settings
-        self.runtime: SessionRuntime | None = None
+        self.runtime: SessionHandle | None = None
         self.outbox = Outbox(
             encode=_frame,
             soft_bytes=settings.outbound_soft_bytes,
@@ -283,7 +283,7 @@ class _SessionStream:
         self._services.metrics.outbound_close_slow()
         log.info("closing a slow SSE consumer", extra={"session": self.runtime.id if self.runtime else None})
 
-    def attached(self, runtime: SessionRuntime) -> None:
+    def attached(self, runtime: SessionHandle) -> None:
         """The registry attached `outbox` to ``runtime``: the stream is live."""
         self.runtime = runtime
         self._services.metrics.connection_opened("sse")
@@ -356,8 +356,6 @@ async def session_events(
     last_seq = _resume_point(last_event_id_header, last_event_id)
     stream = _SessionStream(services)
     match await services.sessions.attach(stream.outbox, session_id=session, key_id=key_id, last_seq=last_seq):
-        case SessionRuntime() as runtime:
-            stream.attached(runtime)
         case NotAttached.UNKNOWN:
             raise _unknown_session()
         case NotAttached.INCOMPLETE:
@@ -366,8 +364,8 @@ async def session_events(
                 ErrorCode.INVALID_REQUEST,
                 f"the events after {last_seq} are no longer all held: open a new session with POST /v1/sessions",
             )
-        case unreachable:
-            assert_never(unreachable)
+        case runtime:
+            stream.attached(runtime)
     return _EventStreamResponse(stream, services)
 
 
@@ -435,8 +433,8 @@ async def post_messages(request: Request, session: SessionId) -> Response:
     messages, single = _decode_body(raw, settings.max_message_bytes)
     accepted: list[str] = []
     refused: list[Error] = []
-    for message in messages:
-        match runtime.handle(message):
+    for outcome in await runtime.handle_all(messages):
+        match outcome:
             case Accepted(request=accepted_request):
                 accepted.append(accepted_request.id)
             case Refused(event=event):

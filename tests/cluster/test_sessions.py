@@ -11,7 +11,7 @@ import pytest
 
 from protocol.close import CloseCode
 from protocol.messages import Cancel, Generate
-from server.cluster.sessions import Unattached
+from server.sessions import NotAttached
 from tests.cluster.inprocess import InProcessNode, collect, kill, outbox, start_node, terminal, welcome
 from tests.server.fakes import FakeRegistry, ScriptedGenerator
 from tests.support.redis_server import RedisServer
@@ -120,7 +120,7 @@ async def test_another_key_cannot_resume_a_session_on_another_node(
     assert await b.sessions.find(connected.runtime.id, "k2") is None
     assert (
         await b.sessions.attach(outbox(), session_id=connected.runtime.id, key_id="k2", last_seq=0)
-        is Unattached.UNKNOWN
+        is NotAttached.UNKNOWN
     )
 
 
@@ -134,7 +134,7 @@ async def test_a_resume_past_what_was_logged_is_a_new_session(
     )
     assert not again.resumed
     sse = await b.sessions.attach(outbox(), session_id=connected.runtime.id, key_id="k", last_seq=5)
-    assert sse is Unattached.INCOMPLETE
+    assert sse is NotAttached.INCOMPLETE
 
 
 async def test_ending_from_the_other_node_ends_it_everywhere(
@@ -160,7 +160,7 @@ async def test_messages_posted_on_one_node_stream_on_the_other(
     opened = await a.sessions.open_or_resume(key_id="k", welcome=welcome)
     stream = outbox()
     attached = await a.sessions.attach(stream, session_id=opened.session, key_id="k", last_seq=0)
-    assert not isinstance(attached, Unattached)
+    assert not isinstance(attached, NotAttached)
     on_b = await b.sessions.find(opened.session, "k")
     assert on_b is not None
     on_b.handle(Generate(type="generate", id="g1", prompt="hi"))

@@ -87,21 +87,6 @@ def test_serve_flags_parse_and_default_to_settings() -> None:
         _parser().parse_args(["serve", "--log-level", "loud"])
 
 
-def test_serve_refuses_cluster_mode_it_does_not_have() -> None:
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", "1"],
-        env={"SLUICE_REDIS_URL": "redis://127.0.0.1:6379", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "not implemented" in result.stderr
-
-
 def test_fresh_server_with_ollama_down_serves_the_embedded_models() -> None:
     """What `make run` gives on a fresh machine: the default Ollama URL answers nothing, and the
     server still becomes ready and generates, embeds and classifies with its embedded models."""

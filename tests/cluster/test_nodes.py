@@ -1,0 +1,252 @@
+"""Cluster mode from the outside: real ``sluice serve`` nodes on loopback sharing one real
+redis-server and the Ollama emulator. Resume on another node mid-stream, a long stream cut every
+few deltas and resumed on a random node each time, SSE POST on one node and GET on another,
+cancel and takeover across nodes, a node SIGKILLed mid-request, ``--workers 2``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.support.ollama_emulator import Emulator, start_emulator
+from tests.support.redis_server import RedisServer, run_redis
+from tests.support.server import ServerProcess, start_server
+
+MODEL = "llama3.2:1b"
+Event = dict[str, Any]
+
+
+def node_env(redis: RedisServer, emu: Emulator, **extra: str) -> dict[str, str]:
+    return {
+        "SLUICE_OLLAMA_URLS": emu.url,
+        "SLUICE_LOAD_LOCAL_GENERATION": "false",
+        "SLUICE_DEFAULT_MODEL": MODEL,
+        "SLUICE_REDIS_URL": redis.url,
+        "SLUICE_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[RedisServer, Emulator, list[ServerProcess]]]:
+    with run_redis() as redis, start_emulator(token_rate=100.0, tokens=60) as emu:
+        nodes: list[ServerProcess] = []
+        try:
+            for name in ("a", "b"):
+                nodes.append(start_server(node_env(redis, emu, SLUICE_NODE_ID=name)))
+            yield redis, emu, nodes
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+async def _open(url: str) -> ClientConnection:
+    return await connect(url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
+
+
+async def _recv(ws: ClientConnection, within: float = 20.0) -> Event:
+    event: Event = orjson.loads(await asyncio.wait_for(ws.recv(), within))
+    return event
+
+
+async def _send(ws: ClientConnection, message: Event) -> None:
+    await ws.send(orjson.dumps(message).decode())
+
+
+async def _hello(ws: ClientConnection, session: str | None = None, last_seq: int = 0) -> Event:
+    await _send(ws, {"type": "hello", "protocol": 1, "session": session, "last_seq": last_seq})
+    return await _recv(ws)
+
+
+def _generate(request_id: str, prompt: str) -> Event:
+    return {"type": "generate", "id": request_id, "model": MODEL, "prompt": prompt}
+
+
+def _check_stream(emu: Emulator, events: list[Event], prompt: str) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    record = next(r for r in emu.generations() if r.body.get("prompt") == prompt)
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == emu.expected_text(record.body)
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
+
+
+async def test_a_session_resumes_on_the_other_node_mid_stream(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, emu, (a, b) = cluster
+    ws = await _open(a.ws_url)
+    welcome = await _hello(ws)
+    await _send(ws, _generate("g1", "resume me elsewhere"))
+    seen = [await _recv(ws) for _ in range(10)]
+    ws.transport.abort()
+    ws = await _open(b.ws_url)
+    again = await _hello(ws, welcome["session"], seen[-1]["seq"])
+    assert again["resumed"] is True and again["session"] == welcome["session"]
+    rest = []
+    while not rest or rest[-1]["type"] != "done":
+        rest.append(await _recv(ws))
+    await ws.close()
+    _check_stream(emu, seen + rest, "resume me elsewhere")
+
+
+async def test_a_long_stream_cut_every_few_deltas_resumes_on_a_random_node_each_time(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, emu, nodes = cluster
+    rng = random.Random(12)
+    prompt = "a long one, cut often"
+    emu.configure(tokens=240, token_rate=120.0)
+    try:
+        ws = await _open(nodes[0].ws_url)
+        session = (await _hello(ws))["session"]
+        await _send(ws, _generate("long", prompt))
+        events: list[Event] = []
+        cuts = 0
+        while not events or events[-1]["type"] != "done":
+            for _ in range(rng.randint(3, 12)):
+                events.append(await _recv(ws))
+                if events[-1]["type"] == "done":
+                    break
+            ws.transport.abort()
+            cuts += 1
+            ws = await _open(rng.choice(nodes).ws_url)
+            welcome = await _hello(ws, session, events[-1]["seq"])
+            assert welcome["resumed"] is True, (cuts, welcome)
+        await ws.close()
+        assert cuts >= 10
+        _check_stream(emu, events, prompt)  # the expected text depends on the configured length
+    finally:
+        emu.configure(tokens=60, token_rate=100.0)
+
+
+async def test_sse_messages_posted_on_one_node_stream_from_another(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, emu, (a, b) = cluster
+    async with httpx.AsyncClient(timeout=20) as http:
+        opened = (await http.post(f"{a.url}/v1/sessions", json={})).json()
+        session = opened["session"]
+        events: list[Event] = []
+        async with http.stream("GET", f"{b.url}/v1/sessions/{session}/events") as stream:
+            assert stream.status_code == 200
+            posted = await http.post(
+                f"{a.url}/v1/sessions/{session}/messages", json=_generate("g1", "posted on a, read on b")
+            )
+            assert posted.status_code == 202 and posted.json()["accepted"] == ["g1"]
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(orjson.loads(line[6:]))
+                    if events[-1]["type"] == "done":
+                        break
+        assert (await http.delete(f"{b.url}/v1/sessions/{session}")).status_code == 204
+        assert (await http.delete(f"{a.url}/v1/sessions/{session}")).status_code == 404
+    _check_stream(emu, events, "posted on a, read on b")
+
+
+async def test_cancel_on_one_node_closes_the_upstream_of_a_request_running_on_another(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, emu, (a, b) = cluster
+    ws = await _open(a.ws_url)
+    session = (await _hello(ws))["session"]
+    await _send(ws, _generate("g1", "cancel me from b"))
+    first = await _recv(ws)
+    ws.transport.abort()
+    ws = await _open(b.ws_url)
+    await _hello(ws, session, first["seq"])
+    await _send(ws, {"type": "cancel", "id": "g1"})
+    event = await _recv(ws)
+    while event["type"] != "done":
+        event = await _recv(ws)
+    assert event["finish_reason"] == "cancelled"
+    await ws.close()
+    record = next(r for r in emu.generations() if r.body.get("prompt") == "cancel me from b")
+    deadline = time.monotonic() + 10
+    while not record.client_closed_early and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        record = next(r for r in emu.generations() if r.body.get("prompt") == "cancel me from b")
+    assert record.client_closed_early
+
+
+async def test_a_transport_attaching_on_another_node_closes_the_old_one_4009(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, _, (a, b) = cluster
+    old = await _open(a.ws_url)
+    session = (await _hello(old))["session"]
+    new = await _open(b.ws_url)
+    assert (await _hello(new, session, 0))["resumed"] is True
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(old.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4009
+    await new.close()
+
+
+async def test_a_node_killed_mid_request_has_it_ended_retryable_and_the_session_lives_on(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    redis, emu, (a, _) = cluster
+    victim = start_server(node_env(redis, emu, SLUICE_NODE_ID="victim"))
+    try:
+        ws = await _open(victim.ws_url)
+        session = (await _hello(ws))["session"]
+        await _send(ws, _generate("g1", "killed mid-answer"))
+        seen = [await _recv(ws) for _ in range(5)]
+        victim.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        ws.transport.abort()
+        ws = await _open(a.ws_url)
+        again = await _hello(ws, session, seen[-1]["seq"])
+        assert again["resumed"] is True
+        rest = [await _recv(ws)]
+        while rest[-1].get("id") != "g1" or rest[-1]["type"] not in ("done", "error"):
+            rest.append(await _recv(ws))
+        assert time.monotonic() - killed < 15.0
+        assert (
+            rest[-1]["type"] == "error" and rest[-1]["code"] == "internal" and rest[-1]["retryable"] is True
+        )
+        events = seen + rest
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        await _send(ws, _generate("g2", "after the kill"))
+        after = [await _recv(ws)]
+        while after[-1]["type"] != "done":
+            after.append(await _recv(ws))
+        assert after[0]["seq"] == events[-1]["seq"] + 1
+        await ws.close()
+    finally:
+        victim.stop()
+
+
+def test_two_workers_share_sessions() -> None:
+    with run_redis() as redis, start_emulator(token_rate=0.0, tokens=3) as emu:
+        server = start_server(node_env(redis, emu, SLUICE_WORKERS="2"))
+        try:
+            asyncio.run(_reconnect_many(server, 12))
+        finally:
+            server.stop()
+
+
+async def _reconnect_many(server: ServerProcess, count: int) -> None:
+    ws = await _open(server.ws_url)
+    welcome = await _hello(ws)
+    session, last_seq = welcome["session"], 0
+    for n in range(count):
+        await _send(ws, _generate(f"g{n}", f"turn {n}"))
+        event = await _recv(ws)
+        while event["type"] != "done":
+            event = await _recv(ws)
+        last_seq = event["seq"]
+        await ws.close()
+        ws = await _open(server.ws_url)
+        again = await _hello(ws, session, last_seq)
+        assert again["resumed"] is True, (n, again)
+    await ws.close()
