@@ -13,7 +13,8 @@ a required or named ``tool_choice`` guarantees, so `ReplyCheck` holds the reply 
 
 A broken guarantee raises ``SluiceError(upstream_error)`` naming it, so the generation ends with
 a typed error instead of ``done``. Text already streamed stays streamed: the terminal message is
-what tells the client the reply is good. This module never talks to Ollama or alters a reply.
+what tells the client the reply is good. This module never talks to Ollama and never changes
+the text or the calls (only ``finish_reason``, which is ``tool_calls`` once a call was made).
 """
 
 from __future__ import annotations
