@@ -3,23 +3,23 @@ every decision is made from a local view of them.
 
 `SharedCounts` is what `server.ratelimit.RateLimiter` consults in cluster mode. For each key this
 node has seen within a window it holds what Redis said at the last sync (requests left in the
-moving window, tokens left in the fixed window, sessions open on the other nodes) and what this
-node has done since (`pending`). `RateLimiter` decides from ``view - pending`` synchronously, so
-no request ever waits on a Redis round trip; a background task syncs every ``interval_s``: it adds
-this node's pending hits to the shared windows (the ``limits`` library's strategies on its async
-Redis storage, redis-py underneath), reads the windows back, and publishes this node's open
-sessions per key (a hash per node, expiring unless refreshed, so a dead node's sessions stop
-counting by themselves).
+moving window, tokens left in the fixed window) and what this node has done since (`pending`);
+for every key, the sessions open on the other nodes. `RateLimiter` decides from
+``view - pending`` synchronously, so no request ever waits on a Redis round trip; a background
+task syncs every ``interval_s``: it adds this node's pending hits to the shared windows (the
+``limits`` library's strategies on its async Redis storage, redis-py underneath), reads the
+windows back, and publishes this node's open sessions per key (a hash per node, expiring unless
+refreshed, so a dead node's sessions stop counting by themselves).
 
 What that costs: a key's limit can be overrun by what the other nodes admit within one sync
-interval (50 ms by default) before they hear of each other, never more (a key new to a node is
-counted by that node alone until its first sync, within one interval); and a node that dies
+interval (50 ms by default) before they hear of each other, never more (requests and tokens of
+a key new to a node are counted by that node alone until its first sync of it). A node that dies
 takes its count of open sessions with it after ``_NODE_TTL_S``, while those sessions may live on
-elsewhere (the count then errs on the side of admitting). Each node publishes the sessions opened
-minus those ended on it, so a session opened on one node and ended on another (it moved) leaves
-the cluster's sum right while both nodes live. While Redis is unreachable, pending
-hits gather and count against the view (so limits tighten, never loosen) and are added once
-Redis is back. This module never refuses anything itself and never blocks the event loop.
+elsewhere (the count then errs on the side of admitting). Each node publishes the sessions
+opened minus those ended on it, so a session opened on one node and ended on another (it moved)
+leaves the cluster's sum right while both nodes live. While Redis is unreachable, pending hits
+gather and count against the view (so limits tighten, never loosen) and are added once Redis is
+back. This module never refuses anything itself and never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class View:
     requests_reset: float = 0.0
     tokens_left: int | None = None
     tokens_reset: float = 0.0
-    other_sessions: int = 0  # signed: see `SharedCounts.session_closed`
     pending_requests: int = 0
     pending_tokens: int = 0
     seen: float = 0.0
@@ -99,6 +98,9 @@ class SharedCounts:
         self._views: dict[str, View] = {}
         self._sessions: dict[str, int] = {}
         self._published: set[str] = set()  # the keys of this node's hash in Redis
+        # Sessions per key open on the other nodes, as of the last sync (signed: a session that
+        # moved is counted +1 where it opened and -1 where it ended).
+        self._other_sessions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failing = False
@@ -117,7 +119,8 @@ class SharedCounts:
     def sessions(self, key_id: str) -> int:
         """Sessions of ``key_id`` open in the cluster: this node's (opened minus ended here) plus
         the other nodes' as of the last sync."""
-        return max(0, self._sessions.get(key_id, 0) + self.view(key_id).other_sessions)
+        self.view(key_id)
+        return max(0, self._sessions.get(key_id, 0) + self._other_sessions.get(key_id, 0))
 
     def session_opened(self, key_id: str) -> None:
         self._sessions[key_id] = self._sessions.get(key_id, 0) + 1
@@ -162,7 +165,7 @@ class SharedCounts:
         keys = list(self._views)
         await asyncio.gather(*(self._sync_key(key_id) for key_id in keys))
         if self._count_sessions:
-            await self._sync_sessions(keys, now)
+            await self._sync_sessions(now)
         self.syncs += 1
 
     async def _sync_key(self, key_id: str) -> None:
@@ -191,7 +194,7 @@ class SharedCounts:
                 raise
             view.tokens_left, view.tokens_reset = stats.remaining, stats.reset_time
 
-    async def _sync_sessions(self, keys: list[str], now: float) -> None:
+    async def _sync_sessions(self, now: float) -> None:
         mine = _sessions_key(self.node_id)
         # No transaction (the keys may live on different Redis Cluster slots) and no DEL first
         # (a reader in between would see no sessions at all): set what is counted, drop what
@@ -210,19 +213,18 @@ class SharedCounts:
         replies = await pipe.execute()
         self._published = published
         others = [n.decode() for n in replies[-1] if n.decode() != self.node_id]
-        totals = dict.fromkeys(keys, 0)
-        if others and keys:
+        # Every key the other nodes count, not only the keys seen here: a key's first session on
+        # this node is then judged against the whole cluster too.
+        totals: dict[str, int] = {}
+        if others:
             read = self._redis.pipeline(transaction=False)
             for node in others:
-                read.hmget(_sessions_key(node), keys)
+                read.hgetall(_sessions_key(node))
             for counts in await read.execute():
-                for key_id, count in zip(keys, counts, strict=True):
-                    if count is not None:
-                        totals[key_id] += int(count)
-        for key_id, total in totals.items():
-            view = self._views.get(key_id)
-            if view is not None:
-                view.other_sessions = total
+                for key_id, count in counts.items():
+                    name = key_id.decode()
+                    totals[name] = totals.get(name, 0) + int(count)
+        self._other_sessions = totals
 
     async def close(self) -> None:
         """Stop syncing and close the Redis connections (this node's session counts expire)."""

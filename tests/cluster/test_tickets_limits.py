@@ -249,3 +249,21 @@ def test_a_per_key_rate_limit_shared_by_two_apps(redis: RedisServer) -> None:
             statuses.append(response.status_code)
             time.sleep(0.3)  # more than a sync interval: the other node has heard
     assert statuses == [200, 200, 200, 429]
+
+
+async def test_a_dead_nodes_sessions_stop_counting_by_themselves(
+    redis: RedisServer, limiters: list[RateLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server import sharedlimits
+
+    monkeypatch.setattr(sharedlimits, "_NODE_TTL_S", 1.0)
+    a, b = two_nodes(redis, limiters, sessions_per_key=2)
+    a.acquire_session("k")
+    a.acquire_session("k")
+    await sync(a, b)
+    refused(ErrorCode.RATE_LIMITED, lambda: b.acquire_session("k"))
+    assert a.shared is not None
+    await a.shared.close()  # a stops syncing, as a killed node would: its count expires in Redis
+    await asyncio.sleep(1.3)
+    await sync(b)
+    b.acquire_session("k")
