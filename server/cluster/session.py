@@ -109,6 +109,11 @@ class ClusterSession:
         return self._outbox
 
     @property
+    def attaching(self) -> bool:
+        """Whether feed events are being held (an attach reading the log, or a gap filling)."""
+        return self._held is not None
+
+    @property
     def token(self) -> str | None:
         return self._token
 
@@ -158,6 +163,12 @@ class ClusterSession:
     # -- the feed ----------------------------------------------------------------------------
 
     def on_feed(self, payload: bytes) -> None:
+        if self._outbox is None and self._held is None:
+            # Nobody to send to here (a feed not yet let go of): only the notices matter.
+            for line in payload.split(b"\n"):
+                if line.startswith(b"!"):
+                    self._notice(line)
+            return
         events: list[LoggedMessage] = []
         for line in payload.split(b"\n"):
             if line.startswith(b"!"):

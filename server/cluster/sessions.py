@@ -304,8 +304,7 @@ class ClusterSessionRegistry:
     def detached(self, session: ClusterSession, token: str | None) -> None:
         """A transport of ``session`` on this node went away."""
         self._tell_home(session, {"op": "det", "t": token})
-        if session.runtime is None:
-            self._spawn(self._forget(session))
+        self._spawn(self._forget(session))
 
     def _tell_home(self, session: ClusterSession, message: dict[str, Any]) -> None:
         if session.runtime is not None:
@@ -320,11 +319,13 @@ class ClusterSessionRegistry:
             session.detached_since = self._clock()
 
     async def _forget(self, session: ClusterSession) -> None:
-        """Drop a view of a session homed elsewhere once no transport holds it here."""
+        """Stop listening to a session's feed once no transport holds it here (and drop the view
+        of one homed elsewhere)."""
         await asyncio.sleep(0)
-        if session.attached or session.runtime is not None or self._sessions.get(session.id) is not session:
+        if session.attached or session.attaching or self._sessions.get(session.id) is not session:
             return
-        del self._sessions[session.id]
+        if session.runtime is None:
+            del self._sessions[session.id]
         if session.subscribed:
             session.subscribed = False
             await self._node.unsubscribe(feed_channel(session.id))

@@ -250,3 +250,58 @@ async def _reconnect_many(server: ServerProcess, count: int) -> None:
         again = await _hello(ws, session, last_seq)
         assert again["resumed"] is True, (n, again)
     await ws.close()
+
+
+async def _until_ready(
+    http: httpx.AsyncClient, url: str, ready: bool, within: float = 20.0
+) -> httpx.Response:
+    deadline = time.monotonic() + within
+    while True:
+        response = await http.get(f"{url}/ready")
+        if (response.status_code == 200) == ready or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_down_is_503_and_refused_work_then_restarted_empty_means_resumed_false() -> None:
+    with run_redis() as redis, start_emulator(token_rate=0.0, tokens=3) as emu:
+        node = start_server(node_env(redis, emu, SLUICE_NODE_ID="lonely"))
+        try:
+            ws = await _open(node.ws_url)
+            session = (await _hello(ws))["session"]
+            await _send(ws, _generate("g1", "before the outage"))
+            event = await _recv(ws)
+            while event["type"] != "done":
+                event = await _recv(ws)
+            await ws.close()
+            async with httpx.AsyncClient(timeout=10) as http:
+                redis.stop()
+                down = await _until_ready(http, node.url, ready=False)
+                assert down.status_code == 503
+                store = down.json()["session_store"]
+                assert store["reachable"] is False and store["url"] == redis.url
+                assert (await http.get(f"{node.url}/health")).status_code == 200
+                opened = await http.post(f"{node.url}/v1/sessions", json={})
+                assert opened.status_code == 503
+                assert opened.json()["error"]["code"] == "upstream_unavailable"
+                assert opened.json()["error"]["retryable"] is True
+                ws = await _open(node.ws_url)
+                await _send(ws, {"type": "hello", "protocol": 1})
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+                assert closed.value.rcvd.reason == "upstream_unavailable"
+                redis.restart(empty=True)
+                assert (await _until_ready(http, node.url, ready=True)).status_code == 200
+            ws = await _open(node.ws_url)
+            again = await _hello(ws, session, event["seq"])
+            assert again["resumed"] is False and again["session"] != session
+            await _send(ws, _generate("g2", "after the outage"))
+            events = [await _recv(ws)]
+            while events[-1]["type"] != "done":
+                events.append(await _recv(ws))
+            await ws.close()
+            _check_stream(emu, events, "after the outage")  # a new session: seqs from 1
+            assert node.process.poll() is None
+        finally:
+            node.stop()
