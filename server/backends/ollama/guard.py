@@ -9,7 +9,8 @@ is suspended at ``yield``) never counts: a slow consumer is not a stalled upstre
 
 Use: `start` before the first upstream await, `waiting` just before each read, `received` after
 it, `first_piece` once, `stop` in ``finally``; on ``CancelledError`` ask `expired` whether the
-cancellation was the guard's own (it then undoes it, and the caller raises a timeout).
+cancellation was the guard's own (it then undoes it, and the caller raises a timeout). The guard
+never reads, closes or retries anything itself: it only cancels the reading task.
 """
 
 from __future__ import annotations

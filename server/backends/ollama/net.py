@@ -1,9 +1,9 @@
 """One HTTP/1.1 connection to an upstream: an asyncio protocol whose bytes httptools parses.
 
 `Connection` is fed by the event loop's callbacks: every read is parsed at once inside
-``data_received`` (llhttp, through ``httptools``: chunked framing costs a few µs, not the tens
-of µs that h11's Python event machinery took), and the body pieces wait in a buffer until the
-reading task takes them (`take`, or `body` when it has to wait). Reading pauses past `HIGH_WATER`
+``data_received`` (llhttp, through ``httptools``, in C: no Python event per chunk as with h11),
+and the body pieces wait in a buffer until the reading task takes them (`take`, or `body` when
+it has to wait); pieces that arrived while the reader was busy come out joined, in one take. Reading pauses past `HIGH_WATER`
 buffered bytes and resumes below `LOW_WATER`. A read arms a timer only when it is given a
 timeout *and* has to wait: streamed generations pass none (`StallGuard` bounds them, one timer
 per stream), so a token costs no timer.
