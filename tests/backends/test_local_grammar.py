@@ -252,3 +252,19 @@ def test_auto_allows_text_that_does_not_begin_with_a_call_or_a_call(
     )
     assert not allowed('<tool_call>[{"name": "get_wetter", "arguments": {}}]</tool_call>')
     assert not allowed("<b>bold</b>")
+
+
+def test_auto_with_a_format_gives_a_call_or_an_instance(grammars: Grammars, tokenizer: Any) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    output = plan(request(tools=(WEATHER,), format=schema))
+    kinds = set()
+    for seed in range(16):
+        text = walk(grammars.constraint(output.grammar or ""), tokenizer, seed)
+        if text.startswith("<"):
+            calls = parse_calls(text)
+            assert calls and all(call.name == "get_weather" for call in calls)
+            kinds.add("call")
+        else:
+            jsonschema.validate(json.loads(text), schema)
+            kinds.add("instance")
+    assert kinds == {"call", "instance"}
