@@ -52,7 +52,8 @@ class ThreadTuner:
 
     Per size class (padded tokens, by powers of four) the first pass only warms up (it is not
     counted: a first pass of a shape is slow whatever the count); then each candidate runs once,
-    and from then on the one with the lowest median of its last ``window`` samples. A candidate
+    and from then on the one with the lowest median of its last ``window`` samples, where a count
+    other than the smallest must be faster by ``margin`` (its extra threads cost CPU). A candidate
     that is not the best is tried again after ``explore_interval_s`` times how much slower than the
     best it was, per class: on a loaded machine a pass with too many threads can take many times
     as long, so trying it is rationed by time and by its cost, not by a count of passes.
@@ -64,11 +65,13 @@ class ThreadTuner:
         *,
         window: int = 5,
         explore_interval_s: float = 30.0,
+        margin: float = 1.2,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not candidates or min(candidates) < 1 or window < 1 or explore_interval_s <= 0:
-            raise ValueError("need candidates >= 1, window >= 1 and a positive explore interval")
-        self.candidates = list(dict.fromkeys(candidates))
+        if not candidates or min(candidates) < 1 or window < 1 or explore_interval_s <= 0 or margin < 1:
+            raise ValueError("need candidates >= 1, window >= 1, a positive explore interval, margin >= 1")
+        self.candidates = sorted(set(candidates))
+        self.margin = margin
         self.window = window
         self.explore_interval_s = explore_interval_s
         self.clock = clock
@@ -93,7 +96,11 @@ class ThreadTuner:
         if untried:
             return untried[0]
         medians = {count: statistics.median(self._samples[(key, count)]) for count in self.candidates}
-        best = min(self.candidates, key=medians.__getitem__)
+        # More threads cost more CPU: they must be clearly faster (by ``margin``) to be chosen.
+        best = min(
+            self.candidates,
+            key=lambda count: medians[count] * (1.0 if count == self.candidates[0] else self.margin),
+        )
         now = self.clock()
         for count in self.candidates:
             # A count k times slower than the best waits k intervals: trying it costs little.

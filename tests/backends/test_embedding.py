@@ -207,6 +207,17 @@ def test_the_thread_tuner_tries_each_count_then_keeps_the_fastest() -> None:
     assert later[-10:].count(2) >= 9
 
 
+def test_more_threads_must_be_clearly_faster() -> None:
+    clock = FakeClock()
+    tuner = ThreadTuner([2, 1], margin=1.2, clock=clock)
+    assert tuner.candidates == [1, 2]
+    for _ in range(3):
+        threads = tuner.choose(500)
+        tuner.record(500, threads, {1: 1.0, 2: 0.9}[threads])  # two threads only 10% faster
+        clock.now += 1.0
+    assert [tuner.choose(500) for _ in range(5)] == [1] * 5
+
+
 def test_a_fixed_thread_count_is_never_tuned() -> None:
     assert thread_candidates(3) == [3]
     tuner = ThreadTuner(thread_candidates(3))

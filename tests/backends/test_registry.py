@@ -126,7 +126,7 @@ class Harness:
         return fake_embedder(name, path, settings)
 
     def registry(self, **overrides: object) -> ModelRegistry:
-        values: dict[str, object] = {"ollama_urls": [], "embed_max_wait_ms": 1.0} | overrides
+        values: dict[str, object] = {"ollama_urls": []} | overrides
         return ModelRegistry(
             Settings(**values),  # type: ignore[arg-type]
             local_factory=self.make_local,
