@@ -1,9 +1,9 @@
 """Benchmark 2: token relay from (emulated) Ollama, 100 and 500 concurrent streams.
 
-Targets: sluice over WebSocket (one session per stream, a `generate` naming an Ollama model), the
-seed-style relay (`/api/v1/generate/stream`), and the emulator read directly (no relay: the jitter
-floor of emulator + client on this machine). `--targets sluice-http` adds sluice's own
-seed-compatible SSE endpoint (same wire as the seed relay). The emulator paces every stream at `token_rate`
+Targets: sluice over WebSocket (one session per stream, a `generate` naming an Ollama model),
+sluice's own seed-compatible HTTP stream (`sluice-http`: the same `/api/v1/generate/stream` wire
+as the seed relay), the seed-style relay, and the emulator read directly (no relay: the jitter
+floor of emulator + client on this machine). The emulator paces every stream at `token_rate`
 pieces/s on an absolute schedule (piece i at t0 + i/rate, one piece per write, no line splitting —
 how a real Ollama flushes). Stream starts are spread evenly over `ramp_s` so their phases differ.
 
@@ -56,7 +56,7 @@ class RelayConfig:
     ramp_s: float = 2.0
     repeats: int = 2
     workers: int = 2
-    targets: tuple[str, ...] = ("direct", "seed", "sluice")
+    targets: tuple[str, ...] = ("direct", "seed", "sluice", "sluice-http")
     budget_s: float = 360.0  # past this, repeats after the first are skipped
 
     @classmethod

@@ -14,9 +14,11 @@ from server.settings import Settings
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 def test_uvicorn_runs_on_uvloop_and_httptools_and_loads_them() -> None:
@@ -55,6 +57,7 @@ async def test_the_heap_is_frozen_at_start_and_again_once_nothing_is_loading(unf
     await asyncio.wait_for(cli.freeze_after_loading(status), 5)
     assert asked == 3
     assert frozen_while_loading[0] > 0  # the first freeze happens before any model is in
+    assert gc.get_threshold() == cli.GC_THRESHOLDS
     late = [[n] for n in range(1000)]  # allocated while loading: frozen by the second freeze
     gc.unfreeze()
     await asyncio.wait_for(cli.freeze_after_loading(lambda: {}), 5)
