@@ -334,11 +334,21 @@ def _turn(turn: ChatMessage) -> Turn:
 def encode_vectors(
     vectors: npt.NDArray[np.float32], encoding: Literal["float", "base64"]
 ) -> list[list[float]] | list[str]:
-    """Vectors as JSON-ready float lists, or as base64 of their little-endian float32 bytes."""
+    """Vectors as JSON-ready float lists, or as base64 of their little-endian float32 bytes.
+
+    No Python loop per vector when a row is a whole number of base64 blocks (its byte count a
+    multiple of 3, as for 384 or 768 dimensions): the matrix is encoded at once and cut into rows.
+    """
     if encoding == "float":
         rows: list[list[float]] = vectors.astype(np.float32, copy=False).tolist()
         return rows
     little = np.ascontiguousarray(vectors, dtype="<f4")
+    row_bytes = little.shape[1] * 4 if little.ndim == 2 else 0
+    if row_bytes and row_bytes % 3 == 0:
+        width = row_bytes // 3 * 4
+        encoded = np.frombuffer(base64.b64encode(little.tobytes()), dtype=f"S{width}")
+        texts: list[str] = encoded.astype(f"U{width}").tolist()
+        return texts
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
 
 

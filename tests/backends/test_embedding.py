@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from protocol.errors import ErrorCode, SluiceError
 from server.backends.batcher import BatchRecord
 from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path, normalize_rows
 from server.backends.threads import ThreadTuner, thread_candidates
+from server.dispatcher import encode_vectors
 from server.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,6 +225,16 @@ def test_a_fixed_thread_count_is_never_tuned() -> None:
     tuner = ThreadTuner(thread_candidates(3))
     assert {tuner.choose(n) for n in (1, 100, 10_000)} == {3}
     assert thread_candidates(0)[0] == 1
+
+
+@pytest.mark.parametrize("dimensions", [3, 4, 384])
+def test_base64_vectors_are_each_rows_little_endian_float32(dimensions: int) -> None:
+    # 3 and 384 dimensions take the whole-matrix path (rows of whole base64 blocks), 4 the per-row one.
+    vectors = np.random.default_rng(dimensions).standard_normal((5, dimensions)).astype(">f4")
+    encoded = encode_vectors(vectors, "base64")
+    assert encoded == [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+    assert all(isinstance(text, str) for text in encoded)
+    assert encode_vectors(vectors[:0], "base64") == []
 
 
 def test_normalize_rows_keeps_zero_rows_zero() -> None:
