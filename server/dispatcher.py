@@ -336,8 +336,8 @@ def encode_vectors(
 ) -> list[list[float]] | list[str]:
     """Vectors as JSON-ready float lists, or as base64 of their little-endian float32 bytes.
 
-    No Python loop per vector when a row is a whole number of base64 blocks (its byte count a
-    multiple of 3, as for 384 or 768 dimensions): the matrix is encoded at once and cut into rows.
+    When a row is a whole number of base64 blocks (its byte count a multiple of 3, as for 384 or
+    768 dimensions) the matrix is encoded in one call and the text cut into rows.
     """
     if encoding == "float":
         rows: list[list[float]] = vectors.astype(np.float32, copy=False).tolist()
@@ -346,9 +346,8 @@ def encode_vectors(
     row_bytes = little.shape[1] * 4 if little.ndim == 2 else 0
     if row_bytes and row_bytes % 3 == 0:
         width = row_bytes // 3 * 4
-        encoded = np.frombuffer(base64.b64encode(little.tobytes()), dtype=f"S{width}")
-        texts: list[str] = encoded.astype(f"U{width}").tolist()
-        return texts
+        text = base64.b64encode(little.tobytes()).decode("ascii")
+        return [text[start : start + width] for start in range(0, len(text), width)]
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
 
 
