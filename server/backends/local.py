@@ -117,7 +117,8 @@ class LocalGenerator(Generator):
     def grammar_stats(self) -> tuple[int, float]:
         """Tokens sampled under a grammar since load, and the seconds spent in the grammar for
         them (computing and applying each token mask, then advancing by the sampled token)."""
-        return self._loop.masked_tokens, self._loop.grammar_ns / 1e9
+        counters = self._loop.counters
+        return counters.masked_tokens, counters.grammar_ns / 1e9
 
     def close(self) -> None:
         """Stop the decode loop; requests still running end with ``shutting_down``. Blocking."""

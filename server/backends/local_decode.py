@@ -16,13 +16,12 @@ queue: text pieces, then a `GenerationResult`, or an exception (mapped to `Sluic
 consumer, in `server.backends.local`). A job's `cancel()` takes effect before the next step, so a
 cancelled request gets at most the one token already being computed.
 
-A job whose plan (`local_tools.OutputPlan`) has a grammar gets a `local_grammar.Constraint`,
-compiled at admission on this thread: before each of its tokens is sampled, the tokens its
-grammar forbids are masked out of its own logits row, so the other rows of the batch sample
-exactly as they would alone. It ends when the grammar is complete or the model picks EOS (only
-allowed once the grammar accepts). A reply that is a tool call is held back, not streamed, and
-delivered as `ToolCall` items with ``finish_reason="tool_calls"``; a call cut off by
-``max_tokens`` is dropped (``finish_reason="length"``).
+Each row is a `local_reply.Reply`, which turns its sampled tokens into text, tool calls and the
+result. A job whose plan (`local_tools.OutputPlan`) has a grammar gets a
+`local_grammar.Constraint`, compiled at admission on this thread: before each of its tokens is
+sampled, the tokens its grammar forbids are masked out of its own logits row, so the other rows
+of the batch sample exactly as they would alone. It ends when the grammar is complete or the
+model picks EOS (only allowed once the grammar accepts).
 
 This module never awaits and never runs on the event loop; it raises nothing to the caller.
 """
@@ -34,18 +33,17 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from server.backends.base import GenerationItem, GenerationRequest, GenerationResult
+from server.backends.base import GenerationItem, GenerationRequest
 from server.backends.local_grammar import Constraint, GrammarError, Grammars
 from server.backends.local_model import LocalModel
-from server.backends.local_sampling import Sampling, sample
-from server.backends.local_text import TextStream
-from server.backends.local_tools import CALL_OPEN, OutputPlan, parse_calls
+from server.backends.local_reply import DecodeCounters, Reply
+from server.backends.local_sampling import Sampling
+from server.backends.local_tools import OutputPlan
 
 __all__ = ["DecodeLoop", "Job", "LoopClosed"]
 
@@ -97,23 +95,6 @@ class Job:
             self.cancel()
 
 
-@dataclass(eq=False, slots=True)
-class _Row:
-    """A sequence in the batch; touched only by the worker thread."""
-
-    job: Job
-    text: TextStream
-    generator: torch.Generator
-    prompt_tokens: int
-    length: int  # tokens of this sequence held in the KV cache
-    prefill_ms: float
-    first_token_at: float
-    constraint: Constraint | None = None
-    holding: bool = False  # the reply is a tool call: kept back until it is complete
-    next_token: int = 0
-    completion_tokens: int = 0
-
-
 class DecodeLoop:
     """Owns the model on one worker thread. `submit` jobs; `close` at the end."""
 
@@ -134,16 +115,18 @@ class DecodeLoop:
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._rows: list[_Row] = []
+        self._rows: list[Reply] = []
         self._cache: DynamicCache | None = None
         # Counters for tests and metrics (read from any thread; written by the worker only).
-        self.decoded_tokens = 0
+        self.counters = DecodeCounters()
         self.steps = 0
-        # Tokens sampled under a grammar, and the time spent in it for them (mask and advance).
-        self.masked_tokens = 0
-        self.grammar_ns = 0
         self._thread = threading.Thread(target=self._run, name="sluice-local-decode", daemon=True)
         self._thread.start()
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens sampled since the start, across all requests (cancelled ones included)."""
+        return self.counters.decoded_tokens
 
     @property
     def active(self) -> int:
@@ -259,20 +242,17 @@ class DecodeLoop:
             now = time.perf_counter()
             rows, keep = [], []
             for index, (job, ids, constraint) in enumerate(prompts):
-                forced = job.plan.calls == "forced"
-                row = _Row(
+                row = Reply(
                     job=job,
-                    # Stop strings apply to text replies; a call's JSON is never cut by one.
-                    text=TextStream(self._model.decode, () if forced else job.sampling.stop),
-                    generator=job.sampling.generator(),
+                    decode=self._model.decode,
+                    eos_ids=self._model.eos_ids,
+                    counters=self.counters,
                     prompt_tokens=len(ids),
-                    length=len(ids),
                     prefill_ms=(now - started) * 1000.0,
                     first_token_at=now,
                     constraint=constraint,
-                    holding=forced,
                 )
-                if self._next(row, out.logits[index, -1]):
+                if row.next(out.logits[index, -1]):
                     rows.append(row)
                     keep.append(index)
         except Exception as exc:
@@ -304,7 +284,7 @@ class DecodeLoop:
                 row.length += 1
                 if row.job.cancelled:
                     continue
-                if self._next(row, out.logits[index, -1]):
+                if row.next(out.logits[index, -1]):
                     keep.append(index)
         except Exception as exc:
             log.exception("local decode step failed for a batch of %d", len(rows))
@@ -324,81 +304,7 @@ class DecodeLoop:
             self._grammars.check(schema, where)
         return self._grammars.constraint(plan.grammar)
 
-    def _next(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Sample and record the row's next token; False when the row finished."""
-        constraint = row.constraint
-        if constraint is None:
-            return self._accept(row, sample(logits, row.job.sampling, row.generator))
-        try:
-            started = time.perf_counter_ns()
-            masked = constraint.mask(logits)
-            masked_at = time.perf_counter_ns()
-            token = sample(masked, row.job.sampling, row.generator)
-            sampled_at = time.perf_counter_ns()
-            if token not in self._model.eos_ids:
-                constraint.advance(token)
-            self.grammar_ns += masked_at - started + time.perf_counter_ns() - sampled_at
-            self.masked_tokens += 1
-        except Exception as exc:  # this row's grammar failed: only this row ends
-            log.exception("constrained sampling failed")
-            row.job.deliver(exc)
-            return False
-        return self._accept(row, token)
-
-    def _accept(self, row: _Row, token: int) -> bool:
-        """Record a sampled token; False when the row finished (its result already delivered)."""
-        self.decoded_tokens += 1
-        if row.job.cancelled:
-            return False
-        if token in self._model.eos_ids:
-            self._finish(row, "stop")
-            return False
-        row.completion_tokens += 1
-        if row.completion_tokens == 1 and row.job.plan.calls == "auto":
-            # The auto grammar lets only a call begin with "<": the first token decides.
-            if self._model.decode([token]).startswith(CALL_OPEN[0]):
-                row.holding, row.text = True, TextStream(self._model.decode)
-        piece = row.text.push(token)
-        if piece and not row.holding:
-            row.job.deliver(piece)
-        if row.text.stopped or (row.constraint is not None and row.constraint.complete):
-            self._finish(row, "stop")
-            return False
-        if row.completion_tokens >= row.job.sampling.max_tokens:
-            self._finish(row, "length")
-            return False
-        row.next_token = token
-        return True
-
-    def _finish(self, row: _Row, reason: Literal["stop", "length"]) -> None:
-        tail = row.text.flush()
-        finish: Literal["stop", "length", "tool_calls"] = reason
-        if row.holding:
-            if reason == "stop":  # complete: the grammar accepted it
-                try:
-                    calls = parse_calls(row.text.text)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.exception("a grammar-complete tool call did not parse")
-                    row.job.deliver(exc)
-                    return
-                for call in calls:
-                    row.job.deliver(call)
-                finish = "tool_calls"
-        elif tail:
-            row.job.deliver(tail)
-        now = time.perf_counter()
-        row.job.deliver(
-            GenerationResult(
-                finish_reason=finish,
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=row.completion_tokens,
-                prompt_eval_ms=row.prefill_ms,
-                eval_ms=(now - row.first_token_at) * 1000.0,
-                total_ms=(now - row.job.submitted) * 1000.0,
-            )
-        )
-
-    def _join(self, rows: list[_Row], kv: KV) -> None:
+    def _join(self, rows: list[Reply], kv: KV) -> None:
         """Merge prefilled rows into the batch, left-padding whichever side is shorter."""
         if self._cache is not None:
             width = max(self._cache.get_seq_length(), kv[0][0].shape[2])
