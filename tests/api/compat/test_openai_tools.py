@@ -213,3 +213,22 @@ async def test_json_object(client: openai.AsyncOpenAI, replies: Emulator) -> Non
     )
     assert _upstream(replies)["format"] == "json"
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
+
+
+@pytest.mark.parametrize(
+    ("fault", "fields"),
+    [
+        (ReplyFault.NO_CALL, {"tools": [WEATHER], "tool_choice": "required"}),
+        (
+            ReplyFault.NOT_JSON,
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}}},
+        ),
+    ],
+)
+async def test_an_upstream_reply_that_breaks_the_guarantee_fails_typed(
+    client: openai.AsyncOpenAI, replies: Emulator, fault: ReplyFault, fields: dict[str, Any]
+) -> None:
+    replies.configure(reply_fault=fault)
+    with pytest.raises(openai.APIStatusError) as failed:
+        await client.chat.completions.create(model=MODEL, messages=USER, **fields)
+    assert failed.value.status_code == 502 and failed.value.code == "upstream_error"
