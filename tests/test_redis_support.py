@@ -1,5 +1,6 @@
 """The real-Redis test helper (tests/support/redis_server.py): start, answer, stop, restart kept
-or empty, always cleaned up."""
+or empty, always cleaned up; and what each persistence setting keeps through a crash of Redis, as
+README's "Redis persistence" table says."""
 
 from __future__ import annotations
 
@@ -76,3 +77,39 @@ def test_a_failed_start_says_why_and_leaves_nothing_running() -> None:
         finally:
             clash.close()
         assert redis.command("PING") == "PONG"
+
+
+# -- what README's "Redis persistence" table says of each setting, observed on the real server --
+
+
+def _write_and_crash(redis: RedisServer, count: int) -> None:
+    for n in range(count):
+        assert redis.command("SET", f"event:{n}", "x") == "OK"  # acknowledged
+    redis.kill()  # SIGKILL: no shutdown, no save
+
+
+def test_without_persistence_a_restart_comes_back_empty() -> None:
+    with run_redis() as redis:
+        redis.command("SET", "k", "v")
+        redis.stop()
+        redis.start()
+        assert redis.command("DBSIZE") == 0
+
+
+def test_aof_everysec_keeps_every_acknowledged_write_through_a_crash_of_redis() -> None:
+    with run_redis(appendonly=True) as redis:
+        redis.command("CONFIG", "SET", "appendfsync", "everysec")
+        _write_and_crash(redis, 500)
+        redis.start()
+        assert redis.command("DBSIZE") == 500
+
+
+def test_rdb_snapshots_alone_come_back_stale_after_a_crash() -> None:
+    # The dangerous case: an older state that still looks valid.
+    with run_redis(save="3600 1") as redis:
+        redis.command("SET", "before-snapshot", "x")
+        redis.command("SAVE")
+        _write_and_crash(redis, 100)
+        redis.start()
+        assert redis.command("GET", "before-snapshot") == b"x"
+        assert redis.command("DBSIZE") == 1  # every write after the snapshot is gone
