@@ -37,7 +37,7 @@ CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 # ``format: "json"`` asks for a JSON object, as OpenAI's json_object and Ollama's "json" do.
 _ANY_OBJECT: JsonSchema = {"type": "object"}
-_CALL_SYNTAX = '<tool_call>[{"name": "<tool name>", "arguments": {<its arguments>}}]</tool_call>'
+_CALL_SYNTAX = '<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>'
 Calls = Literal["never", "auto", "forced"]
 
 
@@ -77,8 +77,10 @@ def plan(request: GenerationRequest) -> OutputPlan:
         return OutputPlan(f"start: call\n{calls_rule}", tuple(schemas), "forced", prompt)
     text_rule = "TEXT: /[^<](?s:.)*/\n" if reply is None else f"text: {json_block(reply)}\n"
     start = "start: call | TEXT\n" if reply is None else "start: call | text\n"
+    # This wording kept the 135M model's text answers as good as without tools; others tried
+    # ("To call tools, reply with only …", SmolLM2's own function-calling prompt) made them worse.
     prompt = _tools_prompt(
-        tools, f"To call tools, reply with only {_CALL_SYNTAX}. If no tool is needed, answer normally."
+        tools, f"To call a function reply {_CALL_SYNTAX}. If no function fits, answer the question directly."
     )
     return OutputPlan(start + calls_rule + text_rule, tuple(schemas), "auto", prompt)
 
@@ -166,8 +168,4 @@ def _tools_prompt(tools: Sequence[Tool], instruction: str) -> str:
         }
         for tool in tools
     ]
-    return (
-        "You have access to the following tools:\n<tools>"
-        + json.dumps(listed, ensure_ascii=False)
-        + f"</tools>\n\n{instruction}"
-    )
+    return "Functions:\n<tools>" + json.dumps(listed, ensure_ascii=False) + f"</tools>\n{instruction}"
