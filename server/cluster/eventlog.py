@@ -3,9 +3,11 @@
 `RedisEventLog` is the `protocol.eventlog.EventLog` a cluster-mode session is built with. It
 keeps the events in memory, exactly like `MemoryEventLog` (the home replays from there, with no
 await), and hands each appended event to the node's `LogWriter`, which writes every session's new
-events at most once per event-loop tick: one pipelined `scripts.APPEND` per session that changed,
-all in one round trip, never one per token. While a write is in flight the next events gather, so
-a slow Redis means larger batches, not more round trips. The append script numbers nothing (the
+events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
+pipelined `scripts.APPEND` per session that changed goes out, all in one round trip, never one
+per token. While a write is in flight the next events gather, so a slow Redis means larger
+batches, not more round trips. The home sends a transport only what a write confirmed
+(`RedisEventLog.on_written`), so no client ever has an event that a node's death could lose. The append script numbers nothing (the
 session did), it checks: same epoch, still the home, seqs that follow; a refusal means the store
 lost the session or another node took it, and the log reports it `lost`.
 
@@ -36,12 +38,14 @@ from protocol.messages import Classification, Delta, Done, Embedding, Error, Log
 from server.cluster.redis import RedisStore
 from server.cluster.scripts import feed_channel, log_key, meta_key
 
-__all__ = ["LogWriter", "RedisEventLog", "decode_event", "read_after"]
+__all__ = ["WRITE_WINDOW_S", "LogWriter", "RedisEventLog", "decode_event", "read_after"]
 
 log = logging.getLogger("sluice.cluster.eventlog")
 
 # After a failed write, wait this long before the next try (Redis is down or restarting).
 RETRY_AFTER_S = 0.25
+# How long the first event of a quiet moment waits for others to share its round trip.
+WRITE_WINDOW_S = 0.001
 
 _ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
 
@@ -78,11 +82,14 @@ class RedisEventLog:
         "_events",
         "_last",
         "_pending",
+        "_pending_events",
         "_pending_first",
         "_started",
         "epoch",
         "lost",
+        "on_idle",
         "on_lost",
+        "on_written",
         "release",
         "session_id",
         "writer",
@@ -108,12 +115,17 @@ class RedisEventLog:
             raise ValueError("the past events must end at last_seq")
         # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended.
         self._pending: list[str] = []
+        self._pending_events: list[LoggedMessage] = []
         self._pending_first = last_seq + 1
         self._started: list[str] = []
         self._ended: list[str] = []
         self.release = False
         self.lost = False
         self.on_lost: Callable[[RedisEventLog], None] | None = None
+        # Events now in Redis, in seq order: what the home may send to a transport it holds.
+        self.on_written: Callable[[list[LoggedMessage]], None] | None = None
+        # Every event appended so far is in Redis (after a write that left nothing pending).
+        self.on_idle: Callable[[], None] | None = None
 
     # -- EventLog ----------------------------------------------------------------------------
 
@@ -134,6 +146,7 @@ class RedisEventLog:
         self._events.append(event)
         self._last = event.seq
         self._pending.append(encode(event))
+        self._pending_events.append(event)
         terminal = _terminal_id(event)
         if terminal is not None:
             self._ended.append(terminal)
@@ -180,15 +193,32 @@ class RedisEventLog:
     def written(self, taken: _Taken, last: int) -> None:
         """The batch `take_batch` gave is in Redis, ending at seq ``last``."""
         del self._pending[: taken.events]
+        done = self._pending_events[: taken.events]
+        del self._pending_events[: taken.events]
         del self._started[: taken.started]
         del self._ended[: taken.ended]
         self._pending_first = last + 1
         if taken.release:
             self.release = False
+        if done and self.on_written is not None:
+            self.on_written(done)
+        if done and not self._pending and self.on_idle is not None:
+            self.on_idle()
+
+    @property
+    def writing(self) -> bool:
+        """Whether some appended events are not yet known to be in Redis."""
+        return bool(self._pending)
+
+    @property
+    def written_seq(self) -> int:
+        """Seq of the newest event known to be in Redis."""
+        return self._pending_first - 1
 
     def mark_lost(self) -> None:
         self.lost = True
         self._pending.clear()
+        self._pending_events.clear()
         self._started.clear()
         self._ended.clear()
         if self.on_lost is not None:
@@ -214,7 +244,7 @@ class LogWriter:
         self._dirty[id(event_log)] = event_log
         if not self._scheduled and self._task is None:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+            asyncio.get_running_loop().call_later(WRITE_WINDOW_S, self._start)
 
     def _start(self) -> None:
         self._scheduled = False

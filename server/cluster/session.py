@@ -48,17 +48,30 @@ _IGNORED = Ignored()
 
 
 class FeedSink(Outbox):
-    """The home runtime's permanent connection: always room, sends nothing (transports read the
-    feed), so the runtime numbers each token as it comes and never holds text back."""
+    """The home runtime's permanent connection, which sends nothing (transports get what the log
+    wrote). It has room while none of the session's events wait to be written: the first token
+    of a burst is numbered at once, and those that come while its write is in flight merge into
+    one delta per request (the runtime's own backpressure), numbered when the write is done. So
+    under load a session costs Redis about one event per request per round trip, not per token,
+    and a token waits no longer than it waits anyway for the write before any transport has it."""
 
-    __slots__ = ()
+    __slots__ = ("_log",)
 
-    def __init__(self) -> None:
+    def __init__(self, event_log: RedisEventLog) -> None:
         super().__init__(encode=lambda message: b"", soft_bytes=1, hard_bytes=1)
+        self._log = event_log
+        event_log.on_idle = self._idle
 
     @property
     def has_room(self) -> bool:
-        return True
+        return not self._log.writing
+
+    def check_bound(self, pending_bytes: int = 0) -> bool:
+        return False  # what waits here waits for Redis, not for a slow reader
+
+    def _idle(self) -> None:
+        if self.on_room is not None and not self.closed:
+            self.on_room()
 
     def push(self, message: object) -> None:
         return None
@@ -162,9 +175,15 @@ class ClusterSession:
 
     # -- the feed ----------------------------------------------------------------------------
 
+    def on_written(self, events: list[LoggedMessage]) -> None:
+        """On the home: ``events`` are in Redis now, so a transport here may have them."""
+        if self._outbox is not None or self._held is not None:
+            self._deliver(events)
+
     def on_feed(self, payload: bytes) -> None:
-        if self._outbox is None and self._held is None:
-            # Nobody to send to here (a feed not yet let go of): only the notices matter.
+        if self.runtime is not None or (self._outbox is None and self._held is None):
+            # On the home events come from its own writes (`on_written`), and with nobody to
+            # send to here only the notices matter.
             for line in payload.split(b"\n"):
                 if line.startswith(b"!"):
                     self._notice(line)

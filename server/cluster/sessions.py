@@ -32,7 +32,7 @@ import orjson
 from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import Classify, ClientMessage, Embed, Error, Generate, Welcome
+from protocol.messages import Classify, ClientMessage, Embed, Error, Generate, LoggedMessage, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Refused, Session, SessionLimits
 from server.cluster import homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, decode_event, read_after
@@ -266,8 +266,9 @@ class ClusterSessionRegistry:
             key_id=session.key_id,
             clock=self._clock,
         )
-        runtime.attach(FeedSink(), runtime.session.last_seq)
+        runtime.attach(FeedSink(event_log), runtime.last_seq)
         event_log.on_lost = lambda _: self._lost(session)
+        event_log.on_written = session.on_written
         session.runtime, session.event_log, session.home = runtime, event_log, self._node.id
         session.current = session.token
         session.detached_since = None if session.attached else self._clock()
@@ -284,10 +285,14 @@ class ClusterSessionRegistry:
         token = f"{self._node.id}/{next(self._tokens)}"
         session.begin_attach()
         try:
-            if not session.subscribed:
-                await self._node.subscribe(feed_channel(session.id), session.on_feed)
-                session.subscribed = True
-            replay = await read_after(self._store, session.id, last_seq)
+            # The home sends what its writes confirmed; elsewhere the feed, after the log.
+            home_here = session.runtime is not None
+            replay = _written_after(session, last_seq) if home_here else None
+            if replay is None:
+                if not home_here and not session.subscribed:
+                    await self._node.subscribe(feed_channel(session.id), session.on_feed)
+                    session.subscribed = True
+                replay = await read_after(self._store, session.id, last_seq)
         except BaseException:
             session.abandon_attach()
             raise
@@ -315,6 +320,8 @@ class ClusterSessionRegistry:
     def _attachment(self, session: ClusterSession, message: dict[str, Any]) -> None:
         if message["op"] == "att":
             session.current, session.detached_since = message["t"], None
+            if session.outbox is not None and session.token != message["t"]:
+                session.outbox.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
         elif session.current == message["t"] and session.detached_since is None:
             session.detached_since = self._clock()
 
@@ -575,3 +582,16 @@ def _outcome(message: ClientMessage, answer: dict[str, Any]) -> Outcome:
         assert isinstance(event, Error)
         return Refused(event)
     return _IGNORED
+
+
+def _written_after(session: ClusterSession, last_seq: int) -> list[LoggedMessage] | None:
+    """On the home, from memory: the events after ``last_seq`` that are already in Redis (the
+    rest reach the transport as their writes complete); None when memory cannot tell."""
+    event_log = session.event_log
+    if event_log is None or last_seq > event_log.written_seq:
+        return None
+    events = event_log.after(last_seq)
+    if events is None:
+        return None
+    written = event_log.written_seq
+    return [event for event in events if event.seq <= written]

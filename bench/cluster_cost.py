@@ -1,0 +1,173 @@
+"""Cluster mode's cost: server CPU per relayed token with Redis (one node, two nodes, and a
+transport on another node than the session's home) against a single node without Redis.
+
+One emulator (Ollama wire, paced streams) and one redis-server feed every target; the targets
+run in the same process tree at the same time and are measured in interleaved rounds (single,
+cluster, single, ...), so a busy machine slows all of them alike. Per round and target: N
+concurrent WebSocket streams of T pieces each; CPU is each server process's user + system time
+(psutil) over the round, divided by the tokens the clients received; Redis's own CPU per token is
+reported beside it. Shapes:
+
+- ``single``: one node, no Redis (today's in-memory path);
+- ``cluster-local``: two nodes, every stream on the node that opened its session (its home);
+- ``cluster-remote``: each stream's session opened on node A, its transport on node B (events
+  relayed A → Redis → B): CPU of both nodes per token.
+
+Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 3]`` prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.support.ollama_emulator import start_emulator
+from tests.support.redis_server import RedisServer, run_redis
+from tests.support.server import ServerProcess, start_server
+
+MODEL = "llama3.2:1b"
+
+
+def _env(emu_url: str, redis_url: str = "", node: str = "") -> dict[str, str]:
+    env = {
+        "SLUICE_OLLAMA_URLS": emu_url,
+        "SLUICE_LOAD_LOCAL_GENERATION": "false",
+        "SLUICE_DEFAULT_MODEL": MODEL,
+        "SLUICE_LOG_LEVEL": "warning",
+    }
+    if redis_url:
+        env |= {"SLUICE_REDIS_URL": redis_url, "SLUICE_NODE_ID": node}
+    return env
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def _recv(ws: ClientConnection) -> dict[str, Any]:
+    event: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), 60))
+    return event
+
+
+async def _stream(open_url: str, read_url: str, n: int) -> int:
+    """One generation: session opened at ``open_url``, read at ``read_url``; deltas received."""
+    ws = await connect(open_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
+    await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+    session = (await _recv(ws))["session"]
+    request = {"type": "generate", "id": f"g{n}", "model": MODEL, "prompt": f"stream {n}"}
+    await ws.send(orjson.dumps(request).decode())
+    if read_url != open_url:
+        await ws.close()
+        ws = await connect(read_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
+        await ws.send(
+            orjson.dumps({"type": "hello", "protocol": 1, "session": session, "last_seq": 0}).decode()
+        )
+        assert (await _recv(ws))["resumed"] is True
+    while True:
+        event = await _recv(ws)
+        if event["type"] == "done":
+            await ws.close()
+            tokens: int = event["usage"]["completion_tokens"]
+            return tokens
+
+
+async def _round(pairs: list[tuple[str, str]]) -> int:
+    return sum(await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs))))
+
+
+def _measure(pids: list[int], redis_pid: int | None, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    before = [_cpu(pid) for pid in pids]
+    redis_before = _cpu(redis_pid) if redis_pid else 0.0
+    tokens = asyncio.run(_round(pairs))
+    node_cpu = sum(_cpu(pid) - b for pid, b in zip(pids, before, strict=True))
+    redis_cpu = (_cpu(redis_pid) - redis_before) if redis_pid else 0.0
+    return {
+        "tokens": tokens,
+        "node_us_per_token": node_cpu / tokens * 1e6,
+        "redis_us_per_token": redis_cpu / tokens * 1e6,
+    }
+
+
+@contextlib.contextmanager
+def _servers(
+    emu_url: str, redis: RedisServer
+) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess]]:
+    started: list[ServerProcess] = []
+    try:
+        for env in (_env(emu_url), _env(emu_url, redis.url, "a"), _env(emu_url, redis.url, "b")):
+            started.append(start_server(env))
+        yield started[0], started[1], started[2]
+    finally:
+        for server in started:
+            server.stop()
+
+
+def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
+    with (
+        run_redis() as redis,
+        start_emulator(token_rate=200.0, tokens=tokens, lines_per_write=1, split_lines=False) as emu,
+    ):
+        assert redis.process is not None
+        with _servers(emu.url, redis) as (single, a, b):
+            shapes = {
+                "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams),
+                "cluster-local": (
+                    [a.process.pid, b.process.pid],
+                    redis.process.pid,
+                    [(node.ws_url, node.ws_url) for node in (a, b)] * (streams // 2),
+                ),
+                "cluster-remote": (
+                    [a.process.pid, b.process.pid],
+                    redis.process.pid,
+                    [(a.ws_url, b.ws_url)] * streams,
+                ),
+            }
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in shapes}
+            for _ in range(rounds):
+                for name, (pids, redis_pid, pairs) in shapes.items():
+                    results[name].append(_measure(pids, redis_pid, pairs))
+    summary: dict[str, Any] = {"streams": streams, "tokens_per_stream": tokens, "rounds": rounds}
+    for name, rows in results.items():
+        summary[name] = {
+            "node_us_per_token": statistics.median(r["node_us_per_token"] for r in rows),
+            "redis_us_per_token": statistics.median(r["redis_us_per_token"] for r in rows),
+            "tokens_per_round": rows[0]["tokens"],
+        }
+    base = summary["single"]["node_us_per_token"]
+    for name in ("cluster-local", "cluster-remote"):
+        summary[name]["ratio_to_single"] = summary[name]["node_us_per_token"] / base
+    summary["cpu"] = _cpu_model()
+    return summary
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    sys.stdout.write(
+        orjson.dumps(run(args.streams, args.tokens, args.rounds), option=orjson.OPT_INDENT_2).decode() + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
