@@ -8,7 +8,7 @@ import pytest
 
 from protocol.codec import encode
 from protocol.eventlog import EventLog, LogBudget, MemoryEventLog, encoded_size, memory_cost
-from protocol.messages import Delta, Done, Error, Generate, Timings, Usage
+from protocol.messages import Delta, Done, Error, Generate, LoggedMessage, Timings, Usage
 from protocol.session import Session, SessionLimits
 
 
@@ -237,3 +237,37 @@ def test_budget_accounting_follows_window_eviction_trim_and_release() -> None:
 def test_budget_refuses_a_bound_below_one() -> None:
     with pytest.raises(ValueError):
         LogBudget(0, list)
+
+
+@pytest.mark.parametrize("kind", ["delta", "done", "embedding"])
+def test_the_memory_estimate_is_close_to_what_the_events_really_hold(kind: str) -> None:
+    import tracemalloc
+
+    from protocol.messages import Embedding
+
+    def make(seq: int) -> LoggedMessage:
+        if kind == "delta":
+            return Delta(id="r1", seq=seq, text=" tok")
+        if kind == "done":
+            return Done(
+                id="r1",
+                seq=seq,
+                finish_reason="stop",
+                usage=Usage(prompt_tokens=1, completion_tokens=2),
+                timings=Timings(queue_ms=1.0, ttft_ms=2.0, total_ms=3.0),
+                model="m",
+            )
+        vector = [0.123456789 * k for k in range(384)]
+        return Embedding(id="r1", seq=seq, model="m", dimensions=384, embeddings=[vector])
+
+    count = 400 if kind == "embedding" else 20_000
+    budget = LogBudget(1 << 40, list)
+    log = MemoryEventLog(1, max_bytes=1 << 40, budget=budget)
+    tracemalloc.start()
+    try:
+        for seq in range(1, count + 1):
+            log.append(make(seq))
+        real, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0.75 <= budget.held / real <= 1.35, (budget.held / count, real / count)
