@@ -95,9 +95,8 @@ class Grammars:
         self._tokenizer = tokenizer
         self._vocab = vocab
         self._lock = threading.Lock()
-        self._compiled: collections.OrderedDict[str, llguidance.LLMatcher | GrammarError] = (
-            collections.OrderedDict()
-        )
+        # A compiled matcher, or the engine's error message for a grammar it refused.
+        self._compiled: collections.OrderedDict[str, llguidance.LLMatcher | str] = collections.OrderedDict()
 
     @classmethod
     def for_tokenizer(cls, hf_tokenizer: Any, eos_ids: Iterable[int]) -> Grammars:
@@ -128,17 +127,17 @@ class Grammars:
                 self._compiled[grammar] = cached
                 while len(self._compiled) > _CACHE_SIZE:
                     self._compiled.popitem(last=False)
-        if isinstance(cached, GrammarError):
-            raise cached
+        if isinstance(cached, str):
+            raise GrammarError(cached)
         return cached
 
-    def _compile(self, grammar: str) -> llguidance.LLMatcher | GrammarError:
+    def _compile(self, grammar: str) -> llguidance.LLMatcher | str:
         # Errors are cached too: a client retrying a bad schema costs one dict lookup.
         matcher = llguidance.LLMatcher(
             self._tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0
         )
         if matcher.is_error():
-            return GrammarError(matcher.get_error())
+            return matcher.get_error() or "rejected"
         return matcher
 
 

@@ -193,6 +193,14 @@ def test_compiled_grammars_are_cached_and_constraints_independent(
     assert first.complete and not second.complete
     assert walk(second, tokenizer, seed=3) in ('"red"', '"blue"')
 
+    # A refused schema is cached too, and each refusal is a fresh error.
+    errors = []
+    for _ in range(2):
+        with pytest.raises(GrammarError) as caught:
+            grammars.check({"type": "array", "uniqueItems": True, "maxItems": 7}, "format")
+        errors.append(caught.value)
+    assert compiles == 2 and errors[0] is not errors[1]
+
 
 def request(**fields: Any) -> GenerationRequest:
     return GenerationRequest(model="smollm2:135m", prompt="hi", **fields)
