@@ -77,13 +77,16 @@ class RedisEventLog:
     """One session's `EventLog` on its home node: memory for replay, Redis for every other node."""
 
     __slots__ = (
+        "_bytes",
         "_capacity",
         "_ended",
         "_events",
         "_last",
+        "_max_bytes",
         "_pending",
         "_pending_events",
         "_pending_first",
+        "_sizes",
         "_started",
         "epoch",
         "lost",
@@ -101,6 +104,7 @@ class RedisEventLog:
         epoch: str,
         *,
         capacity: int,
+        max_bytes: int = 0,
         writer: LogWriter,
         past: Iterable[LoggedMessage] = (),
         last_seq: int = 0,
@@ -109,7 +113,13 @@ class RedisEventLog:
         self.epoch = epoch
         self.writer = writer
         self._capacity = capacity
-        self._events: deque[LoggedMessage] = deque(past, maxlen=capacity)
+        self._max_bytes = max_bytes
+        # Held: at least `capacity` events and at least `max_bytes` of their JSON, whichever is
+        # more (PROTOCOL.md §2); Redis keeps the same window (each write trims below it).
+        self._events: deque[LoggedMessage] = deque(past)
+        self._sizes: deque[int] = deque(len(encode(event)) for event in self._events)
+        self._bytes = sum(self._sizes)
+        self._evict()
         self._last = last_seq
         if self._events and self._events[-1].seq != last_seq:
             raise ValueError("the past events must end at last_seq")
@@ -143,14 +153,25 @@ class RedisEventLog:
     def append(self, event: LoggedMessage) -> None:
         if event.seq != self._last + 1:
             raise ValueError(f"event seq {event.seq} does not follow {self._last}")
+        frame = encode(event)
         self._events.append(event)
+        self._sizes.append(len(frame))
+        self._bytes += len(frame)
         self._last = event.seq
-        self._pending.append(encode(event))
+        self._pending.append(frame)
         self._pending_events.append(event)
+        if len(self._events) > self._capacity:
+            self._evict()
         terminal = _terminal_id(event)
         if terminal is not None:
             self._ended.append(terminal)
         self.writer.dirty(self)
+
+    def _evict(self) -> None:
+        events, sizes = self._events, self._sizes
+        while len(events) > self._capacity and self._bytes - sizes[0] >= self._max_bytes:
+            events.popleft()
+            self._bytes -= sizes.popleft()
 
     def after(self, seq: int) -> list[LoggedMessage] | None:
         if seq >= self._last:
@@ -165,6 +186,7 @@ class RedisEventLog:
         drop = min(upto, self._last) - self.oldest_seq + 1
         for _ in range(min(drop, len(self._events))):
             self._events.popleft()
+            self._bytes -= self._sizes.popleft()
 
     # -- what the writer needs ---------------------------------------------------------------
 
@@ -180,12 +202,15 @@ class RedisEventLog:
 
     def take_batch(self) -> tuple[_Taken, list[Any]] | None:
         """What is pending, and the `scripts.APPEND` keys and arguments that write it (all but the
-        node's own: node id, maxlen, ttl); None when nothing is pending."""
+        node's own: node id, ttl); None when nothing is pending."""
         if not (self._pending or self._started or self._ended or self.release):
             return None
         taken = _Taken(len(self._pending), len(self._started), len(self._ended), self.release)
         sid = self.session_id
-        args: list[Any] = [meta_key(sid), log_key(sid), self.epoch, self._pending_first]
+        # Redis trims below the oldest event this window holds (after an `ack`, the oldest
+        # the window would hold, since Redis keeps what the client acknowledged).
+        keep_from = self._last - max(len(self._events), self._capacity) + 1
+        args: list[Any] = [meta_key(sid), log_key(sid), self.epoch, self._pending_first, max(0, keep_from)]
         args += [feed_channel(sid), "1" if self.release else "0"]
         args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]
         return taken, args
@@ -228,10 +253,9 @@ class RedisEventLog:
 class LogWriter:
     """Writes every dirty `RedisEventLog` of this node, one pipeline per event-loop tick."""
 
-    def __init__(self, store: RedisStore, node_id: str, *, maxlen: int, ttl_ms: int) -> None:
+    def __init__(self, store: RedisStore, node_id: str, *, ttl_ms: int) -> None:
         self._store = store
         self._node_id = node_id
-        self._maxlen = maxlen
         self._ttl_ms = ttl_ms
         self._dirty: dict[int, RedisEventLog] = {}
         self._scheduled = False
@@ -274,8 +298,8 @@ class LogWriter:
             if batch is None or event_log.lost:
                 continue
             taken, args = batch
-            meta, stream, epoch, first, *rest = args
-            pipe.evalsha(sha, 2, meta, stream, self._node_id, epoch, first, self._maxlen, self._ttl_ms, *rest)
+            meta, stream, epoch, first, keep_from, *rest = args
+            pipe.evalsha(sha, 2, meta, stream, self._node_id, epoch, first, keep_from, self._ttl_ms, *rest)
             batches.append((event_log, taken))
         if not batches:
             return True

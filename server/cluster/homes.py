@@ -72,7 +72,7 @@ async def claim(store: RedisStore, session_id: str, node_id: str) -> Claimed | s
     return Claimed(epoch, last_seq, _contiguous(events, last_seq))
 
 
-async def recover(store: RedisStore, session_id: str, dead: str, *, maxlen: int, ttl_ms: int) -> None:
+async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int) -> None:
     """End the unfinished requests of ``session_id``, whose home ``dead`` stopped."""
     for _ in range(3):
         meta = await store.run(store.client.hgetall(meta_key(session_id)))
@@ -81,7 +81,8 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, maxlen: int,
         seq = int(meta[b"seq"])
         ids = sorted(field[2:].decode() for field in meta if field.startswith(b"r:"))
         events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
-        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, maxlen, ttl_ms, feed_channel(session_id)]
+        # Trimming nothing (0): a few more events do not overflow the window worth a trim.
+        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, 0, ttl_ms, feed_channel(session_id)]
         args += ["1", 0, len(ids), *ids, *events]
         keys = [meta_key(session_id), log_key(session_id)]
         if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != -2:
@@ -89,10 +90,10 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, maxlen: int,
     await store.run(store.client.srem(node_sessions_key(dead), session_id))
 
 
-async def recover_node(store: RedisStore, dead: str, *, maxlen: int, ttl_ms: int) -> None:
+async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
     """`recover` every session whose home was ``dead``."""
     for raw in await store.run(store.client.smembers(node_sessions_key(dead))):
-        await recover(store, _text(raw), dead, maxlen=maxlen, ttl_ms=ttl_ms)
+        await recover(store, _text(raw), dead, ttl_ms=ttl_ms)
     await store.run(store.client.delete(node_sessions_key(dead)))
 
 

@@ -10,7 +10,8 @@ script touches one hash slot and runs unchanged on Redis Cluster. Per session:
   (the token of the transport attached last, wherever it is) and one ``r:<request id>`` field
   per request in flight on the home;
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
-  capped with ``MAXLEN ~`` (which keeps at least that many).
+  trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
+  least that window).
 
 Per node: ``sluice:node:<id>`` (heartbeat, with a TTL) and ``sluice:node:<id>:sessions`` (the
 sessions it is home of), its control channel ``sluice:node:<id>:ctl``, and ``sluice:nodes``
@@ -64,7 +65,8 @@ def control_channel(node_id: str) -> str:
 # them (newline-joined: JSON text never holds a raw newline) in the same step, so the live feed
 # and the log always carry the same events with the same seqs.
 #
-# KEYS: meta, log.  ARGV: node, epoch, first seq, maxlen, ttl ms, channel, release (1: the home
+# KEYS: meta, log.  ARGV: node, epoch, first seq, the oldest seq to keep (older entries may go:
+# the replay window, by count and by size, is the home's to compute), ttl ms, channel, release (1: the home
 # lets go of the session after this batch), then a count and that many request ids that started,
 # a count and that many that ended, then the events' JSON. A release publishes ``!H`` after the
 # events: whoever holds the session's transport may claim it.
@@ -92,7 +94,7 @@ if last == first + n - 1 and n > 0 then return last end
 if last ~= first - 1 then return -2 end
 for j = 1, started do redis.call('HSET', KEYS[1], 'r:' .. starts[j], '1') end
 for j = 0, n - 1 do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
+  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
 end
 for j = 1, ended do redis.call('HDEL', KEYS[1], 'r:' .. ends[j]) end
 if n > 0 then

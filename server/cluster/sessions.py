@@ -96,7 +96,7 @@ class ClusterSessionRegistry:
         self._node = node
         self._clock = clock
         self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
-        self.writer = LogWriter(store, node.id, maxlen=limits.replay_events, ttl_ms=self._key_ttl_ms)
+        self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
         self._sessions: dict[str, ClusterSession] = {}
         self._tokens = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -235,6 +235,7 @@ class ClusterSessionRegistry:
                 session.id,
                 claimed.epoch,
                 capacity=capacity,
+                max_bytes=self._limits.replay_bytes,
                 writer=self.writer,
                 past=claimed.past,
                 last_seq=claimed.last_seq,
@@ -254,7 +255,10 @@ class ClusterSessionRegistry:
             raise
         session = self._sessions[session_id] = ClusterSession(self, session_id, key_id, self._node.id)
         capacity = self._limits.replay_events
-        self._make_home(session, RedisEventLog(session_id, epoch, capacity=capacity, writer=self.writer))
+        event_log = RedisEventLog(
+            session_id, epoch, capacity=capacity, max_bytes=self._limits.replay_bytes, writer=self.writer
+        )
+        self._make_home(session, event_log)
         self._metrics.session_opened()
         return session
 
@@ -467,15 +471,11 @@ class ClusterSessionRegistry:
 
     async def recover(self, session_id: str, dead: str) -> None:
         """End what ``dead``, the stopped home of ``session_id``, left unfinished there."""
-        await homes.recover(
-            self._store, session_id, dead, maxlen=self._limits.replay_events, ttl_ms=self._key_ttl_ms
-        )
+        await homes.recover(self._store, session_id, dead, ttl_ms=self._key_ttl_ms)
 
     async def recover_node(self, dead: str) -> None:
         """Every session whose home was ``dead`` (its lease expired)."""
-        await homes.recover_node(
-            self._store, dead, maxlen=self._limits.replay_events, ttl_ms=self._key_ttl_ms
-        )
+        await homes.recover_node(self._store, dead, ttl_ms=self._key_ttl_ms)
 
     # -- sweeping and closing ----------------------------------------------------------------
 

@@ -22,16 +22,18 @@ async def _create(store: RedisStore, session: str = SESSION, *, home: str = NODE
     await store.client.hset(meta_key(session), mapping={"key": "k", "epoch": "e1", "seq": 0, "home": home})
 
 
-def _log(writer: LogWriter, session: str = SESSION) -> RedisEventLog:
-    return RedisEventLog(session, "e1", capacity=4096, writer=writer)
+def _log(
+    writer: LogWriter, session: str = SESSION, *, capacity: int = 4096, max_bytes: int = 0
+) -> RedisEventLog:
+    return RedisEventLog(session, "e1", capacity=capacity, max_bytes=max_bytes, writer=writer)
 
 
 def _deltas(first: int, count: int, request: str = "r1") -> list[Delta]:
     return [Delta(id=request, seq=seq, text=f"t{seq} ") for seq in range(first, first + count)]
 
 
-def _writer(store: RedisStore, maxlen: int = 4096) -> LogWriter:
-    return LogWriter(store, NODE, maxlen=maxlen, ttl_ms=60_000)
+def _writer(store: RedisStore) -> LogWriter:
+    return LogWriter(store, NODE, ttl_ms=60_000)
 
 
 def _calls(redis_server: RedisServer, command: str) -> int:
@@ -137,16 +139,31 @@ async def test_events_no_longer_held_refuse_the_read_never_a_partial_one(store: 
     assert await read_after(store, "s_unknown", 0) is None
 
 
-async def test_the_stream_keeps_at_least_maxlen_events(store: RedisStore) -> None:
+async def test_the_stream_keeps_at_least_the_replay_window_by_count(store: RedisStore) -> None:
     await _create(store)
-    writer = _writer(store, maxlen=100)
-    event_log = _log(writer)
+    writer = _writer(store)
+    event_log = _log(writer, capacity=100)
     for round_ in range(10):
         for event in _deltas(round_ * 100 + 1, 100):
             event_log.append(event)
         await writer.flush()
     assert await read_after(store, SESSION, 900) == _deltas(901, 100)
     assert await store.client.xlen(log_key(SESSION)) < 1000
+    assert event_log.after(899) is None and event_log.after(900) == _deltas(901, 100)
+
+
+async def test_the_window_also_keeps_at_least_max_bytes_of_events(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer, capacity=10, max_bytes=20_000)
+    big = [Delta(id="r1", seq=seq, text="x" * 1000) for seq in range(1, 101)]
+    for event in big:
+        event_log.append(event)
+    await writer.flush()
+    # 20 kB of ~1 kB events: about 20 of them, far more than the 10 the count alone would keep.
+    held = event_log.after(event_log.oldest_seq - 1)
+    assert held is not None and 20 <= len(held) <= 22
+    assert await read_after(store, SESSION, 100 - 20) == big[-20:]
 
 
 @pytest.mark.parametrize("change", ["epoch", "home", "deleted"])
@@ -204,8 +221,8 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
     batch = event_log.take_batch()
     assert batch is not None
     _, args = batch
-    meta, stream, epoch, first, *rest = args
-    again = [NODE, epoch, first, 4096, 60_000, *rest]
+    meta, stream, epoch, first, keep_from, *rest = args
+    again = [NODE, epoch, first, keep_from, 60_000, *rest]
     assert await store.append_script(keys=[meta, stream], args=again) == 3
     assert await store.append_script(keys=[meta, stream], args=again) == 3
     assert await store.client.xlen(log_key(SESSION)) == 3

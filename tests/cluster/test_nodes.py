@@ -305,3 +305,37 @@ async def test_redis_down_is_503_and_refused_work_then_restarted_empty_means_res
             assert node.process.poll() is None
         finally:
             node.stop()
+
+
+async def test_a_reader_stalled_on_another_node_through_a_long_fast_stream_resumes_exactly(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    _, emu, (a, b) = cluster
+    prompt = "a long fast answer read from afar"
+    emu.configure(tokens=10_050, token_rate=1000.0, lines_per_write=1, split_lines=False)
+    try:
+        ws = await _open(a.ws_url)
+        session = (await _hello(ws))["session"]
+        await _send(ws, _generate("fast", prompt))
+        await ws.close()
+        # max_queue=1: the client stops reading the socket once one frame waits (a stalled reader).
+        stalled = await connect(b.ws_url, subprotocols=["sluice.v1"], max_queue=1)  # type: ignore[list-item]
+        assert (await _hello(stalled, session, 0))["resumed"] is True
+        seen = [await _recv(stalled) for _ in range(50)]
+        deadline = time.monotonic() + 90
+        record = None
+        while record is None or not record.finished:
+            assert time.monotonic() < deadline, "the stream did not finish"
+            await asyncio.sleep(0.2)
+            record = next((r for r in emu.generations() if r.body.get("prompt") == prompt), None)
+        stalled.transport.abort()
+        ws = await _open(a.ws_url)
+        again = await _hello(ws, session, seen[-1]["seq"])
+        assert again["resumed"] is True, again
+        events = list(seen)
+        while events[-1]["type"] != "done":
+            events.append(await _recv(ws))
+        await ws.close()
+        _check_stream(emu, events, prompt)
+    finally:
+        emu.configure(tokens=60, token_rate=100.0, lines_per_write=2, split_lines=True)
