@@ -21,8 +21,8 @@ full collection walked all of them, pausing the loop far longer than the relay's
 allows. Only what is allocated after start-up is collected from then on, on thresholds that keep
 full collections rare (`GC_THRESHOLDS`): the sessions' replay logs hold a few tracked objects per
 streamed token for ``session_ttl_s``, and with Python's defaults a full collection walked them
-every few seconds under load. Young collections stay frequent, so the cyclic garbage of requests
-is still found soon. Measurements: ``bench/results/README.md``.
+every few seconds under load. Young and middle collections keep Python's thresholds: each walks
+only recent objects, and the cyclic garbage of requests is still found soon. Measurements: ``bench/results/README.md``.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ _WORKERS_NEED_REDIS = (
 )
 # How often start-up checks whether the models are still loading (to freeze the heap after).
 _LOAD_POLL_S = 0.25
-# gc.set_threshold after start-up (Python's own: 700, 10, 10): young collections rarer but each
-# still short, full ones only after 100 middle ones.
-GC_THRESHOLDS = (50_000, 20, 100)
+# gc.set_threshold after start-up: Python's own young and middle thresholds (short, frequent
+# pauses), full collections after 1,000 middle ones instead of 10.
+GC_THRESHOLDS = (700, 10, 1000)
 
 
 # What code logging about a request passes as ``extra=``; appended to the line as key=value.
