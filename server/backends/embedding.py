@@ -6,7 +6,8 @@ slow (seconds): the registry calls `SentenceEmbedder.load` in a worker thread. E
 goes through the model's `MicroBatcher` (continuous batching, capped by padded tokens, so the
 batcher is given each text's token count from the model's tokenizer), so concurrent small requests
 share one forward pass. A loaded model's pass tokenizes, runs the transformer and pools under
-``torch.inference_mode``, with its torch thread count chosen per pass by a `ThreadTuner`.
+``torch.inference_mode``, with its torch thread count chosen per pass by a `ThreadTuner` (which
+`calibrate` starts at load, on a few passes of common sizes).
 
 This module must never run a forward pass on the event loop, and never reaches a model hub: models
 load from local paths only.
@@ -28,7 +29,7 @@ from server.backends.batcher import MicroBatcher
 from server.backends.threads import ThreadTuner, set_torch_threads, thread_candidates
 from server.settings import Settings
 
-__all__ = ["MINILM", "SentenceEmbedder", "minilm_path", "normalize_rows"]
+__all__ = ["CALIBRATION", "MINILM", "SentenceEmbedder", "calibrate", "minilm_path", "normalize_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,28 @@ def normalize_rows(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     np.maximum(norms, 1e-12, out=norms)
     scaled: npt.NDArray[np.float32] = (matrix / norms).astype(np.float32, copy=False)
     return scaled
+
+
+# Passes timed at load, as (texts, words per text): padded sizes of about 26, 200, 830 and 2,700
+# tokens, one per size class of the tuner up to a full pass of 64 short texts.
+CALIBRATION: tuple[tuple[int, int], ...] = ((1, 24), (8, 24), (32, 24), (64, 40))
+
+
+def calibrate(encode: EncodeFn, tuner: ThreadTuner) -> None:
+    """Run the tuner's first passes of the common sizes now (a warm-up pass, then each thread
+    count), so that a fresh server does not pay for them inside its first requests. Larger passes
+    are tuned as they come."""
+    if len(tuner.candidates) < 2:
+        return
+    started = time.perf_counter()
+    for rows, words in CALIBRATION:
+        texts = [" ".join(["river"] * words)] * rows
+        for _ in range(1 + len(tuner.candidates)):
+            encode(texts)
+    tuner.current = 0  # those counts were set on the loading thread; the worker sets its own
+    log.debug(
+        "timed torch thread counts %s at load in %.2f s", tuner.candidates, time.perf_counter() - started
+    )
 
 
 class SentenceEmbedder(Embedder):
@@ -136,6 +159,7 @@ class SentenceEmbedder(Embedder):
                 )
                 return np.asarray(pooled.float().numpy(), dtype=np.float32)
 
+        calibrate(encode, tuner)
         log.debug(
             "loaded embed model %s (%d dimensions) from %s in %.2f s",
             name,

@@ -81,6 +81,11 @@ class ThreadTuner:
         self._tried_at: dict[tuple[int, int], float] = {}
         self._warm: set[int] = set()
 
+    def measured_classes(self) -> list[int]:
+        """The size classes where every candidate has been timed."""
+        keys = {key for key, _ in self._samples}
+        return sorted(k for k in keys if all(self._samples.get((k, c)) for c in self.candidates))
+
     @staticmethod
     def size_class(padded_tokens: int) -> int:
         return (max(1, padded_tokens).bit_length() + 1) // 2

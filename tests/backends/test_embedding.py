@@ -15,7 +15,14 @@ import pytest
 
 from protocol.errors import ErrorCode, SluiceError
 from server.backends.batcher import BatchRecord
-from server.backends.embedding import MINILM, SentenceEmbedder, minilm_path, normalize_rows
+from server.backends.embedding import (
+    CALIBRATION,
+    MINILM,
+    SentenceEmbedder,
+    calibrate,
+    minilm_path,
+    normalize_rows,
+)
 from server.backends.threads import ThreadTuner, thread_candidates
 from server.dispatcher import encode_vectors
 from server.settings import Settings
@@ -176,6 +183,32 @@ async def test_the_batcher_is_given_token_counts_and_passes_match_sentence_trans
     reference = SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
     assert minilm.tuner is not None and sum(minilm.tuner.chosen.values()) >= 1
+
+
+@pytest.mark.models
+def test_thread_counts_are_timed_at_load_for_the_common_sizes(minilm: SentenceEmbedder) -> None:
+    assert minilm.tuner is not None
+    if len(minilm.tuner.candidates) < 2:
+        pytest.skip("one core: nothing to choose")
+    # One size class per CALIBRATION entry, each timed with every thread count.
+    assert len(minilm.tuner.measured_classes()) >= len(CALIBRATION) - 1
+
+
+def test_calibration_times_each_count_after_a_warm_up_pass() -> None:
+    tuner = ThreadTuner([1, 2], clock=FakeClock())
+    seen: list[int] = []
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        seen.append(len(texts))
+        threads = tuner.choose(len(texts) * 26)
+        tuner.record(len(texts) * 26, threads, 0.01)
+        return np.zeros((len(texts), 2), np.float32)
+
+    tuner.current = 2  # as if the loading thread had set two threads
+    calibrate(encode, tuner)
+    assert tuner.current == 0  # so the worker thread sets its own count on its first pass
+    assert seen == [rows for rows, _ in CALIBRATION for _ in range(3)]
+    assert tuner.measured_classes() == sorted({tuner.size_class(rows * 26) for rows, _ in CALIBRATION})
 
 
 class FakeClock:
