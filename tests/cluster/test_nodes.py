@@ -339,3 +339,30 @@ async def test_a_reader_stalled_on_another_node_through_a_long_fast_stream_resum
         _check_stream(emu, events, prompt)
     finally:
         emu.configure(tokens=60, token_rate=100.0, lines_per_write=2, split_lines=True)
+
+
+async def test_another_key_cannot_resume_a_session_on_another_node() -> None:
+    with run_redis() as redis, start_emulator(token_rate=0.0, tokens=3) as emu:
+        keys = {"SLUICE_API_KEYS": "key-one,key-two"}
+        a = start_server(node_env(redis, emu, SLUICE_NODE_ID="ka", **keys))
+        b = start_server(node_env(redis, emu, SLUICE_NODE_ID="kb", **keys))
+        try:
+            one = {"Authorization": "Bearer key-one"}
+            two = {"Authorization": "Bearer key-two"}
+            ws = await connect(a.ws_url, subprotocols=["sluice.v1"], additional_headers=one)  # type: ignore[list-item]
+            session = (await _hello(ws))["session"]
+            await ws.close()
+            ws = await connect(b.ws_url, subprotocols=["sluice.v1"], additional_headers=two)  # type: ignore[list-item]
+            other = await _hello(ws, session, 0)
+            assert other["resumed"] is False and other["session"] != session
+            await ws.close()
+            async with httpx.AsyncClient(timeout=10) as http:
+                events = await http.get(f"{b.url}/v1/sessions/{session}/events", headers=two)
+                assert events.status_code == 404
+                assert (await http.delete(f"{b.url}/v1/sessions/{session}", headers=two)).status_code == 404
+            ws = await connect(b.ws_url, subprotocols=["sluice.v1"], additional_headers=one)  # type: ignore[list-item]
+            assert (await _hello(ws, session, 0))["resumed"] is True
+            await ws.close()
+        finally:
+            a.stop()
+            b.stop()
