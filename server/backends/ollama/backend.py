@@ -74,6 +74,8 @@ class OllamaBackend(Generator):
             transport = UpstreamTransport(max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE_S)
         # trust_env=False: a proxy from the environment must never sit between sluice and Ollama.
         self._client = httpx.AsyncClient(transport=transport, headers=_JSON_HEADERS, trust_env=False)
+        # POSTs go to the transport itself (see `_open`); the client builds them and does the GETs.
+        self._transport = transport
 
     @property
     def urls(self) -> list[str]:
@@ -214,14 +216,17 @@ class OllamaBackend(Generator):
     async def _open(self, path: str, body: bytes, limits: httpx.Timeout) -> tuple[Upstream, httpx.Response]:
         """Send to the best upstream, moving on while connects fail; the response is unread.
 
-        The returned upstream counts this request as in flight: the caller decrements it.
+        The returned upstream counts this request as in flight: the caller decrements it. The
+        request is built by the client (headers, timeouts) and handed to the transport directly:
+        the client's send would only add what these POSTs never use (auth, redirects, cookies,
+        event hooks) and one more generator around the body, once per read.
         """
         failure: Exception = NoUpstream()
         for upstream in self._pool.candidates():
             upstream.inflight += 1
             request = self._client.build_request("POST", upstream.url + path, content=body, timeout=limits)
             try:
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 upstream.inflight -= 1
                 self._pool.connect_failed(upstream)
