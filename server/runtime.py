@@ -355,7 +355,10 @@ class SessionRuntime:
         if outbox is not None and outbox.has_room:
             if self._pending:
                 self._flush_pending()
-            self._send(self.session.delta(request_id, text))
+            # Once per token: straight to the outbox just checked (`_send` would look it up again).
+            event = self.session.delta(request_id, text)
+            if event is not None:
+                outbox.push(event)
             return
         parts = self._pending.get(request_id)
         if parts is None:
