@@ -64,7 +64,7 @@ class ThreadTuner:
         candidates: Sequence[int],
         *,
         window: int = 5,
-        explore_interval_s: float = 30.0,
+        explore_interval_s: float = 10.0,
         margin: float = 1.2,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
