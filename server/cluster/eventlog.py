@@ -4,8 +4,8 @@
 keeps the events in memory, exactly like `MemoryEventLog` (the home replays from there, with no
 await), and hands each appended event to the node's `LogWriter`, which writes every session's new
 events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
-`scripts.APPEND` call carries every session that changed, in one round trip, never one per
-token. While a write is in flight the next events gather, so a slow Redis means larger
+pipelined `scripts.APPEND` per session that changed goes out, all in one round trip, never one
+per token. While a write is in flight the next events gather, so a slow Redis means larger
 batches, not more round trips. The home sends a transport only what a write confirmed
 (`RedisEventLog.on_written`), so no client ever has an event that a node's death could lose. The append script numbers nothing (the
 session did), it checks: same epoch, still the home, seqs that follow; a refusal means the store
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from pydantic import TypeAdapter
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from protocol.codec import encode
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
@@ -200,9 +200,9 @@ class RedisEventLog:
         self.release = True
         self.writer.dirty(self)
 
-    def take_batch(self) -> tuple[_Taken, list[str], list[Any]] | None:
-        """What is pending, and the `scripts.APPEND` keys and per-session arguments that write
-        it; None when nothing is pending."""
+    def take_batch(self) -> tuple[_Taken, list[Any]] | None:
+        """What is pending, and the `scripts.APPEND` keys and arguments that write it (all but the
+        node's own: node id, ttl); None when nothing is pending."""
         if not (self._pending or self._started or self._ended or self.release):
             return None
         taken = _Taken(len(self._pending), len(self._started), len(self._ended), self.release)
@@ -210,10 +210,10 @@ class RedisEventLog:
         # Redis trims below the oldest event this window holds (after an `ack`, the oldest
         # the window would hold, since Redis keeps what the client acknowledged).
         keep_from = self._last - max(len(self._events), self._capacity) + 1
-        args: list[Any] = [self.epoch, self._pending_first, max(0, keep_from), feed_channel(sid)]
-        args += ["1" if self.release else "0", orjson.dumps(self._started), orjson.dumps(self._ended)]
-        args.append("\n".join(self._pending))
-        return taken, [meta_key(sid), log_key(sid)], args
+        args: list[Any] = [meta_key(sid), log_key(sid), self.epoch, self._pending_first, max(0, keep_from)]
+        args += [feed_channel(sid), "1" if self.release else "0"]
+        args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]
+        return taken, args
 
     def written(self, taken: _Taken, last: int) -> None:
         """The batch `take_batch` gave is in Redis, ending at seq ``last``."""
@@ -288,38 +288,34 @@ class LogWriter:
             self._task = None
 
     async def _write(self, logs: list[RedisEventLog]) -> bool:
-        """One script call, one round trip, for every session in ``logs``; False when it must be
-        tried again (each session's part of a retry that already landed is a no-op)."""
+        """One pipelined round trip for ``logs``; False when some of it must be tried again."""
         store = self._store
+        sha = store.append_script.sha
         batches: list[tuple[RedisEventLog, _Taken]] = []
-        keys: list[str] = []
-        args: list[Any] = [self._node_id, self._ttl_ms]
+        pipe = store.client.pipeline(transaction=False)
         for event_log in logs:
             batch = event_log.take_batch()
             if batch is None or event_log.lost:
                 continue
-            taken, session_keys, session_args = batch
-            keys += session_keys
-            args += session_args
+            taken, args = batch
+            meta, stream, epoch, first, keep_from, *rest = args
+            pipe.evalsha(sha, 2, meta, stream, self._node_id, epoch, first, keep_from, self._ttl_ms, *rest)
             batches.append((event_log, taken))
         if not batches:
             return True
         try:
-            replies = await store.client.evalsha(store.append_script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted: its script cache is empty
-            await store.load_scripts()
-            return False
-        except ResponseError:  # the script failed: a bug, not Redis's state; do not loop on it
-            log.exception("the append script failed: the sessions of this write are lost")
-            for event_log, _ in batches:
-                event_log.mark_lost()
-            return True
+            replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:  # a lost connection: every batch is tried again
             store.mark_down(type(exc).__name__)
             return False
         self.round_trips += 1
+        retry = False
         for (event_log, taken), reply in zip(batches, replies, strict=True):
-            if reply < 0:
+            if isinstance(reply, Exception):
+                retry = True
+                if isinstance(reply, NoScriptError):  # Redis restarted: its script cache is empty
+                    await store.load_scripts()
+            elif reply < 0:
                 log.warning(
                     "session store refused a write (%d): the session is lost",
                     reply,
@@ -328,7 +324,7 @@ class LogWriter:
                 event_log.mark_lost()
             else:
                 event_log.written(taken, int(reply))
-        return True
+        return not retry
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (or given up as lost)."""

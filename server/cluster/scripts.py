@@ -61,65 +61,53 @@ def control_channel(node_id: str) -> str:
     return f"sluice:node:{node_id}:ctl"
 
 
-# Append, for each of one or more sessions homed on one node, a batch of events numbered
-# first..first+n-1, and publish each batch on its session's channel in the same step, so the live
-# feed and the log always carry the same events with the same seqs. One call carries every
-# session a node writes at once (on Redis Cluster a call would group the sessions of one slot).
+# Append a batch of events numbered first..first+n-1, written by the session's home, and publish
+# them (newline-joined: JSON text never holds a raw newline) in the same step, so the live feed
+# and the log always carry the same events with the same seqs.
 #
-# KEYS: meta and log of each session.  ARGV: node, ttl ms, then per session 8 values: epoch,
-# first seq, the oldest seq to keep (older entries may go: the replay window, by count and by
-# size, is the home's to compute), channel, release (1: the home lets go of the session after
-# this batch, publishing ``!H``), the JSON list of request ids that started, the JSON list of
-# those that ended, and the events' JSON joined by newlines (JSON text never holds a raw one).
+# KEYS: meta, log.  ARGV: node, epoch, first seq, the oldest seq to keep (older entries may go:
+# the replay window, by count and by size, is the home's to compute), ttl ms, channel, release (1: the home
+# lets go of the session after this batch), then a count and that many request ids that started,
+# a count and that many that ended, then the events' JSON. A release publishes ``!H`` after the
+# events: whoever holds the session's transport may claim it.
 #
-# Returns one number per session: its new last seq (a batch already applied, a retry after a
-# lost reply, returns it too); -1: no such session or another epoch (the store lost it),
-# -2: seqs do not follow, -3: the node is not the session's home.
+# Returns the new last seq; the batch already applied (a retry after a lost reply) returns it too.
+# -1: no such session or another epoch (the store lost it), -2: seqs do not follow, -3: the node
+# is not the session's home.
 APPEND = """
-local function ids(json)
-  if json == '[]' then return {} end
-  return cjson.decode(json)
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch or epoch ~= ARGV[2] then return -1 end
+if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return -3 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local first = tonumber(ARGV[3])
+local i = 8
+local started = tonumber(ARGV[i])
+local starts = {}
+for j = 1, started do starts[j] = ARGV[i + j] end
+i = i + started + 1
+local ended = tonumber(ARGV[i])
+local ends = {}
+for j = 1, ended do ends[j] = ARGV[i + j] end
+i = i + ended + 1
+local n = #ARGV - i + 1
+if last == first + n - 1 and n > 0 then return last end
+if last ~= first - 1 then return -2 end
+for j = 1, started do redis.call('HSET', KEYS[1], 'r:' .. starts[j], '1') end
+for j = 0, n - 1 do
+  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
 end
-
-local function lines(text)
-  local out = {}
-  for line in string.gmatch(text, '[^\\n]+') do out[#out + 1] = line end
-  return out
+for j = 1, ended do redis.call('HDEL', KEYS[1], 'r:' .. ends[j]) end
+if n > 0 then
+  redis.call('HSET', KEYS[1], 'seq', first + n - 1)
+  redis.call('PUBLISH', ARGV[6], table.concat(ARGV, '\\n', i))
 end
-
-local function append(meta, log, node, ttl, a)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch or epoch ~= ARGV[a] then return -1 end
-  if redis.call('HGET', meta, 'home') ~= node then return -3 end
-  local last = tonumber(redis.call('HGET', meta, 'seq'))
-  local first = tonumber(ARGV[a + 1])
-  local events = lines(ARGV[a + 7])
-  local n = #events
-  if n > 0 and last == first + n - 1 then return last end
-  if last ~= first - 1 then return -2 end
-  for _, id in ipairs(ids(ARGV[a + 5])) do redis.call('HSET', meta, 'r:' .. id, '1') end
-  for j = 1, n do
-    redis.call('XADD', log, 'MINID', '~', ARGV[a + 2], (first + j - 1) .. '-0', 'm', events[j])
-  end
-  for _, id in ipairs(ids(ARGV[a + 6])) do redis.call('HDEL', meta, 'r:' .. id) end
-  if n > 0 then
-    redis.call('HSET', meta, 'seq', first + n - 1)
-    redis.call('PUBLISH', ARGV[a + 3], ARGV[a + 7])
-  end
-  if ARGV[a + 4] == '1' then
-    redis.call('HSET', meta, 'home', '')
-    redis.call('PUBLISH', ARGV[a + 3], '!H')
-  end
-  redis.call('PEXPIRE', meta, ttl)
-  redis.call('PEXPIRE', log, ttl)
-  return first + n - 1
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'home', '')
+  redis.call('PUBLISH', ARGV[6], '!H')
 end
-
-local results = {}
-for s = 1, #KEYS / 2 do
-  results[s] = append(KEYS[2 * s - 1], KEYS[2 * s], ARGV[1], ARGV[2], 3 + (s - 1) * 8)
-end
-return results
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return first + n - 1
 """
 
 # Become the home of a session that has none (or whose home is ``expected``, a node known dead).

@@ -220,8 +220,9 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
         event_log.append(event)
     batch = event_log.take_batch()
     assert batch is not None
-    _, keys, args = batch
-    again = [NODE, 60_000, *args]
-    assert await store.append_script(keys=keys, args=again) == [3]
-    assert await store.append_script(keys=keys, args=again) == [3]
+    _, args = batch
+    meta, stream, epoch, first, keep_from, *rest = args
+    again = [NODE, epoch, first, keep_from, 60_000, *rest]
+    assert await store.append_script(keys=[meta, stream], args=again) == 3
+    assert await store.append_script(keys=[meta, stream], args=again) == 3
     assert await store.client.xlen(log_key(SESSION)) == 3
