@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from protocol.close import CloseCode
+from protocol.errors import ErrorCode
 from protocol.messages import Cancel, Generate
+from protocol.session import Accepted, Refused
 from server.sessions import NotAttached
 from tests.cluster.inprocess import InProcessNode, collect, kill, outbox, start_node, terminal, welcome
 from tests.server.fakes import FakeRegistry, ScriptedGenerator
@@ -216,3 +218,25 @@ async def test_after_redis_restarted_empty_a_resume_is_a_new_session(
             outbox(), key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0
         )
         assert not again.resumed
+
+
+async def test_messages_handled_on_a_node_that_is_not_the_home_say_what_became_of_each(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    opened = await a.sessions.open_or_resume(key_id="k", welcome=welcome)
+    stream = outbox()
+    assert not isinstance(
+        await a.sessions.attach(stream, session_id=opened.session, key_id="k", last_seq=0), NotAttached
+    )
+    on_b = await b.sessions.find(opened.session, "k")
+    assert on_b is not None and on_b.runtime is None  # the home is a
+    outcomes = await on_b.handle_all(
+        [Generate(type="generate", id="g1", prompt="hi"), Generate(type="generate", id="g1", prompt="again")]
+    )
+    assert isinstance(outcomes[0], Accepted) and outcomes[0].request.id == "g1"
+    assert isinstance(outcomes[1], Refused) and outcomes[1].event.code is ErrorCode.DUPLICATE_ID
+    events = await collect(stream, terminal("g1"))
+    refusal = next(e for e in events if e["type"] == "error")
+    assert refusal["seq"] == outcomes[1].event.seq and refusal["ref"] == "g1"
+    assert _text(events, "g1") == "".join(PIECES)
