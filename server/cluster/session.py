@@ -33,6 +33,7 @@ from protocol.close import CloseCode
 from protocol.errors import SluiceError
 from protocol.messages import ClientMessage, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
+from server.cluster import forwarded
 from server.cluster.eventlog import RedisEventLog, decode_event
 from server.outbox import Outbox
 from server.runtime import SessionRuntime
@@ -262,7 +263,7 @@ class ClusterSession:
             return Reply(pong)
         if self.runtime is not None and not self._forward:
             return self.handle_here(message)
-        self._queue({"op": "msg", "m": message.model_dump(mode="json", exclude_unset=True)})
+        self._queue({"op": "msg", "m": forwarded.dump(message)})
         return _IGNORED
 
     async def handle_all(self, messages: Sequence[ClientMessage]) -> list[Outcome]:
@@ -283,7 +284,7 @@ class ClusterSession:
         if self.runtime is not None and not self._forward:
             self.runtime.refuse(error)
             return
-        self._queue({"op": "refuse", **refusal_fields(error)})
+        self._queue({"op": "refuse", **forwarded.refusal_fields(error)})
 
     def goaway(self, reason: str, retry_after_ms: int) -> None:
         if self.runtime is not None:
@@ -313,13 +314,3 @@ class ClusterSession:
             self._forward.clear()
         finally:
             self._forwarder = None
-
-
-def refusal_fields(error: SluiceError) -> dict[str, Any]:
-    return {
-        "code": error.code.value,
-        "message": error.message,
-        "retryable": error.retryable,
-        "retry_after_ms": error.retry_after_ms,
-        "ref": error.ref,
-    }

@@ -27,15 +27,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from protocol.close import CloseCode
-from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import Classify, ClientMessage, Embed, Error, Generate, LoggedMessage, Welcome
-from protocol.session import Accepted, Ignored, Outcome, Refused, Session, SessionLimits
-from server.cluster import homes
-from server.cluster.eventlog import LogWriter, RedisEventLog, decode_event, read_after
+from protocol.messages import ClientMessage, LoggedMessage, Welcome
+from protocol.session import Outcome, Session, SessionLimits
+from server.cluster import forwarded, homes
+from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, store_unavailable
 from server.cluster.scripts import feed_channel, log_key, meta_key
@@ -54,10 +51,7 @@ log = logging.getLogger("sluice.cluster.sessions")
 _SWEEP_EVERY_S = 5.0
 # A forwarded message whose home does not answer waits this long before looking again.
 _SETTLE_RETRY_S = 0.25
-# Forwarded messages were checked at the node that took them; this only bounds the decoder.
-_FORWARDED_MAX_BYTES = 1 << 30
 _SUBMIT_TRIES = 40
-_IGNORED = Ignored()
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +375,7 @@ class ClusterSessionRegistry:
 
     async def submit(self, session: ClusterSession, messages: Sequence[ClientMessage]) -> list[Outcome]:
         """`ClusterSession.handle_all` for a session homed elsewhere: one call to the home."""
-        dumped = [message.model_dump(mode="json", exclude_unset=True) for message in messages]
+        dumped = [forwarded.dump(message) for message in messages]
         for _ in range(_SUBMIT_TRIES):
             if session.runtime is not None:
                 return [session.handle(message) for message in messages]
@@ -391,7 +385,8 @@ class ClusterSessionRegistry:
                     answer = await self._node.call(session.home, request)
                     if isinstance(answer, list):
                         return [
-                            _outcome(message, item) for message, item in zip(messages, answer, strict=True)
+                            forwarded.outcome_of(message, item)
+                            for message, item in zip(messages, answer, strict=True)
                         ]
             await asyncio.sleep(_SETTLE_RETRY_S)
             session.home = ""
@@ -402,16 +397,9 @@ class ClusterSessionRegistry:
         runtime = session.runtime
         assert runtime is not None
         if message["op"] == "msg":
-            session.handle_here(_decoded(message["m"]))
+            session.handle_here(forwarded.load(message["m"]))
         elif message["op"] == "refuse":
-            error = SluiceError(
-                ErrorCode(message["code"]),
-                message["message"],
-                retryable=message["retryable"],
-                retry_after_ms=message["retry_after_ms"],
-                ref=message["ref"],
-            )
-            runtime.refuse(error)
+            runtime.refuse(forwarded.refusal_error(message))
 
     async def _on_control(self, message: dict[str, Any]) -> object:
         session = self._sessions.get(message.get("s", ""))
@@ -425,7 +413,7 @@ class ClusterSessionRegistry:
             case "submit":
                 if not home or session is None or session.key_id != message["k"]:
                     return False
-                return [_answer(session.handle(_decoded(item))) for item in message["m"]]
+                return [forwarded.answer_of(session.handle(forwarded.load(item))) for item in message["m"]]
             case "att" | "det" if home and session is not None:
                 self._attachment(session, message)
             case "end":
@@ -556,32 +544,6 @@ class ClusterSessionRegistry:
             exc = task.exception()
             if not isinstance(exc, SluiceError):
                 log.error("cluster task failed", exc_info=exc)
-
-
-def _decoded(fields: dict[str, Any]) -> ClientMessage:
-    return decode(orjson.dumps(fields), max_bytes=_FORWARDED_MAX_BYTES)
-
-
-def _answer(outcome: Outcome) -> dict[str, Any]:
-    """An `Outcome` as the home sends it back to the node that took the message."""
-    match outcome:
-        case Accepted():
-            return {"accepted": True}
-        case Refused(event=event):
-            return {"refused": encode(event)}
-        case _:
-            return {}
-
-
-def _outcome(message: ClientMessage, answer: dict[str, Any]) -> Outcome:
-    if answer.get("accepted") and isinstance(message, Generate | Embed | Classify):
-        return Accepted(message)
-    refused = answer.get("refused")
-    if refused is not None:
-        event = decode_event(refused)
-        assert isinstance(event, Error)
-        return Refused(event)
-    return _IGNORED
 
 
 def _written_after(session: ClusterSession, last_seq: int) -> list[LoggedMessage] | None:
