@@ -13,6 +13,9 @@ reported beside it. Shapes:
 - ``cluster-remote``: each stream's session opened on node A, its transport on node B (events
   relayed A → Redis → B): CPU of both nodes per token.
 
+Then 200 resumes on node B of a session homed on node A (from 0, 60 tokens logged): time to the
+welcome and to the last replayed event, p50 and p99.
+
 Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 3]`` prints JSON.
 """
 
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import statistics
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +89,43 @@ async def _round(pairs: list[tuple[str, str]]) -> int:
     return sum(await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs))))
 
 
+async def _resumes(a: ServerProcess, b: ServerProcess, count: int) -> dict[str, float]:
+    """Sessions opened on ``a`` with a finished 60-token answer, each resumed from 0 on ``b``:
+    milliseconds from opening the socket to the welcome, and to the last replayed event."""
+    ws = await connect(a.ws_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
+    await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+    session = (await _recv(ws))["session"]
+    await ws.send(orjson.dumps({"type": "generate", "id": "r", "model": MODEL, "prompt": "resume"}).decode())
+    last = await _recv(ws)
+    while last["type"] != "done":
+        last = await _recv(ws)
+    await ws.close()
+    to_welcome: list[float] = []
+    to_replayed: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        ws = await connect(b.ws_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
+        hello = {"type": "hello", "protocol": 1, "session": session, "last_seq": 0}
+        await ws.send(orjson.dumps(hello).decode())
+        welcome = await _recv(ws)
+        assert welcome["resumed"] is True
+        to_welcome.append((time.perf_counter() - started) * 1000)
+        while (await _recv(ws))["seq"] != last["seq"]:
+            pass
+        to_replayed.append((time.perf_counter() - started) * 1000)
+        await ws.close()
+    to_welcome.sort()
+    to_replayed.sort()
+    return {
+        "resumes": count,
+        "events_replayed": last["seq"],
+        "welcome_p50_ms": to_welcome[len(to_welcome) // 2],
+        "welcome_p99_ms": to_welcome[int(len(to_welcome) * 0.99) - 1],
+        "replayed_p50_ms": to_replayed[len(to_replayed) // 2],
+        "replayed_p99_ms": to_replayed[int(len(to_replayed) * 0.99) - 1],
+    }
+
+
 def _measure(pids: list[int], redis_pid: int | None, pairs: list[tuple[str, str]]) -> dict[str, float]:
     before = [_cpu(pid) for pid in pids]
     redis_before = _cpu(redis_pid) if redis_pid else 0.0
@@ -136,6 +177,7 @@ def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
             for _ in range(rounds):
                 for name, (pids, redis_pid, pairs) in shapes.items():
                     results[name].append(_measure(pids, redis_pid, pairs))
+            resume = asyncio.run(_resumes(a, b, 200))
     summary: dict[str, Any] = {"streams": streams, "tokens_per_stream": tokens, "rounds": rounds}
     for name, rows in results.items():
         summary[name] = {
@@ -146,6 +188,7 @@ def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
     base = summary["single"]["node_us_per_token"]
     for name in ("cluster-local", "cluster-remote"):
         summary[name]["ratio_to_single"] = summary[name]["node_us_per_token"] / base
+    summary["resume_on_other_node"] = resume
     summary["cpu"] = _cpu_model()
     return summary
 
