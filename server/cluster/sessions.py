@@ -479,6 +479,7 @@ class ClusterSessionRegistry:
 
     async def sweep(self) -> int:
         """End the sessions homed here with no transport for the TTL; refresh the others' keys."""
+        await self._detach_the_dead()
         ended = 0
         for session in self.expired():
             log.info("session expired", extra={"session": session.id})
@@ -493,6 +494,22 @@ class ClusterSessionRegistry:
                     pipe.pexpire(log_key(session_id), self._key_ttl_ms)
                 await pipe.execute()
         return ended
+
+    async def _detach_the_dead(self) -> None:
+        """A transport whose node stopped never says it left: count it gone from now."""
+        held: dict[str, list[ClusterSession]] = {}
+        for session in self._sessions.values():
+            node_id = (session.current or "").partition("/")[0]
+            if (
+                session.runtime is not None
+                and session.detached_since is None
+                and node_id not in ("", self._node.id)
+            ):
+                held.setdefault(node_id, []).append(session)
+        for node_id, sessions in held.items():
+            if not await self._node.alive(node_id):
+                for session in sessions:
+                    session.detached_since = self._clock()
 
     def start_sweeper(self) -> None:
         if self._sweeper is None:

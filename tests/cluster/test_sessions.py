@@ -240,3 +240,28 @@ async def test_messages_handled_on_a_node_that_is_not_the_home_say_what_became_o
     refusal = next(e for e in events if e["type"] == "error")
     assert refusal["seq"] == outcomes[1].event.seq and refusal["ref"] == "g1"
     assert _text(events, "g1") == "".join(PIECES)
+
+
+async def test_a_session_whose_transport_node_died_expires_at_its_home(redis_server: RedisServer) -> None:
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    a = await start_node(redis_server.url, "n_a", FakeRegistry(), ttl_s=0.4)
+    b = await start_node(redis_server.url, "n_b", FakeRegistry(), ttl_s=0.4)
+    try:
+        opened = await a.sessions.open_or_resume(key_id="k", welcome=welcome)
+        on_b = await b.sessions.connect(
+            outbox(), key_id="k", welcome=welcome, resume=opened.session, last_seq=0
+        )
+        assert on_b.resumed
+        await asyncio.sleep(1.0)  # attached on b: well past the TTL, and alive
+        assert await a.sessions.find(opened.session, "k") is not None
+        await kill(b)  # b never says its transport left
+        for _ in range(100):
+            if await a.sessions.find(opened.session, "k") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await a.sessions.find(opened.session, "k") is None
+    finally:
+        await a.close()
+        await b.close()
