@@ -191,6 +191,18 @@ def chat_turns(request: GenerationRequest, tools_prompt: str | None = None) -> l
     return turns
 
 
+def _check_tied(model: Any) -> None:
+    """SmolLM2's output head is its input embedding: a head that is not tied to it was initialised
+    at random by the loader and would generate noise, so it is tied again or refused."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    embedding = model.get_input_embeddings().weight
+    if model.lm_head.weight.data_ptr() != embedding.data_ptr():
+        model.tie_weights()
+    if model.lm_head.weight.data_ptr() != embedding.data_ptr():
+        raise RuntimeError("the model's output head is not tied to its embedding after loading")
+
+
 def load_local_model(cache_dir: Path, *, convert: Converter = _convert_gguf) -> LocalModel:
     """Load the model, converting the GGUF first when no current copy is cached. Blocking."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,6 +218,7 @@ def load_local_model(cache_dir: Path, *, convert: Converter = _convert_gguf) -> 
     tokenizer = AutoTokenizer.from_pretrained(target)
     model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     model.eval()
+    _check_tied(model)
     if isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.bias is None:
         model.lm_head = VocabProjection(model.lm_head.weight)
     eos = {int(tokenizer.eos_token_id)}

@@ -18,6 +18,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def parse_named_paths(entries: Sequence[str], setting: str) -> dict[str, str]:
             raise ValueError(f"{setting}: expected name=path, got {entry!r}")
         named[name.strip()] = path.strip()
     return named
+
+
+# transformers' loading keeps process-wide state while it builds a model (how weights are
+# initialised and tied): two models loaded at once in two threads can interleave in it, and under
+# load SmolLM2 came out with a freshly initialised, untied output head (random tokens).
+_LOADING = threading.Lock()
+
+
+def _one_at_a_time(load: Callable[[], _B]) -> _B:
+    """Run one blocking model load, never two at once (see `_LOADING`)."""
+    with _LOADING:
+        return load()
 
 
 def _import_all(modules: Sequence[str]) -> None:
@@ -222,7 +235,7 @@ class ModelRegistry:
         slot = self._slots[(kind, name)]
         started = time.perf_counter()
         try:
-            backend = await asyncio.to_thread(load)
+            backend = await asyncio.to_thread(_one_at_a_time, load)
         except Exception as exc:
             slot.state = BackendState.FAILED
             log.error("%s model %s failed to load", kind, name, exc_info=exc)

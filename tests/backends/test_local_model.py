@@ -115,3 +115,34 @@ def test_the_vocab_projection_computes_the_same_logits(shape: tuple[int, int]) -
     logits = VocabProjection(weight)(hidden)
     assert logits.shape == (*shape, 300)
     torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, weight))
+
+
+class _Head:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+
+class _TiedModel:
+    """Just what `_check_tied` reads of a transformers model."""
+
+    def __init__(self, *, tied: bool, ties: bool) -> None:
+        self.config = type("Config", (), {"tie_word_embeddings": True})()
+        self.embedding = _Head(torch.zeros(4, 2))
+        self.lm_head = _Head(self.embedding.weight if tied else torch.zeros(4, 2))
+        self._ties = ties
+
+    def get_input_embeddings(self) -> _Head:
+        return self.embedding
+
+    def tie_weights(self) -> None:
+        if self._ties:
+            self.lm_head.weight = self.embedding.weight
+
+
+def test_an_untied_output_head_is_tied_again_or_refused() -> None:
+    local_model._check_tied(_TiedModel(tied=True, ties=False))
+    retied = _TiedModel(tied=False, ties=True)
+    local_model._check_tied(retied)
+    assert retied.lm_head.weight is retied.embedding.weight
+    with pytest.raises(RuntimeError, match="not tied"):
+        local_model._check_tied(_TiedModel(tied=False, ties=False))

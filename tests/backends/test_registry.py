@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -471,3 +472,24 @@ async def test_a_malformed_model_setting_fails_start_before_loading(harness: Har
     with pytest.raises(ValueError, match="extra_embed_models"):
         await registry.start()
     assert not registry.ready and harness.local is None
+
+
+def test_model_loads_run_one_at_a_time() -> None:
+    from server.backends.registry import _one_at_a_time
+
+    running: list[int] = []
+    overlaps: list[int] = []
+
+    def load() -> object:
+        running.append(1)
+        overlaps.append(len(running))
+        time.sleep(0.05)
+        running.pop()
+        return object()
+
+    threads = [threading.Thread(target=_one_at_a_time, args=(load,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [1, 1, 1, 1]

@@ -103,7 +103,12 @@ def test_forced_tool_call_then_tool_result_round_trip(local_server: str) -> None
         turns.append(result.message)
         turns.append(call.reply(json.dumps({"city": call.parsed["city"], "sky": "sunny", "degrees": 21})))
         answer = s.generate(
-            messages=turns, model=LOCAL_MODEL, tools=[WEATHER], tool_choice="none", max_tokens=24
+            messages=turns,
+            model=LOCAL_MODEL,
+            tools=[WEATHER],
+            tool_choice="none",
+            max_tokens=24,
+            temperature=0.0,
         ).collect()
         assert answer.finish_reason in ("stop", "length") and answer.tool_calls == ()
         assert answer.text.strip()
