@@ -81,10 +81,9 @@ class LocalGenerator(Generator):
 
         ``threads``: torch intra-op threads of the decode thread (``settings.torch_threads`` when
         None, and when that is 0 too, all cores but one). The default leaves one core to the
-        event loop and the embed batcher: on the 2-core machine, two threads made decode steps
-        5-10x slower whenever anything else ran (an OpenMP team waits for its descheduled
-        thread at each of the ~400 ops of a step), while one thread decoded one stream at
-        16-24 tok/s, about DESIGN.md's two-thread figure (decode mostly streams the weights).
+        event loop and the embed batcher: an OpenMP team waits for a descheduled thread at each
+        of the ~400 ops of a step, so on a small machine a decode thread that wants every core
+        stalls whenever anything else runs (measured in bench/results/README.md).
         """
         threads = threads or settings.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         try:

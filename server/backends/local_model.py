@@ -123,9 +123,9 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 class VocabProjection(torch.nn.Module):
     """The model's output projection (hidden state to vocabulary logits), quicker for a few rows.
 
-    For 2-16 rows, MKL's sgemm for ``x @ W.T`` with this 49152 x 576 weight took 2-3x as long as
-    ``(W @ x.T).T`` on the 2-core machine (~20-30 ms against ~10 ms for 4 rows), which made every
-    batched decode step ~8% dearer. One row (a request decoding alone) keeps the stock path.
+    For a few rows (2-16), MKL's sgemm for ``x @ W.T`` with this tall 49152 x 576 weight is much
+    slower than ``(W @ x.T).T`` (figures in bench/results/README.md), and it is paid at every
+    batched decode step. One row (a request decoding alone) keeps the stock path.
     """
 
     def __init__(self, weight: torch.nn.Parameter) -> None:
