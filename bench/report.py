@@ -191,10 +191,10 @@ def targets(results: Results) -> list[TargetCheck]:
     checks.append(
         _check(
             "relay 500 streams: server CPU per token vs seed relay",
-            "≤ 0.5x",
+            "≤ 0.35x",
             ratio(cpu, seed_cpu),
             seed_cpu,
-            compare=lambda r: r <= 0.5,
+            compare=lambda r: r <= 0.35,
             show=lambda r: f"{r:.2f}x",
             missing=why,
         )
@@ -268,10 +268,10 @@ def targets(results: Results) -> list[TargetCheck]:
     checks.append(
         _check(
             "TTFT added by the server (median, over direct)",
-            "≤ 2 ms",
+            "≤ 1 ms",
             _num(_get(ttft, "sluice", "added_p50_ms")),
             _num(_get(ttft, "direct", "ttft_p50_ms")),
-            compare=lambda v: v <= 2.0,
+            compare=lambda v: v <= 1.0,
             show=lambda v: f"{v:.2f} ms",
             missing=_why_missing(results, "ttft", "sluice"),
         )
