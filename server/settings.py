@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     ticket_ttl_s: int = 60
     ticket_secret: str = ""
 
+    # Stored OpenAI Responses (`server.api.compat.responses_store`): seconds kept, how many at most.
+    responses_ttl_s: int = Field(default=3600, ge=1)
+    responses_max: int = Field(default=1024, ge=1)
+
     # PROTOCOL.md limits.
     session_ttl_s: int = Field(default=120, ge=1)
     replay_events: int = Field(default=4096, ge=16)
