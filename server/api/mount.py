@@ -5,6 +5,8 @@
 - the seed-compatible API (`server.api.compat.seed`): ``/api/v1/*``, with the batch job store;
 - the OpenAI-compatible API (`server.api.compat.openai`): ``/v1/chat/completions``,
   ``/v1/embeddings``, ``/v1/models``;
+- the OpenAI Responses API (`server.api.compat.responses`): ``/v1/responses`` and the stored
+  responses (their store is made on first use, ``app.state.sluice_responses``);
 - the Ollama-compatible API (`server.api.compat.ollama`): ``/api/chat``, ``/api/generate``,
   ``/api/embed``, ``/api/tags``, ``/api/version`` and the rest of Ollama's ``/api/*``;
 - ``POST /v1/tickets`` (`server.api.tickets`) and the contract files (`server.api.contract`):
@@ -27,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.api import contract, tickets
-from server.api.compat import ollama, openai, seed
+from server.api.compat import ollama, openai, responses, seed
 from server.api.tasks import TaskStore
 
 __all__ = ["install"]
@@ -41,6 +43,7 @@ def install(app: FastAPI) -> None:
     app.state.sluice_tasks = store
     app.include_router(seed.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     for router in ollama.routers:
         app.include_router(router)
     app.include_router(contract.router)
