@@ -209,18 +209,25 @@ class _Numbered:
 
 async def _events(draft: _Draft, generation: calls.Generation) -> AsyncIterator[bytes]:
     numbered = _Numbered()
-    yield numbered.event("response.created", response=draft.view("in_progress"))
+    started = draft.view("in_progress")
+    draft.keep(started)  # retrievable while it streams
+    yield numbered.event("response.created", response=started)
     yield numbered.event("response.in_progress", response=draft.view("in_progress"))
     text: list[str] = []
     item_id, index = "", -1
     delta_head = b""
     ended = False
 
-    def close_text(status: str) -> list[bytes]:
-        whole = "".join(text)
-        item = message_item(item_id, whole, status)
+    def settle_text(status: str) -> dict[str, Any]:
+        """The open message item, with the text so far, as it ends with ``status``."""
+        item = message_item(item_id, "".join(text), status)
         draft.output[index] = item
         text.clear()
+        return item
+
+    def close_text(status: str) -> list[bytes]:
+        item = settle_text(status)
+        whole = item["content"][0]["text"]
         where = {"item_id": item_id, "output_index": index, "content_index": 0}
         return [
             numbered.event("response.output_text.done", **where, text=whole, logprobs=[]),
@@ -268,12 +275,16 @@ async def _events(draft: _Draft, generation: calls.Generation) -> AsyncIterator[
                 ended = True
                 yield numbered.event(f"response.{status}", response=view)
     except SluiceError as exc:
+        if delta_head:
+            settle_text("incomplete")
         view = draft.view("failed", error=exc)
         draft.keep(view)
         ended = True
         yield numbered.event("response.failed", response=view)
     finally:
         if not ended:  # the client left mid-stream: the generation was cancelled
+            if delta_head:
+                settle_text("incomplete")
             draft.keep(draft.view("cancelled"))
 
 

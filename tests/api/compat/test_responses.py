@@ -5,8 +5,9 @@ refusals, and ownership of a stored response by its key (a server of its own, wi
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -155,6 +156,38 @@ async def test_retrieve_input_items_delete(client: openai.AsyncOpenAI, replies: 
         await client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.delete(created.id)
+
+
+async def test_retrievable_while_streaming_and_cancelled_when_the_client_leaves(
+    base_url: str, client: openai.AsyncOpenAI, paced: Callable[..., None]
+) -> None:
+    paced(token_rate=50.0, tokens=400)  # eight seconds of text: the client leaves long before
+    body = {"model": MODEL, "input": "A long story", "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=30.0) as http,
+        http.stream("POST", "/v1/responses", json=body) as answer,
+    ):
+        lines = answer.aiter_lines()
+        created = None
+        deltas = 0
+        async for line in lines:
+            if line.startswith("data: "):
+                event = json.loads(line.removeprefix("data: "))
+                created = created or event["response"]
+                deltas += event["type"] == "response.output_text.delta"
+                if deltas == 3:
+                    break
+        assert created is not None
+        during = await client.responses.retrieve(created["id"])
+        assert during.status == "in_progress"
+    for _ in range(100):  # the server sees the disconnect within a moment
+        after = await client.responses.retrieve(created["id"])
+        if after.status != "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    assert after.status == "cancelled"
+    (item,) = after.output
+    assert item.type == "message" and item.status == "incomplete" and after.output_text
 
 
 async def test_store_false_keeps_nothing(client: openai.AsyncOpenAI, replies: Emulator) -> None:
