@@ -273,6 +273,8 @@ def _rename(path: str) -> str:
         return {"options.max_tokens": "max_output_tokens"}.get(path, path.removeprefix("options."))
     if path.startswith("messages"):
         return "input"
+    if path.startswith("tools["):  # Responses' function tools are flat: no "function" level
+        return path.replace("].function.", "].", 1)
     return path
 
 

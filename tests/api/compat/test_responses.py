@@ -156,6 +156,9 @@ async def test_retrieve_input_items_delete(client: openai.AsyncOpenAI, replies: 
         await client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.delete(created.id)
+    with pytest.raises(openai.BadRequestError) as resume:
+        await client.responses.retrieve(created.id, stream=True)
+    assert resume.value.param == "stream"  # resuming by starting_after is not there yet
 
 
 async def test_retrievable_while_streaming_and_cancelled_when_the_client_leaves(
@@ -298,6 +301,12 @@ async def test_json_schema_text_format(client: openai.AsyncOpenAI, replies: Emul
             "input[0].content[0]",
         ),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "c", "schema": {"type": 5}}}},
+            "text.format.schema",
+        ),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"tools": [{**WEATHER, "parameters": {"type": "string"}}]}, "tools[0].parameters"),
     ],
 )
 async def test_unsupported_features_are_refused_by_name(
