@@ -14,8 +14,10 @@ concatenate to exactly the text the emulator sent for it (no token lost or dupli
 the merging); nothing stalls longer than ``stall_s``. It stops by itself after ``disconnects`` cuts
 (or ``time_limit_s``), then reads the generations still in flight to their end.
 
-Used by ``tests/reliability/test_resume_soak.py`` (bounded) and ``bench/soak.py`` (the full
-1,000). Talks to 127.0.0.1 only.
+Given ``nodes`` (several cluster nodes sharing one Redis), each resume goes to one of them at
+random, so the session moves between nodes as well; the checks are the same. Used by
+``tests/reliability/test_resume_soak.py`` (bounded) and ``bench/soak.py`` (the full 1,000, on one
+node or two). Talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +62,7 @@ class SoakResult:
     config: SoakConfig
     disconnects: int = 0
     resumes: dict[str, int] = field(default_factory=lambda: {"ws": 0, "sse": 0})
+    node_resumes: dict[str, int] = field(default_factory=dict)  # per base URL, with several nodes
     cuts_in_replay: int = 0  # cuts made before reading anything after a resume
     generations: int = 0
     pieces: int = 0  # upstream tokens (emulator pieces) of the finished generations
@@ -80,7 +84,13 @@ class SoakResult:
             f"{self.chars} chars, {self.events} events ({self.deltas} deltas, {self.replayed} replayed after a ws resume), "
             f"0 lost, 0 duplicated; reconnect p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms; "
             f"{self.elapsed_s:.1f} s" + (" (stopped early: time limit)" if self.stopped_early else "")
-        )
+        ) + self._nodes_summary()
+
+    def _nodes_summary(self) -> str:
+        if not self.node_resumes:
+            return ""
+        moved = ", ".join(f"{url} {count}" for url, count in sorted(self.node_resumes.items()))
+        return f"; resumes per node: {moved}"
 
 
 def expected_record(emu: Emulator, prompt: str) -> RequestRecord:
@@ -110,11 +120,18 @@ class _Generation:
 
 class _Soak:
     def __init__(
-        self, config: SoakConfig, *, base_url: str, emulator: Emulator, client: httpx.AsyncClient
+        self,
+        config: SoakConfig,
+        *,
+        base_url: str,
+        emulator: Emulator,
+        client: httpx.AsyncClient,
+        nodes: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.base_url = base_url
-        self.ws_url = base_url.replace("http://", "ws://", 1) + "/v1/ws"
+        self.ws_url = _ws_url(base_url)
+        self.nodes = list(nodes)  # several: each resume picks one of them at random
         self.emu = emulator
         self.client = client
         self.rng = random.Random(config.seed)
@@ -134,8 +151,16 @@ class _Soak:
             return "ws" if self.rng.random() < 0.5 else "sse"
         return transport
 
+    def _pick_node(self) -> None:
+        """Point the next connection (and the POSTs on it) at a random node of several."""
+        self.base_url = self.rng.choice(self.nodes)
+        self.ws_url = _ws_url(self.base_url)
+        self.result.node_resumes[self.base_url] = self.result.node_resumes.get(self.base_url, 0) + 1
+
     async def _connect(self, *, first: bool) -> Link:
         kind = self._pick_transport()
+        if len(self.nodes) > 1 and not first:
+            self._pick_node()
         began = time.perf_counter()
         link: Link
         if kind == "ws":
@@ -282,6 +307,10 @@ class _Soak:
             self._handle(event)
 
 
+def _ws_url(base_url: str) -> str:
+    return base_url.replace("http://", "ws://", 1) + "/v1/ws"
+
+
 def _first_difference(a: str, b: str) -> str:
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -289,8 +318,17 @@ def _first_difference(a: str, b: str) -> str:
     return f"char {min(len(a), len(b))} (one is a prefix of the other)"
 
 
-async def run_soak(config: SoakConfig, *, base_url: str, emulator: Emulator) -> SoakResult:
-    """Run one soak against the server at ``base_url`` whose Ollama is ``emulator``."""
+async def run_soak(
+    config: SoakConfig, *, base_url: str, emulator: Emulator, nodes: Sequence[str] = ()
+) -> SoakResult:
+    """Run one soak against the server at ``base_url`` whose Ollama is ``emulator``; with
+    ``nodes`` (base URLs of cluster nodes, ``base_url`` among them) each resume goes to a random
+    one of them."""
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
-        return await _Soak(config, base_url=base_url, emulator=emulator, client=client).run()
+        soak = _Soak(config, base_url=base_url, emulator=emulator, client=client, nodes=nodes)
+        try:
+            return await soak.run()
+        except Exception as error:
+            error.add_note(f"{config.transport} soak: after {soak.result.disconnects} forced disconnects")
+            raise
