@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.errors import ErrorCode, SluiceError
+from protocol.messages import Limits, Models, ServerInfo, Welcome
 from server.backends.base import (
     Classifier,
     Embedder,
@@ -138,3 +139,25 @@ class FakeRegistry:
         if model not in (None, "fake-cls"):
             raise SluiceError(ErrorCode.MODEL_NOT_FOUND, f"no backend serves classify model {model!r}")
         return "fake-cls", self.cls
+
+
+class Clock:
+    """A monotonic clock that tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
+    """The first message a registry test's connections get."""
+    return Welcome(
+        session=session_id,
+        resumed=resumed,
+        last_seq=last_seq,
+        server=ServerInfo(version="test"),
+        limits=Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10),
+        models=Models(generate=[], embed=[], classify=[]),
+    )

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from protocol.codec import encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.eventlog import MemoryEventLog
-from protocol.messages import Limits, Models, ServerInfo, Welcome
 from protocol.session import SessionLimits
 from server.app import create_app
 from server.dispatcher import Dispatcher
@@ -21,26 +20,7 @@ from server.ratelimit import RateLimiter
 from server.runtime import SessionRuntime
 from server.sessions import SessionRegistry
 from server.settings import Settings
-from tests.server.fakes import FakeRegistry, ScriptedGenerator
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
-    return Welcome(
-        session=session_id,
-        resumed=resumed,
-        last_seq=last_seq,
-        server=ServerInfo(version="test"),
-        limits=Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10),
-        models=Models(generate=[], embed=[], classify=[]),
-    )
+from tests.server.fakes import Clock, FakeRegistry, ScriptedGenerator, welcome
 
 
 def make(budget_bytes: int) -> tuple[SessionRegistry, Clock]:

@@ -9,7 +9,7 @@ import pytest
 from protocol.close import CloseCode
 from protocol.codec import encode
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import Generate, Limits, Models, ServerInfo, Welcome
+from protocol.messages import Generate
 from protocol.session import SessionLimits
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
@@ -17,26 +17,7 @@ from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.sessions import NotAttached, SessionRegistry
 from server.settings import Settings
-from tests.server.fakes import FakeRegistry, ScriptedGenerator
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
-    return Welcome(
-        session=session_id,
-        resumed=resumed,
-        last_seq=last_seq,
-        server=ServerInfo(version="test"),
-        limits=Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10),
-        models=Models(generate=[], embed=[], classify=[]),
-    )
+from tests.server.fakes import Clock, FakeRegistry, ScriptedGenerator, welcome
 
 
 def make(

@@ -5,7 +5,7 @@ against a real server whose Ollama is the emulator; every structured reply valid
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,6 +13,7 @@ import jsonschema
 import ollama
 import pytest
 
+from tests.api.compat.conftest import upstream_body
 from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
 
@@ -45,27 +46,13 @@ async def client(base_url: str) -> AsyncIterator[ollama.AsyncClient]:
     yield ollama.AsyncClient(host=base_url)
 
 
-@pytest.fixture
-def replies(emulator: Emulator) -> Iterator[Emulator]:
-    before = emulator.config
-    emulator.reset()
-    yield emulator
-    emulator.configure(tool_calls=before.tool_calls, reply_fault=before.reply_fault)
-
-
-def _upstream(emulator: Emulator) -> dict[str, Any]:
-    body = emulator.generations()[-1].body
-    assert isinstance(body, dict)
-    return body
-
-
 async def test_chat_tool_call(client: ollama.AsyncClient, replies: Emulator) -> None:
     reply = await client.chat(model=MODEL, messages=ASK, tools=[WEATHER])
     assert reply.done_reason == "stop"  # Ollama says stop after calls too
     (call,) = reply.message.tool_calls or []
     assert call.function.name == "get_weather"
     jsonschema.validate(dict(call.function.arguments), PARAMETERS)
-    assert reply.message.content == replies.expected_text(_upstream(replies))
+    assert reply.message.content == replies.expected_text(upstream_body(replies))
 
 
 async def test_chat_tool_calls_streamed_one_chunk_each(client: ollama.AsyncClient, replies: Emulator) -> None:
@@ -93,7 +80,7 @@ async def test_tool_result_round_trip(client: ollama.AsyncClient, replies: Emula
     messages = [*ASK, first.message, {"role": "tool", "content": "7 degrees", "tool_name": "get_weather"}]
     second = await client.chat(model=MODEL, messages=messages, tools=[WEATHER])
     assert not second.message.tool_calls and second.message.content
-    history = _upstream(replies)["messages"]
+    history = upstream_body(replies)["messages"]
     assert [m["role"] for m in history] == ["user", "assistant", "tool"]
     assert history[1]["tool_calls"][0]["function"] == {
         "name": "get_weather",
@@ -104,12 +91,12 @@ async def test_tool_result_round_trip(client: ollama.AsyncClient, replies: Emula
 
 async def test_format_schema_and_json(client: ollama.AsyncClient, replies: Emulator) -> None:
     chat = await client.chat(model=MODEL, messages=[{"role": "user", "content": "a city"}], format=CITY)
-    assert _upstream(replies)["format"] == CITY
+    assert upstream_body(replies)["format"] == CITY
     jsonschema.validate(json.loads(chat.message.content or ""), CITY)
     parts = [p async for p in await client.generate(model=MODEL, prompt="a city", format=CITY, stream=True)]
     jsonschema.validate(json.loads("".join(p.response for p in parts)), CITY)
     anything = await client.generate(model=MODEL, prompt="some json", format="json")
-    assert _upstream(replies)["format"] == "json"
+    assert upstream_body(replies)["format"] == "json"
     assert isinstance(json.loads(anything.response), dict)
 
 

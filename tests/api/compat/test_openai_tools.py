@@ -6,13 +6,14 @@ validated with ``jsonschema``."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
 
+from tests.api.compat.conftest import upstream_body
 from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
 from tests.support.ollama_replies import ReplyFault
@@ -61,30 +62,11 @@ async def client(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
         yield sdk
 
 
-@pytest.fixture
-def replies(emulator: Emulator) -> Iterator[Emulator]:
-    """The emulator, with its tool-call settings restored after the test."""
-    before = emulator.config
-    emulator.reset()
-    yield emulator
-    emulator.configure(
-        tool_calls=before.tool_calls,
-        text_before_calls=before.text_before_calls,
-        reply_fault=before.reply_fault,
-    )
-
-
-def _upstream(emulator: Emulator) -> dict[str, Any]:
-    body = emulator.generations()[-1].body
-    assert isinstance(body, dict)
-    return body
-
-
 async def test_tool_call_whole(client: openai.AsyncOpenAI, replies: Emulator) -> None:
     completion = await client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER])
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
-    sent = _upstream(replies)
+    sent = upstream_body(replies)
     assert sent["tools"][0]["function"]["name"] == "get_weather"
     assert choice.message.content == replies.expected_text(sent)  # the text before the call
     (call,) = choice.message.tool_calls or []
@@ -118,7 +100,7 @@ async def test_tool_call_streamed_as_openai_deltas(client: openai.AsyncOpenAI, r
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["tool_calls"] and chunks[-1].usage is not None
     text = "".join(delta.content or "" for delta in deltas)
-    assert text == replies.expected_text(_upstream(replies))
+    assert text == replies.expected_text(upstream_body(replies))
 
 
 async def test_tool_result_round_trip(client: openai.AsyncOpenAI, replies: Emulator) -> None:
@@ -130,7 +112,7 @@ async def test_tool_result_round_trip(client: openai.AsyncOpenAI, replies: Emula
     messages += [assistant, {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 19}'}]
     second = await client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
     assert second.choices[0].finish_reason == "stop" and second.choices[0].message.tool_calls is None
-    sent = _upstream(replies)
+    sent = upstream_body(replies)
     assert second.choices[0].message.content == replies.expected_text(sent)
     history = sent["messages"]
     assert [m["role"] for m in history] == ["user", "assistant", "tool"]
@@ -168,7 +150,7 @@ async def test_tool_choice_none_offers_no_tools(client: openai.AsyncOpenAI, repl
     assert (
         completion.choices[0].finish_reason == "length" and completion.choices[0].message.tool_calls is None
     )
-    assert "tools" not in _upstream(replies)
+    assert "tools" not in upstream_body(replies)
 
 
 async def test_strict_tool_with_arguments_that_do_not_match_fails(
@@ -196,7 +178,7 @@ async def test_json_schema_whole_and_streamed(client: openai.AsyncOpenAI, replie
     whole = await client.chat.completions.create(
         model=MODEL, messages=messages, response_format=response_format
     )
-    assert _upstream(replies)["format"] == CITY
+    assert upstream_body(replies)["format"] == CITY
     jsonschema.validate(json.loads(whole.choices[0].message.content or ""), CITY)
     stream = await client.chat.completions.create(
         model=MODEL, messages=messages, response_format=response_format, stream=True
@@ -211,7 +193,7 @@ async def test_json_object(client: openai.AsyncOpenAI, replies: Emulator) -> Non
         messages=[{"role": "user", "content": "JSON please"}],
         response_format={"type": "json_object"},
     )
-    assert _upstream(replies)["format"] == "json"
+    assert upstream_body(replies)["format"] == "json"
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
 
 

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from server.api.compat.responses_store import MemoryResponseStore, StoredResponse
+from tests.api.compat.conftest import upstream_body
 from tests.api.compat.test_openai_tools import CITY, PARAMETERS
 from tests.api.conftest import MODEL, TOKENS, sluice
 from tests.support.ollama_emulator import Emulator
@@ -34,32 +35,13 @@ async def client(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
         yield sdk
 
 
-@pytest.fixture
-def replies(emulator: Emulator) -> Iterator[Emulator]:
-    """The emulator, its records cleared, its tool-call settings restored after the test."""
-    before = emulator.config
-    emulator.reset()
-    yield emulator
-    emulator.configure(
-        tool_calls=before.tool_calls,
-        text_before_calls=before.text_before_calls,
-        reply_fault=before.reply_fault,
-    )
-
-
-def _upstream(emulator: Emulator) -> dict[str, Any]:
-    body = emulator.generations()[-1].body
-    assert isinstance(body, dict)
-    return body
-
-
 def _roles(body: dict[str, Any]) -> list[str]:
     return [message["role"] for message in body["messages"]]
 
 
 async def test_create_whole(client: openai.AsyncOpenAI, replies: Emulator) -> None:
     response = await client.responses.create(model=MODEL, input="Say hello", instructions="Be brief")
-    sent = _upstream(replies)
+    sent = upstream_body(replies)
     assert sent["messages"] == [
         {"role": "system", "content": "Be brief"},
         {"role": "user", "content": "Say hello"},
@@ -92,7 +74,7 @@ async def test_streamed_event_sequence(client: openai.AsyncOpenAI, replies: Emul
         "response.output_item.done",
         "response.completed",
     ]
-    expected = replies.expected_text(_upstream(replies))
+    expected = replies.expected_text(upstream_body(replies))
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert text == expected
     final = events[-1]
@@ -107,11 +89,11 @@ async def test_cut_by_max_output_tokens_is_incomplete(client: openai.AsyncOpenAI
     whole = await client.responses.create(model=MODEL, input="Long story", max_output_tokens=5)
     assert whole.status == "incomplete" and whole.incomplete_details is not None
     assert whole.incomplete_details.reason == "max_output_tokens"
-    assert _upstream(replies)["options"]["num_predict"] == 5
+    assert upstream_body(replies)["options"]["num_predict"] == 5
     stream = await client.responses.create(model=MODEL, input="Long story", max_output_tokens=5, stream=True)
     events = [event async for event in stream]
     assert events[-1].type == "response.incomplete"
-    assert events[-1].response.output_text == replies.expected_text(_upstream(replies))
+    assert events[-1].response.output_text == replies.expected_text(upstream_body(replies))
 
 
 async def test_chained_by_previous_response_id(client: openai.AsyncOpenAI, replies: Emulator) -> None:
@@ -120,7 +102,7 @@ async def test_chained_by_previous_response_id(client: openai.AsyncOpenAI, repli
         model=MODEL, input="Second question", previous_response_id=first.id, stream=True
     )
     events = [event async for event in second]
-    sent = _upstream(replies)
+    sent = upstream_body(replies)
     # The stored conversation goes first; the first response's instructions do not carry over.
     assert sent["messages"] == [
         {"role": "user", "content": "First question"},
@@ -130,8 +112,8 @@ async def test_chained_by_previous_response_id(client: openai.AsyncOpenAI, repli
     final = events[-1]
     assert final.type == "response.completed" and final.response.previous_response_id == first.id
     third = await client.responses.create(model=MODEL, input="Third", previous_response_id=final.response.id)
-    assert _roles(_upstream(replies)) == ["user", "assistant", "user", "assistant", "user"]
-    assert third.output_text == replies.expected_text(_upstream(replies))
+    assert _roles(upstream_body(replies)) == ["user", "assistant", "user", "assistant", "user"]
+    assert third.output_text == replies.expected_text(upstream_body(replies))
 
 
 async def test_retrieve_input_items_delete(client: openai.AsyncOpenAI, replies: Emulator) -> None:
@@ -195,7 +177,7 @@ async def test_retrievable_while_streaming_and_cancelled_when_the_client_leaves(
 
 async def test_store_false_keeps_nothing(client: openai.AsyncOpenAI, replies: Emulator) -> None:
     response = await client.responses.create(model=MODEL, input="Hello", store=False)
-    assert response.output_text == replies.expected_text(_upstream(replies))
+    assert response.output_text == replies.expected_text(upstream_body(replies))
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(response.id)
     with pytest.raises(openai.BadRequestError) as chained:
@@ -205,7 +187,7 @@ async def test_store_false_keeps_nothing(client: openai.AsyncOpenAI, replies: Em
 
 async def test_function_tool_round_trip(client: openai.AsyncOpenAI, replies: Emulator) -> None:
     first = await client.responses.create(model=MODEL, input="Weather in Lima?", tools=[WEATHER])
-    assert _upstream(replies)["tools"][0]["function"]["name"] == "get_weather"
+    assert upstream_body(replies)["tools"][0]["function"]["name"] == "get_weather"
     calls = [item for item in first.output if item.type == "function_call"]
     (call,) = calls
     assert call.name == "get_weather" and call.call_id and call.id and call.id.startswith("fc_")
@@ -214,7 +196,7 @@ async def test_function_tool_round_trip(client: openai.AsyncOpenAI, replies: Emu
     second = await client.responses.create(
         model=MODEL, input=result, previous_response_id=first.id, tools=[WEATHER]
     )
-    sent = _upstream(replies)
+    sent = upstream_body(replies)
     assert _roles(sent) == ["user", "assistant", "tool"]
     assert sent["messages"][1]["tool_calls"] == [
         {"function": {"name": "get_weather", "arguments": json.loads(call.arguments)}}
@@ -247,7 +229,7 @@ async def test_function_call_streamed(client: openai.AsyncOpenAI, replies: Emula
     final = events[-1]
     assert final.type == "response.completed"
     assert [item.type for item in final.response.output] == ["message", "function_call"]
-    assert final.response.output_text == replies.expected_text(_upstream(replies))
+    assert final.response.output_text == replies.expected_text(upstream_body(replies))
 
 
 async def test_a_failure_after_output_is_response_failed(
@@ -274,13 +256,13 @@ async def test_a_failure_after_output_is_response_failed(
 async def test_json_schema_text_format(client: openai.AsyncOpenAI, replies: Emulator) -> None:
     text: Any = {"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}}
     whole = await client.responses.create(model=MODEL, input="A city, as JSON", text=text)
-    assert _upstream(replies)["format"] == CITY
+    assert upstream_body(replies)["format"] == CITY
     jsonschema.validate(json.loads(whole.output_text), CITY)
     stream = await client.responses.create(model=MODEL, input="A city, as JSON", text=text, stream=True)
     pieces = [event.delta async for event in stream if event.type == "response.output_text.delta"]
     jsonschema.validate(json.loads("".join(pieces)), CITY)
     plain = await client.responses.create(model=MODEL, input="JSON", text={"format": {"type": "json_object"}})
-    assert _upstream(replies)["format"] == "json" and isinstance(json.loads(plain.output_text), dict)
+    assert upstream_body(replies)["format"] == "json" and isinstance(json.loads(plain.output_text), dict)
 
 
 @pytest.mark.parametrize(
