@@ -73,7 +73,7 @@ from server.outbox import Frame, OutboundMessage, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
 from server.sessions import NotAttached
-from server.transports.admission import admit
+from server.admission import admit
 
 __all__ = ["MAX_BATCH_MESSAGES", "router"]
 
