@@ -37,10 +37,10 @@ from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
+from server.admission import Admission, admit
 from server.outbox import Frame, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
-from server.admission import Admission, admit
 
 __all__ = ["SUBPROTOCOL", "SessionSocket", "WebSocketConnection", "session_socket"]
 
