@@ -13,7 +13,9 @@ The transport gives its client messages to `handle` here: on the home they go to
 once (so an SSE ``POST`` learns its outcome); elsewhere they are forwarded to the home in order
 over its control channel (`Ignored` is returned: what becomes of them arrives in the feed). When
 the home stopped, the node holding the transport becomes the home (`ClusterSessionRegistry`
-claims the session) and handles what is queued itself.
+claims the session) and handles what is queued itself. A node draining asks the home, in the same
+queue, for the ``goaway`` of a transport it holds (the home numbers it like any event), and counts
+as busy until that ``goaway`` reached the transport, so the drain closes it only after.
 
 Takeover: every transport gets a token ``<node>/<generation>`` from Redis as it attaches, the
 session's attach generation one more than any transport's before it, announced on the feed
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.close import CloseCode
 from protocol.errors import SluiceError
-from protocol.messages import ClientMessage, LoggedMessage, Ping, Pong, Welcome
+from protocol.messages import ClientMessage, Goaway, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
 from server.cluster import forwarded
 from server.cluster.eventlog import RedisEventLog, decode_event
@@ -114,6 +116,8 @@ class ClusterSession:
         self._forwarder: asyncio.Task[None] | None = None
         self.subscribed = False
         self.ended = False
+        # A goaway asked of the home that has not reached the transport here yet.
+        self._goaway_due = False
         # Held while this node claims the session or settles where its home is.
         self.lock = asyncio.Lock()
 
@@ -125,6 +129,9 @@ class ClusterSession:
 
     @property
     def busy(self) -> bool:
+        """Requests running here, or a goaway on its way to the transport here (drain waits)."""
+        if self._goaway_due and self.attached and not self.ended:
+            return True
         return self.runtime is not None and self.runtime.busy
 
     @property
@@ -234,6 +241,8 @@ class ClusterSession:
                 return
             outbox.push(event)
             self._delivered = event.seq
+            if isinstance(event, Goaway):
+                self._goaway_due = False
 
     def gap_filled(self, events: list[LoggedMessage] | None) -> None:
         """The log's events after the last delivered one (None: the log no longer has them all)."""
@@ -317,8 +326,12 @@ class ClusterSession:
         self._queue({"op": "refuse", **forwarded.refusal_fields(error)})
 
     def goaway(self, reason: str, retry_after_ms: int) -> None:
-        if self.runtime is not None:
+        """This node drains: a goaway for the transport here, numbered by the home."""
+        if self.runtime is not None and not self._forward:
             self.runtime.goaway(reason, retry_after_ms)
+        elif self.attached:
+            self._goaway_due = True
+            self._queue({"op": "goaway", "reason": reason, "ms": retry_after_ms})
 
     def fail_all(self, error: SluiceError) -> None:
         if self.runtime is not None:

@@ -399,12 +399,14 @@ class ClusterSessionRegistry:
             session.handle_here(forwarded.load(message["m"]))
         elif message["op"] == "refuse":
             runtime.refuse(forwarded.refusal_error(message))
+        elif message["op"] == "goaway":
+            runtime.goaway(message["reason"], message["ms"])
 
     async def _on_control(self, message: dict[str, Any]) -> object:
         session = self._sessions.get(message.get("s", ""))
         home = session is not None and session.runtime is not None
         match message["op"]:
-            case "msg" | "refuse":
+            case "msg" | "refuse" | "goaway":
                 if not home or session is None or session.key_id != message["k"]:
                     return False  # not (or no longer) the home: the sender looks again
                 self._apply(session, message)
