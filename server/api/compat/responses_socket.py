@@ -300,11 +300,10 @@ class _Connection:
         await asyncio.gather(*tasks, return_exceptions=True)
         runs = [run for run, _ in self._runs.values() if not run.done]
         self._runs.clear()
-        for run in runs:
-            try:
-                await run.cancel()
-            except Exception:
-                log.exception("cancelling a response of a closed socket failed", extra={"response": run.id})
+        ended = await asyncio.gather(*(run.cancel() for run in runs), return_exceptions=True)
+        for run, outcome in zip(runs, ended, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("cancelling a response failed", exc_info=outcome, extra={"response": run.id})
 
     async def _close(self, code: CloseCode) -> None:
         wait = max(self._stall_s, _MIN_CLOSE_WAIT_S)
