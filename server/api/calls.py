@@ -8,8 +8,8 @@ the token budget and the metrics.
 The exchange bounds the work: when the client disconnects, the work is cancelled, which closes
 Ollama's stream, stops local decoding and drops queued batch items (see `server.dispatcher`).
 `run_or_cancel` does that for request/response calls; a streaming response cancels its body
-iterator on disconnect by itself, and `start_generation` reads the first item before the
-response starts, so that a failure before any output still gets its proper status. Nothing here
+iterator on disconnect by itself, and `start_generation` (`open_generation` without an HTTP
+exchange) reads the first item before the response starts, so that a failure before any output still gets its proper status. Nothing here
 encodes a response body: each API module writes its own wire format.
 
 `generate_message` builds the `Generate` from protocol-shaped parts (messages with their tool
@@ -48,6 +48,7 @@ __all__ = [
     "embed",
     "generate_message",
     "new_id",
+    "open_generation",
     "run_or_cancel",
     "start_generation",
 ]
@@ -183,15 +184,25 @@ class Generation:
 
 
 async def start_generation(request: Request, key_id: str, message: Generate) -> Generation:
+    """`open_generation` for an HTTP exchange: cancelled (and `ClientGone` raised) if the client
+    leaves before the first item."""
+    return await run_or_cancel(request, open_generation(services_of(request), key_id, message))
+
+
+async def open_generation(
+    services: Services, key_id: str, message: Generate, *, admit: bool = True
+) -> Generation:
     """Admit ``message`` and read its first item, so that a failure before any output (unknown
-    model, upstream down, rate limited) raises here and becomes a status, not a broken stream."""
-    services = services_of(request)
+    model, upstream down, rate limited) raises here and becomes a status, not a broken stream.
+    Needs no HTTP exchange: a WebSocket or a background task starts a generation with it too
+    (``admit=False`` when the caller already admitted it, to answer a refusal at once)."""
     started_at = time.time()
-    services.dispatcher.admit(key_id)
+    if admit:
+        services.dispatcher.admit(key_id)
     trace = RequestTrace("generate", request=message.id)
     stream = services.dispatcher.generate(message, key_id=key_id, trace=trace)
     try:
-        first = await run_or_cancel(request, _first(stream))
+        first = await _first(stream)
     except BaseException:
         await stream.aclose()
         raise

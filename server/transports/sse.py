@@ -66,6 +66,7 @@ from protocol.messages import (
 )
 from protocol.session import Accepted, CancelRequested, Ignored, Refused, Reply
 from protocol.sse import encode_event, encode_message
+from server.admission import admit
 from server.api.errors import Family, StatusError, error_response, json_response
 from server.api.routing import api_router, error_model
 from server.api.streams import SSE_HEADERS, keepalive
@@ -73,7 +74,6 @@ from server.outbox import Frame, OutboundMessage, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
 from server.sessions import NotAttached
-from server.transports.admission import admit
 
 __all__ = ["MAX_BATCH_MESSAGES", "router"]
 

@@ -16,7 +16,7 @@ own text frame, written together. Elsewhere it sends every frame already queued,
 (starlette's ``WebSocket.send`` only re-checks, per frame, a state that cannot change while the
 session is live; the handshake and the close still go through it).
 
-Before the handshake completes, `server.transports.admission.admit` checks the drain state (closed
+Before the handshake completes, `server.admission.admit` checks the drain state (closed
 1012), the Origin and an ``Authorization`` header or ``?ticket=`` (closed 1008). Without either,
 and with auth on, the first message must be a ``hello`` carrying ``token``. The first message decides the session: a
 ``hello`` may resume one (``session``, ``last_seq``), anything else opens a new one implicitly
@@ -42,10 +42,10 @@ from protocol.close import CloseCode
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
+from server.admission import Admission, admit
 from server.outbox import Frame, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
-from server.transports.admission import Admission, admit
 from server.transports.wsframes import FRAMES, FRAMES_SEND
 
 __all__ = ["SUBPROTOCOL", "SessionSocket", "WebSocketConnection", "session_socket"]

@@ -1,21 +1,22 @@
-"""The OpenAI Responses API: ``POST /v1/responses`` (whole, or streamed as server-sent events),
-and the stored responses: ``GET`` and ``DELETE /v1/responses/{id}``, ``GET
-/v1/responses/{id}/input_items``.
+"""The OpenAI Responses API over HTTP: ``POST /v1/responses`` (whole, streamed as server-sent
+events, or in the background), and the stored responses: ``GET /v1/responses/{id}`` (also as a
+stream resumed after ``starting_after``), ``POST /v1/responses/{id}/cancel``, ``DELETE
+/v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``.
 
-A request becomes a protocol `Generate` (`server.api.compat.responses_model`) and runs through the
-dispatcher (`server.api.calls`) as a chat completion does. Streamed, it is the event sequence the
-``openai`` SDK parses: ``response.created``, ``response.in_progress``, then per output item
-``response.output_item.added``, its content part or arguments events and
-``response.output_item.done``, then ``response.completed`` (``response.incomplete`` when cut by
-``max_output_tokens``, ``response.failed`` on an error), numbered by ``sequence_number`` from 0.
-With ``store`` (the default) the response is kept in the app's `ResponseStore`, visible to the key
-that made it only. Not here yet: background responses and resuming them by ``starting_after``,
-``cancel``, and the WebSocket mode; asking for them is refused, never ignored.
+Every response is a `ResponseRun` (`server.api.compat.responses_run`): this module parses the
+request (`parse_body`), starts the run, and writes its events as server-sent events (``event:``
+the type, ``data:`` the event) or waits for its final Response object; it produces no event itself.
+A streamed response that is not background is cancelled when its client leaves (stored
+``cancelled`` with its text so far); a background one runs to its end with no client, and is read
+again from its own event log by ``GET ?stream=true&starting_after=N``. A stored response belongs to
+the key that made it (any other key is told it does not exist). In cluster mode the store is the
+cluster's Redis, so every node can retrieve, list, chain and delete a response, but a run's event
+log is in the memory of the node running it: resuming or cancelling it elsewhere is refused with
+a 409 that says so, never answered with a partial stream.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
 
@@ -23,31 +24,28 @@ import orjson
 from fastapi import Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.requests import HTTPConnection
 
-from protocol.errors import ErrorCode, SluiceError
+from protocol.errors import ErrorCode
 from server.api import calls
 from server.api.compat.openai_chat import refuse
-from server.api.compat.responses_model import (
-    Plan,
-    ResponsesRequest,
-    call_item,
-    message_item,
-    new_item_id,
-    plan,
-    usage,
+from server.api.compat.responses_model import ResponsesRequest
+from server.api.compat.responses_run import ResponseRun, ResponseRuns, start_run
+from server.api.compat.responses_store import (
+    MemoryResponseStore,
+    RedisResponseStore,
+    ResponseStore,
+    StoredResponse,
 )
-from server.api.compat.responses_store import MemoryResponseStore, ResponseStore, StoredResponse
 from server.api.errors import Family, FieldError, StatusError, field_of, json_response, validation_errors
 from server.api.routing import api_router, caller_key, error_model
 from server.api.streams import event_stream
-from server.backends.base import ToolCall
-from server.dispatcher import Finished
 from server.services import services_of
 
-__all__ = ["router", "store_of"]
+__all__ = ["parse_body", "router", "runs_of", "sse"]
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    status: {"model": error_model(Family.OPENAI)} for status in (400, 401, 404, 429, 503)
+    status: {"model": error_model(Family.OPENAI)} for status in (400, 401, 404, 409, 429, 503)
 }
 _BODY_DOC: Final[dict[str, Any]] = {
     "requestBody": {
@@ -60,22 +58,25 @@ ResponseId = Annotated[str, Path(max_length=128)]
 router = api_router(Family.OPENAI, prefix="/v1", tags=["OpenAI Responses API"], responses=_ERRORS)
 
 
-def store_of(request: Request) -> ResponseStore:
-    """The app's response store (made on first use, bounded by the settings)."""
-    state = request.app.state
-    store: ResponseStore | None = getattr(state, "sluice_responses", None)
-    if store is None:
-        settings = services_of(request).settings
-        store = MemoryResponseStore(ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
-        state.sluice_responses = store
-    return store
+def runs_of(connection: HTTPConnection) -> ResponseRuns:
+    """The app's response runs and their store (made on first use: Redis in cluster mode)."""
+    state = connection.app.state
+    runs: ResponseRuns | None = getattr(state, "sluice_responses", None)
+    if runs is None:
+        services = services_of(connection)
+        settings = services.settings
+        store: ResponseStore
+        if services.cluster is not None:
+            store = RedisResponseStore(services.cluster.store, ttl_s=settings.responses_ttl_s)
+        else:
+            store = MemoryResponseStore(ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
+        runs = ResponseRuns(store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
+        state.sluice_responses = runs
+    return runs
 
 
-async def _body(request: Request) -> ResponsesRequest:
-    try:
-        raw = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise FieldError("body", ErrorCode.INVALID_REQUEST, "the body is not valid JSON") from None
+def parse_body(raw: object) -> ResponsesRequest:
+    """A request body (already decoded JSON); a 400 in OpenAI's shape naming the first bad field."""
     if not isinstance(raw, dict):
         raise FieldError("body", ErrorCode.INVALID_REQUEST, "the body must be a JSON object")
     try:
@@ -87,246 +88,117 @@ async def _body(request: Request) -> ResponsesRequest:
         raise FieldError(field, ErrorCode.INVALID_REQUEST, f"invalid field {field!r}: {reason}") from None
 
 
-class _Draft:
-    """One response being answered: its id, the request's echoed settings, its output so far."""
-
-    def __init__(self, body: ResponsesRequest, run: Plan, key_id: str, store: ResponseStore) -> None:
-        self.id = new_item_id("resp")
-        self.body, self.run, self.key_id, self.store = body, run, key_id, store
-        self.created_at = int(time.time())
-        self.model = body.model or ""
-        self.output: list[dict[str, Any]] = []
-
-    def view(
-        self, status: str, finished: Finished | None = None, error: SluiceError | None = None
-    ) -> dict[str, Any]:
-        body = self.body
-        text_format = (
-            body.text.format.model_dump(by_alias=True, exclude_none=True)
-            if body.text and body.text.format
-            else None
-        )
-        cut = finished is not None and finished.finish_reason == "length"
-        return {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "completed_at": int(time.time()) if status == "completed" else None,
-            "background": False,
-            "error": {"code": "server_error", "message": error.message} if error is not None else None,
-            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "metadata": body.metadata or {},
-            "model": finished.model if finished is not None else self.model,
-            "output": list(self.output),
-            "parallel_tool_calls": body.parallel_tool_calls,
-            "previous_response_id": body.previous_response_id,
-            "reasoning": None,
-            "store": body.store,
-            "temperature": body.temperature if body.temperature is not None else 1.0,
-            "text": {"format": text_format or {"type": "text"}},
-            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
-            "tools": self.run.tools,
-            "top_p": body.top_p if body.top_p is not None else 1.0,
-            "truncation": "disabled",
-            "usage": usage(finished) if finished is not None else None,
-        }
-
-    def keep(self, view: dict[str, Any]) -> None:
-        """Store ``view`` (with the conversation to continue from) when the request asked to."""
-        if self.body.store:
-            stored = StoredResponse(
-                self.key_id, view, self.run.input_items, [*self.run.turns, *_turns(self.output)]
-            )
-            self.store.put(self.id, stored)
+async def _body(request: Request) -> ResponsesRequest:
+    try:
+        raw = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise FieldError("body", ErrorCode.INVALID_REQUEST, "the body is not valid JSON") from None
+    return parse_body(raw)
 
 
-def _status(finished: Finished) -> str:
-    return "incomplete" if finished.finish_reason == "length" else "completed"
-
-
-def _turns(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The output items as one assistant turn of the protocol (for ``previous_response_id``)."""
-    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
-    calls_made = [
-        {
-            "id": item["call_id"],
-            "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
-        }
-        for item in output
-        if item["type"] == "function_call"
-    ]
-    if not text and not calls_made:
-        return []
-    turn: dict[str, Any] = {"role": "assistant", "content": text}
-    return [{**turn, "tool_calls": calls_made}] if calls_made else [turn]
+async def sse(run: ResponseRun, after: int = -1, *, owned: bool = False) -> AsyncIterator[bytes]:
+    """``run``'s events after ``after`` as server-sent events; an ``owned`` run (the stream of a
+    response that is not background) is stopped when the reader leaves before its end."""
+    try:
+        async for event in run.events(after):
+            yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    finally:
+        if owned:
+            run.stop()
 
 
 @router.post(
-    "/responses", summary="Create a response (whole, or streamed with stream: true)", openapi_extra=_BODY_DOC
+    "/responses",
+    summary="Create a response (whole, streamed with stream: true, or with background: true)",
+    openapi_extra=_BODY_DOC,
 )
 async def create_response(request: Request) -> Response:
     body = await _body(request)
-    key_id = caller_key(request)
-    store = store_of(request)
-    previous: list[dict[str, Any]] = []
-    if body.previous_response_id is not None:
-        earlier = store.get(body.previous_response_id, key_id)
-        if earlier is None:
-            raise refuse("previous_response_id", f"no stored response {body.previous_response_id!r}")
-        previous = earlier.turns
-    draft = _Draft(body, plan(body, previous), key_id, store)
+    services = services_of(request)
+    run = await calls.run_or_cancel(request, start_run(services, runs_of(request), caller_key(request), body))
     if body.stream:
-        generation = await calls.start_generation(request, key_id, draft.run.message)
-        draft.model = generation.model
-        return event_stream(_events(draft, generation), services_of(request).settings)
-    reply = await calls.complete(request, key_id, draft.run.message)
-    status = _status(reply.finished)
-    if reply.text:
-        draft.output.append(message_item(new_item_id("msg"), reply.text, status))
-    for call in reply.tool_calls:
-        if draft.run.rules.keep(call):
-            draft.output.append(call_item(new_item_id("fc"), call, "completed"))
-    view = draft.view(status, reply.finished)
-    draft.keep(view)
+        return event_stream(sse(run, owned=not run.background), services.settings)
+    if run.background:
+        return json_response(run.view)
+    try:
+        view = await calls.run_or_cancel(request, run.wait())
+    except calls.ClientGone:
+        run.stop()
+        raise
+    if run.error is not None:
+        raise run.error
     return json_response(view)
 
 
-class _Numbered:
-    """Server-sent events with consecutive ``sequence_number``s from 0."""
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def event(self, kind: str, **fields: Any) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self.next, **fields})
-        self.next += 1
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-
-async def _events(draft: _Draft, generation: calls.Generation) -> AsyncIterator[bytes]:
-    numbered = _Numbered()
-    started = draft.view("in_progress")
-    draft.keep(started)  # retrievable while it streams
-    yield numbered.event("response.created", response=started)
-    yield numbered.event("response.in_progress", response=draft.view("in_progress"))
-    text: list[str] = []
-    item_id, index = "", -1
-    delta_head = b""
-    ended = False
-
-    def settle_text(status: str) -> dict[str, Any]:
-        """The open message item, with the text so far, as it ends with ``status``."""
-        item = message_item(item_id, "".join(text), status)
-        draft.output[index] = item
-        text.clear()
-        return item
-
-    def close_text(status: str) -> list[bytes]:
-        item = settle_text(status)
-        whole = item["content"][0]["text"]
-        where = {"item_id": item_id, "output_index": index, "content_index": 0}
-        return [
-            numbered.event("response.output_text.done", **where, text=whole, logprobs=[]),
-            numbered.event("response.content_part.done", **where, part=item["content"][0]),
-            numbered.event("response.output_item.done", output_index=index, item=item),
-        ]
-
-    try:
-        async for piece in generation.items():
-            if isinstance(piece, str):
-                if not delta_head:
-                    item_id, index = new_item_id("msg"), len(draft.output)
-                    opened = message_item(item_id, "", "in_progress")
-                    draft.output.append({**opened, "content": []})
-                    yield numbered.event(
-                        "response.output_item.added", output_index=index, item=draft.output[index]
-                    )
-                    where = {"item_id": item_id, "output_index": index, "content_index": 0}
-                    yield numbered.event("response.content_part.added", **where, part=opened["content"][0])
-                    # Every delta is this head, its number and the piece: built once per item.
-                    delta_head = (
-                        b"event: response.output_text.delta\ndata: "
-                        + orjson.dumps({"type": "response.output_text.delta", **where, "logprobs": []})[:-1]
-                        + b',"sequence_number":'
-                    )
-                text.append(piece)
-                yield delta_head + str(numbered.next).encode() + b',"delta":' + orjson.dumps(piece) + b"}\n\n"
-                numbered.next += 1
-            elif isinstance(piece, ToolCall):
-                if not draft.run.rules.keep(piece):
-                    continue
-                if delta_head:
-                    for event in close_text("completed"):
-                        yield event
-                    delta_head = b""
-                for event in _call_events(draft, numbered, piece):
-                    yield event
-            else:
-                status = _status(piece)
-                if delta_head:
-                    for event in close_text(status):
-                        yield event
-                view = draft.view(status, piece)
-                draft.keep(view)
-                ended = True
-                yield numbered.event(f"response.{status}", response=view)
-    except SluiceError as exc:
-        if delta_head:
-            settle_text("incomplete")
-        view = draft.view("failed", error=exc)
-        draft.keep(view)
-        ended = True
-        yield numbered.event("response.failed", response=view)
-    finally:
-        if not ended:  # the client left mid-stream: the generation was cancelled
-            if delta_head:
-                settle_text("incomplete")
-            draft.keep(draft.view("cancelled"))
-
-
-def _call_events(draft: _Draft, numbered: _Numbered, call: ToolCall) -> list[bytes]:
-    item_id, index = new_item_id("fc"), len(draft.output)
-    item = call_item(item_id, call, "completed")
-    draft.output.append(item)
-    where = {"item_id": item_id, "output_index": index}
-    return [
-        numbered.event(
-            "response.output_item.added",
-            output_index=index,
-            item={**item, "status": "in_progress", "arguments": ""},
-        ),
-        numbered.event("response.function_call_arguments.delta", **where, delta=call.arguments),
-        numbered.event(
-            "response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments
-        ),
-        numbered.event("response.output_item.done", output_index=index, item=item),
-    ]
-
-
-def _stored(request: Request, response_id: str) -> StoredResponse:
-    stored = store_of(request).get(response_id, caller_key(request))
+async def _stored(request: Request, response_id: str) -> StoredResponse:
+    stored = await runs_of(request).store.get(response_id, caller_key(request))
     if stored is None:
         raise StatusError(404, ErrorCode.INVALID_REQUEST, f"no response {response_id!r} (unknown or expired)")
     return stored
 
 
-@router.get("/responses/{response_id}", summary="A stored response")
+async def _background_run(request: Request, response_id: str, what: str) -> ResponseRun | dict[str, Any]:
+    """The background run of ``response_id`` on this node, or its stored view when it has ended
+    elsewhere; a 404 when the caller cannot see it, a 400 (``param``) when it is not background,
+    a 409 when it is running on another node."""
+    run = runs_of(request).get(response_id, caller_key(request))
+    view = run.view if run is not None else (await _stored(request, response_id)).response
+    if not view.get("background"):
+        raise refuse(
+            "stream" if what == "streamed" else "response_id", f"only background responses can be {what}"
+        )
+    if run is not None:
+        return run
+    if view["status"] in ("queued", "in_progress"):
+        raise StatusError(
+            409,
+            ErrorCode.INVALID_REQUEST,
+            f"response {response_id!r} is running on another node: ask that node",
+        )
+    return view
+
+
+@router.get("/responses/{response_id}", summary="A stored response (or its events, with stream=true)")
 async def get_response(
-    request: Request, response_id: ResponseId, stream: Annotated[bool, Query()] = False
+    request: Request,
+    response_id: ResponseId,
+    stream: Annotated[bool, Query()] = False,
+    starting_after: Annotated[int | None, Query(ge=-1)] = None,
 ) -> Response:
-    if stream:
-        raise refuse("stream", "resuming a stored response as a stream is not supported yet")
-    return json_response(_stored(request, response_id).response)
+    if not stream:
+        if starting_after is not None:
+            raise refuse("starting_after", "needs stream=true")
+        run = runs_of(request).get(response_id, caller_key(request))
+        return json_response(
+            run.current() if run is not None else (await _stored(request, response_id)).response
+        )
+    found = await _background_run(request, response_id, "streamed")
+    if not isinstance(found, ResponseRun):
+        raise StatusError(
+            409,
+            ErrorCode.INVALID_REQUEST,
+            f"the events of response {response_id!r} are on the node that ran it: retrieve it without stream",
+        )
+    after = -1 if starting_after is None else starting_after
+    return event_stream(sse(found, after), services_of(request).settings)
+
+
+@router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
+async def cancel_response(request: Request, response_id: ResponseId) -> Response:
+    found = await _background_run(request, response_id, "cancelled")
+    # Cancelling one that has ended answers it as it is (OpenAI's cancel is idempotent).
+    return json_response(await found.cancel() if isinstance(found, ResponseRun) else found)
 
 
 @router.delete("/responses/{response_id}", summary="Delete a stored response")
 async def delete_response(request: Request, response_id: ResponseId) -> Response:
-    _stored(request, response_id)
-    store_of(request).delete(response_id, caller_key(request))
+    runs, key_id = runs_of(request), caller_key(request)
+    await _stored(request, response_id)
+    run = runs.get(response_id, key_id)
+    if run is not None:
+        await run.cancel()
+        runs.forget(response_id)
+    await runs.store.delete(response_id, key_id)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
@@ -338,7 +210,7 @@ async def input_items(
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     after: Annotated[str | None, Query(max_length=256)] = None,
 ) -> Response:
-    items = list(_stored(request, response_id).input_items)
+    items = list((await _stored(request, response_id)).input_items)
     if order == "desc":
         items.reverse()
     if after is not None:

@@ -7,9 +7,9 @@ and ``function_call_output``), ``instructions``, ``max_output_tokens``, ``temper
 against ``parameters``), ``tool_choice``, ``parallel_tool_calls``, ``text.format`` (``text``,
 ``json_object``, ``json_schema``), ``store``, ``stream``, ``metadata`` and
 ``previous_response_id`` (the stored conversation goes first; its instructions do not carry
-over). A feature sluice does not have (``background``, ``reasoning``, ``include``, built-in tools,
-images, files, audio, ``truncation: auto``, ``conversation``, ``prompt``) is refused with a 400
-naming it; a field this API does not know is ignored, as OpenAI ignores it. This module shapes
+over), and ``background`` (`server.api.compat.responses_run` runs it). A feature sluice does not
+have (``reasoning``, ``include``, built-in tools, images, files, audio, ``truncation: auto``,
+``conversation``, ``prompt``) is refused with a 400 naming it; a field this API does not know is ignored, as OpenAI ignores it. This module shapes
 requests and bodies only: it never runs a generation and never stores anything.
 """
 
@@ -107,8 +107,8 @@ class ResponsesRequest(_Body):
         default=None, max_length=16
     )
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=128)
-    # Features sluice does not have: accepted only with the value that asks for nothing.
     background: bool | None = None
+    # Features sluice does not have: accepted only with the value that asks for nothing.
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -131,7 +131,6 @@ def new_item_id(prefix: str) -> str:
 
 def _audit(body: ResponsesRequest) -> None:
     refusals: list[tuple[str, bool, str]] = [
-        ("background", bool(body.background), "background responses are not supported yet"),
         ("reasoning", body.reasoning is not None, "reasoning options are not supported"),
         ("include", bool(body.include), "no extra output data can be included"),
         ("truncation", body.truncation == "auto", "only truncation 'disabled' is supported"),

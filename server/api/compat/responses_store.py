@@ -1,13 +1,14 @@
-"""Where stored OpenAI Responses live: one small interface (`ResponseStore`) and its in-memory
-implementation (`MemoryResponseStore`).
+"""Where stored OpenAI Responses live: one small interface (`ResponseStore`), in this process's
+memory (`MemoryResponseStore`) or, in cluster mode, in the cluster's Redis (`RedisResponseStore`).
 
 A stored response is the Response object as last answered, the input items of its request (with
 their ids, for ``GET /v1/responses/{id}/input_items``) and the whole conversation in protocol
 turns (for ``previous_response_id``). It belongs to the key that made it: any other key is told it
 does not exist. It expires ``ttl_s`` after it was last written, and the store holds at most
 ``max_count`` responses (the oldest go first), so that no client can grow the server without
-limit. A cluster-wide store (Redis) implements the same interface; this module never runs a
-generation and never touches the network.
+limit. In Redis, a response is one key with that TTL, visible from every node (Redis's memory
+bounds the count there). This module never runs a generation, and only the Redis store touches
+the network, through the node's one `RedisStore` connection pool.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-__all__ = ["MemoryResponseStore", "ResponseStore", "StoredResponse"]
+import orjson
+
+if TYPE_CHECKING:
+    from server.cluster.redis import RedisStore
+
+__all__ = ["MemoryResponseStore", "RedisResponseStore", "ResponseStore", "StoredResponse", "drop_expired"]
+
+_PREFIX: Final = "sluice:response:"
 
 
 @dataclass(slots=True)
@@ -34,11 +42,11 @@ class StoredResponse:
 class ResponseStore(Protocol):
     """Stored responses by id, each visible only to its owner."""
 
-    def put(self, response_id: str, stored: StoredResponse) -> None: ...
+    async def put(self, response_id: str, stored: StoredResponse) -> None: ...
 
-    def get(self, response_id: str, owner: str) -> StoredResponse | None: ...
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None: ...
 
-    def delete(self, response_id: str, owner: str) -> bool: ...
+    async def delete(self, response_id: str, owner: str) -> bool: ...
 
 
 class MemoryResponseStore:
@@ -57,7 +65,7 @@ class MemoryResponseStore:
         self._expire()
         return len(self._entries)
 
-    def put(self, response_id: str, stored: StoredResponse) -> None:
+    async def put(self, response_id: str, stored: StoredResponse) -> None:
         """Store (or replace) ``response_id``; the oldest responses go past ``max_count``."""
         self._expire()
         self._entries.pop(response_id, None)
@@ -65,7 +73,7 @@ class MemoryResponseStore:
         while len(self._entries) > self.max_count:
             self._entries.popitem(last=False)
 
-    def get(self, response_id: str, owner: str) -> StoredResponse | None:
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The stored response, or None when it is unknown, expired or another key's."""
         self._expire()
         entry = self._entries.get(response_id)
@@ -73,17 +81,52 @@ class MemoryResponseStore:
             return None
         return entry[1]
 
-    def delete(self, response_id: str, owner: str) -> bool:
+    async def delete(self, response_id: str, owner: str) -> bool:
         """Forget ``response_id``; False when ``owner`` could not see it."""
-        if self.get(response_id, owner) is None:
+        if await self.get(response_id, owner) is None:
             return False
         del self._entries[response_id]
         return True
 
     def _expire(self) -> None:
-        now = self._clock()
-        while self._entries:
-            response_id, (expires_at, _) = next(iter(self._entries.items()))
-            if expires_at > now:
-                return
-            del self._entries[response_id]
+        drop_expired(self._entries, self._clock())
+
+
+def drop_expired(entries: OrderedDict[str, tuple[float, Any]], now: float) -> None:
+    """Drop the entries expired by ``now`` from ``entries`` (id → (expires at, value)), which are
+    kept in the order they expire."""
+    while entries:
+        key, (expires_at, _) = next(iter(entries.items()))
+        if expires_at > now:
+            return
+        del entries[key]
+
+
+class RedisResponseStore:
+    """A `ResponseStore` in the cluster's Redis: every node sees the same responses."""
+
+    def __init__(self, redis: RedisStore, *, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        self.redis = redis
+        self.ttl_ms = int(ttl_s * 1000)
+
+    async def put(self, response_id: str, stored: StoredResponse) -> None:
+        """Store (or replace) ``response_id`` for the TTL."""
+        data = orjson.dumps(asdict(stored))
+        await self.redis.run(self.redis.client.set(_PREFIX + response_id, data, px=self.ttl_ms))
+
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The stored response, or None when it is unknown, expired or another key's."""
+        raw = await self.redis.run(self.redis.client.get(_PREFIX + response_id))
+        if raw is None:
+            return None
+        stored = StoredResponse(**orjson.loads(raw))
+        return stored if stored.owner == owner else None
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        """Forget ``response_id``; False when ``owner`` could not see it."""
+        if await self.get(response_id, owner) is None:
+            return False
+        await self.redis.run(self.redis.client.delete(_PREFIX + response_id))
+        return True

@@ -133,14 +133,14 @@ async def test_retrieve_input_items_delete(client: openai.AsyncOpenAI, replies: 
     assert all(item.id for item in listed.data)
     newest = await client.responses.input_items.list(created.id, limit=1)
     assert [item.id for item in newest.data] == [listed.data[-1].id] and newest.has_more
+    with pytest.raises(openai.BadRequestError) as resume:
+        await client.responses.retrieve(created.id, stream=True)
+    assert resume.value.param == "stream"  # only a background response can be streamed again
     await client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.delete(created.id)
-    with pytest.raises(openai.BadRequestError) as resume:
-        await client.responses.retrieve(created.id, stream=True)
-    assert resume.value.param == "stream"  # resuming by starting_after is not there yet
 
 
 async def test_retrievable_while_streaming_and_cancelled_when_the_client_leaves(
@@ -268,7 +268,7 @@ async def test_json_schema_text_format(client: openai.AsyncOpenAI, replies: Emul
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "store"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"truncation": "auto"}, "truncation"),
@@ -341,16 +341,16 @@ async def test_a_stored_response_belongs_to_its_key(keyed: ServerProcess) -> Non
         assert (await owner.responses.retrieve(created.id)).output_text == created.output_text
 
 
-def test_store_expires_and_is_bounded() -> None:
+async def test_store_expires_and_is_bounded() -> None:
     now = [0.0]
     store = MemoryResponseStore(ttl_s=10, max_count=2, clock=lambda: now[0])
     for name in ("a", "b", "c"):
-        store.put(name, StoredResponse(owner="k", response={"id": name}, input_items=[]))
-    assert store.get("a", "k") is None and len(store) == 2  # the oldest went past max_count
-    assert store.get("b", "other") is None and not store.delete("b", "other")
+        await store.put(name, StoredResponse(owner="k", response={"id": name}, input_items=[]))
+    assert await store.get("a", "k") is None and len(store) == 2  # the oldest went past max_count
+    assert await store.get("b", "other") is None and not await store.delete("b", "other")
     now[0] = 9.0
-    store.put("c", StoredResponse(owner="k", response={"id": "c"}, input_items=[]))  # written again
+    await store.put("c", StoredResponse(owner="k", response={"id": "c"}, input_items=[]))  # written again
     now[0] = 10.5
-    assert store.get("b", "k") is None and store.get("c", "k") is not None
+    assert await store.get("b", "k") is None and await store.get("c", "k") is not None
     now[0] = 19.5
     assert len(store) == 0

@@ -1,0 +1,119 @@
+"""Stored OpenAI responses in cluster mode, from the outside: two real ``sluice serve`` nodes on
+loopback sharing one real redis-server and the Ollama emulator, driven by the real ``openai``
+SDK. A response made on one node is retrieved, listed, chained from and deleted on the other,
+only by its key, until its TTL; a background response running on one node is refused (409) for
+resuming or cancelling on the other, and is read on the other once it has ended."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.support.ollama_emulator import Emulator, start_emulator
+from tests.support.redis_server import RedisServer, run_redis
+from tests.support.server import ServerProcess, start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "llama3.2:1b"
+KEY_A, KEY_B = "cluster-responses-a", "cluster-responses-b"
+TTL_S = 4
+Cluster = tuple[RedisServer, Emulator, list[ServerProcess]]
+Clients = tuple[openai.AsyncOpenAI, openai.AsyncOpenAI, openai.AsyncOpenAI]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with run_redis() as redis, start_emulator(token_rate=0.0, tokens=20) as emu:
+        env = {
+            "SLUICE_OLLAMA_URLS": emu.url,
+            "SLUICE_LOAD_LOCAL_GENERATION": "false",
+            "SLUICE_REDIS_URL": redis.url,
+            "SLUICE_API_KEYS": f"{KEY_A},{KEY_B}",
+            "SLUICE_RESPONSES_TTL_S": str(TTL_S),
+            "SLUICE_LOG_LEVEL": "warning",
+        }
+        nodes: list[ServerProcess] = []
+        try:
+            for name in ("a", "b"):
+                nodes.append(start_server({**env, "SLUICE_NODE_ID": name}))
+            yield redis, emu, nodes
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+@pytest.fixture
+async def clients(cluster: Cluster) -> AsyncIterator[Clients]:
+    """The owner on node A, the owner on node B, another key on node B."""
+    _, _, (a, b) = cluster
+    async with (
+        openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key=KEY_A, max_retries=0) as on_a,
+        openai.AsyncOpenAI(base_url=f"{b.url}/v1", api_key=KEY_A, max_retries=0) as on_b,
+        openai.AsyncOpenAI(base_url=f"{b.url}/v1", api_key=KEY_B, max_retries=0) as other,
+    ):
+        yield on_a, on_b, other
+
+
+async def test_a_response_made_on_one_node_is_everywhere(clients: Clients, cluster: Cluster) -> None:
+    on_a, on_b, other = clients
+    redis, emu, _ = cluster
+    first = await on_a.responses.create(model=MODEL, input="One", metadata={"where": "a"})
+    assert (await on_b.responses.retrieve(first.id)).model_dump() == first.model_dump()
+    listed = await on_b.responses.input_items.list(first.id)
+    assert [item.content[0].text for item in listed.data] == ["One"]
+    second = await on_b.responses.create(model=MODEL, input="Two", previous_response_id=first.id)
+    body: Any = emu.generations()[-1].body
+    assert [message["content"] for message in body["messages"]] == ["One", first.output_text, "Two"]
+    chained = await on_a.responses.input_items.list(second.id)
+    assert [item.content[0].text for item in chained.data] == ["Two", first.output_text, "One"]
+    for call in (
+        other.responses.retrieve(first.id),
+        other.responses.input_items.list(first.id),
+        other.responses.delete(first.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await call
+    with pytest.raises(openai.BadRequestError) as chained_by_other:
+        await other.responses.create(model=MODEL, input="Yours?", previous_response_id=first.id)
+    assert chained_by_other.value.param == "previous_response_id"
+    await on_b.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await on_a.responses.retrieve(first.id)
+    assert (await on_a.responses.retrieve(second.id)).output_text == second.output_text
+    ttl_ms = int(redis.command("PTTL", f"sluice:response:{second.id}"))
+    assert 0 < ttl_ms <= TTL_S * 1000
+    await asyncio.sleep(TTL_S + 0.5)
+    with pytest.raises(openai.NotFoundError):
+        await on_b.responses.retrieve(second.id)
+
+
+async def test_a_background_response_is_resumed_and_cancelled_on_its_own_node_only(
+    clients: Clients, cluster: Cluster
+) -> None:
+    on_a, on_b, _ = clients
+    _, emu, _ = cluster
+    emu.configure(token_rate=40.0, tokens=80)
+    try:
+        created = await on_a.responses.create(model=MODEL, input="A long story", background=True)
+        running = await on_b.responses.retrieve(created.id)
+        assert running.status in ("queued", "in_progress") and running.background
+        with pytest.raises(openai.ConflictError) as elsewhere:
+            await on_b.responses.retrieve(created.id, stream=True, starting_after=0)
+        assert "another node" in elsewhere.value.message
+        with pytest.raises(openai.ConflictError):
+            await on_b.responses.cancel(created.id)
+        stream = await on_a.responses.retrieve(created.id, stream=True, starting_after=0)
+        events = [event async for event in stream]
+        assert [event.sequence_number for event in events] == list(range(1, len(events) + 1))
+        assert events[-1].type == "response.completed"
+        done = await on_b.responses.retrieve(created.id)
+        assert done.status == "completed" and done.output_text == events[-1].response.output_text
+        assert done.output_text == emu.expected_text(emu.generations()[-1].body)
+        assert (await on_b.responses.cancel(created.id)).status == "completed"  # ended: as it is
+    finally:
+        emu.configure(token_rate=0.0, tokens=20)
