@@ -63,13 +63,16 @@ async def _recv(ws: ClientConnection) -> dict[str, Any]:
     return event
 
 
-async def _stream(open_url: str, read_url: str, n: int) -> int:
-    """One generation: session opened at ``open_url``, read at ``read_url``; deltas received."""
+async def _stream(open_url: str, read_url: str, n: int) -> tuple[int, float]:
+    """One generation: session opened at ``open_url``, read at ``read_url``; the tokens received
+    and the milliseconds from sending the request to its first delta."""
     ws = await connect(open_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
     await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
     session = (await _recv(ws))["session"]
     request = {"type": "generate", "id": f"g{n}", "model": MODEL, "prompt": f"stream {n}"}
+    sent = time.perf_counter()
     await ws.send(orjson.dumps(request).decode())
+    first = 0.0
     if read_url != open_url:
         await ws.close()
         ws = await connect(read_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
@@ -79,14 +82,18 @@ async def _stream(open_url: str, read_url: str, n: int) -> int:
         assert (await _recv(ws))["resumed"] is True
     while True:
         event = await _recv(ws)
+        if not first and event["type"] == "delta":
+            first = (time.perf_counter() - sent) * 1000
         if event["type"] == "done":
             await ws.close()
             tokens: int = event["usage"]["completion_tokens"]
-            return tokens
+            return tokens, first
 
 
-async def _round(pairs: list[tuple[str, str]]) -> int:
-    return sum(await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs))))
+async def _round(pairs: list[tuple[str, str]]) -> tuple[int, list[float]]:
+    """Every pair's stream at once: the tokens received, and each stream's first-delta time."""
+    done = await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs)))
+    return sum(tokens for tokens, _ in done), sorted(first for _, first in done)
 
 
 async def _resumes(a: ServerProcess, b: ServerProcess, count: int) -> dict[str, float]:
@@ -126,16 +133,36 @@ async def _resumes(a: ServerProcess, b: ServerProcess, count: int) -> dict[str, 
     }
 
 
-def _measure(pids: list[int], redis_pid: int | None, pairs: list[tuple[str, str]]) -> dict[str, float]:
+def _calls(redis: RedisServer | None) -> dict[str, int]:
+    """Redis's command counts so far (INFO commandstats)."""
+    if redis is None:
+        return {}
+    info = redis.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    calls: dict[str, int] = {}
+    for line in info.decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[len("cmdstat_") :].partition(":")
+            calls[name] = int(rest.split("calls=")[1].split(",")[0])
+    return calls
+
+
+def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    redis_pid = redis.process.pid if redis is not None and redis.process is not None else None
     before = [_cpu(pid) for pid in pids]
     redis_before = _cpu(redis_pid) if redis_pid else 0.0
-    tokens = asyncio.run(_round(pairs))
+    calls_before = _calls(redis)
+    tokens, firsts = asyncio.run(_round(pairs))
     node_cpu = sum(_cpu(pid) - b for pid, b in zip(pids, before, strict=True))
     redis_cpu = (_cpu(redis_pid) - redis_before) if redis_pid else 0.0
+    calls = _calls(redis)
     return {
         "tokens": tokens,
         "node_us_per_token": node_cpu / tokens * 1e6,
         "redis_us_per_token": redis_cpu / tokens * 1e6,
+        "appends_per_token": (calls.get("evalsha", 0) - calls_before.get("evalsha", 0)) / tokens,
+        "first_delta_p50_ms": firsts[len(firsts) // 2],
+        "first_delta_p99_ms": firsts[-1] if len(firsts) < 100 else firsts[int(len(firsts) * 0.99) - 1],
     }
 
 
@@ -164,25 +191,28 @@ def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
                 "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams),
                 "cluster-local": (
                     [a.process.pid, b.process.pid],
-                    redis.process.pid,
+                    redis,
                     [(node.ws_url, node.ws_url) for node in (a, b)] * (streams // 2),
                 ),
                 "cluster-remote": (
                     [a.process.pid, b.process.pid],
-                    redis.process.pid,
+                    redis,
                     [(a.ws_url, b.ws_url)] * streams,
                 ),
             }
             results: dict[str, list[dict[str, float]]] = {name: [] for name in shapes}
             for _ in range(rounds):
-                for name, (pids, redis_pid, pairs) in shapes.items():
-                    results[name].append(_measure(pids, redis_pid, pairs))
+                for name, (pids, store, pairs) in shapes.items():
+                    results[name].append(_measure(pids, store, pairs))
             resume = asyncio.run(_resumes(a, b, 200))
     summary: dict[str, Any] = {"streams": streams, "tokens_per_stream": tokens, "rounds": rounds}
     for name, rows in results.items():
         summary[name] = {
             "node_us_per_token": statistics.median(r["node_us_per_token"] for r in rows),
             "redis_us_per_token": statistics.median(r["redis_us_per_token"] for r in rows),
+            "appends_per_token": statistics.median(r["appends_per_token"] for r in rows),
+            "first_delta_p50_ms": statistics.median(r["first_delta_p50_ms"] for r in rows),
+            "first_delta_p99_ms": statistics.median(r["first_delta_p99_ms"] for r in rows),
             "tokens_per_round": rows[0]["tokens"],
         }
     base = summary["single"]["node_us_per_token"]

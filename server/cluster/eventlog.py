@@ -4,12 +4,14 @@
 keeps the events in memory, exactly like `MemoryEventLog` (the home replays from there, with no
 await), and hands each appended event to the node's `LogWriter`, which writes every session's new
 events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
-pipelined `scripts.APPEND` per session that changed goes out, all in one round trip, never one
-per token. While a write is in flight the next events gather, so a slow Redis means larger
-batches, not more round trips. The home sends a transport only what a write confirmed
-(`RedisEventLog.on_written`), so no client ever has an event that a node's death could lose. The append script numbers nothing (the
-session did), it checks: same epoch, still the home, seqs that follow; a refusal means the store
-lost the session or another node took it, and the log reports it `lost`.
+`scripts.APPEND` per session that changed goes out, all in one round trip, never one per token
+(packed here, what never changes for a session packed once, and written with one call on the
+store's own connection: `RedisStore.round_trip`). While a write is in flight the next events
+gather, so a slow Redis means larger batches, not more round trips. The home sends a transport
+only what a write confirmed (`RedisEventLog.on_written`), so no client ever has an event that a
+node's death could lose. The append script numbers nothing (the session did), it checks: same
+epoch, still the home, seqs that follow; a refusal means the store lost the session or another
+node took it, and the log reports it `lost`.
 
 `read_after` is the other side: any node reads a session's events after a seq straight from
 Redis, exactly or not at all (``None``: the stream no longer holds all of them, the session is
@@ -35,7 +37,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from protocol.codec import encode
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
-from server.cluster.redis import RedisStore
+from server.cluster.redis import RedisStore, bulk, pack
 from server.cluster.scripts import feed_channel, log_key, meta_key
 
 __all__ = ["WRITE_WINDOW_S", "LogWriter", "RedisEventLog", "decode_event", "read_after"]
@@ -93,6 +95,7 @@ class RedisEventLog:
         "on_idle",
         "on_lost",
         "on_written",
+        "packed",
         "release",
         "session_id",
         "writer",
@@ -136,6 +139,8 @@ class RedisEventLog:
         self.on_written: Callable[[list[LoggedMessage]], None] | None = None
         # Every event appended so far is in Redis (after a write that left nothing pending).
         self.on_idle: Callable[[], None] | None = None
+        # What the writer packed once for this log's writes (see `LogWriter._command`).
+        self.packed: tuple[bytes, bytes] | None = None
 
     # -- EventLog ----------------------------------------------------------------------------
 
@@ -288,24 +293,23 @@ class LogWriter:
             self._task = None
 
     async def _write(self, logs: list[RedisEventLog]) -> bool:
-        """One pipelined round trip for ``logs``; False when some of it must be tried again."""
+        """One round trip for ``logs`` (an EVALSHA of `scripts.APPEND` per log, packed here and
+        written at once); False when some of it must be tried again."""
         store = self._store
-        sha = store.append_script.sha
+        commands: list[bytes] = []
         batches: list[tuple[RedisEventLog, _Taken]] = []
-        pipe = store.client.pipeline(transaction=False)
         for event_log in logs:
             batch = event_log.take_batch()
             if batch is None or event_log.lost:
                 continue
             taken, args = batch
-            meta, stream, epoch, first, keep_from, *rest = args
-            pipe.evalsha(sha, 2, meta, stream, self._node_id, epoch, first, keep_from, self._ttl_ms, *rest)
+            commands.append(self._command(event_log, args))
             batches.append((event_log, taken))
         if not batches:
             return True
         try:
-            replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:  # a lost connection: every batch is tried again
+            replies = await store.round_trip(commands)
+        except (RedisError, OSError, TimeoutError) as exc:  # a lost connection: all tried again
             store.mark_down(type(exc).__name__)
             return False
         self.round_trips += 1
@@ -325,6 +329,23 @@ class LogWriter:
             else:
                 event_log.written(taken, int(reply))
         return not retry
+
+    def _command(self, event_log: RedisEventLog, args: list[Any]) -> bytes:
+        """The EVALSHA that writes ``args`` (from `take_batch`), in RESP. What never changes for
+        a log (script, keys, node, epoch, ttl, channel) is packed once and kept on it."""
+        meta, stream, epoch, first, keep_from, channel, *rest = args
+        head = event_log.packed
+        if head is None:
+            sha = self._store.append_script.sha
+            fixed = ("EVALSHA", sha, "2", meta, stream, self._node_id, epoch)
+            head = event_log.packed = (
+                b"".join(bulk(str(arg).encode()) for arg in fixed),
+                bulk(str(self._ttl_ms).encode()) + bulk(channel.encode()),
+            )
+        parts = [head[0], bulk(b"%d" % first), bulk(b"%d" % keep_from), head[1]]
+        parts += [bulk(arg.encode() if isinstance(arg, str) else b"%d" % arg) for arg in rest]
+        # EVALSHA, sha, 2, meta, log, node, epoch, first, keep_from, ttl, channel, then the rest.
+        return pack(11 + len(rest), parts)
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (or given up as lost)."""

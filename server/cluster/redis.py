@@ -2,7 +2,9 @@
 
 `RedisStore` owns the redis-py asyncio client (hiredis parses replies when installed, which the
 ``redis[hiredis]`` dependency makes sure of), registers the Lua scripts of `server.cluster.scripts`
-once, and watches the server with a PING every `HEALTH_EVERY_S`: `healthy` is the one answer to
+once, keeps one more connection of its own for the hot path (`round_trip`: commands the caller
+packed with `pack`, written at once, their replies read in order, with no per-command work of
+redis-py's pipeline), and watches the server with a PING every `HEALTH_EVERY_S`: `healthy` is the one answer to
 "can this node do cluster work now", read by ``/ready`` and by everything that would start new
 work. Redis's exceptions become `SluiceError` ``upstream_unavailable`` (retryable) here and only
 here (`translated`), so callers never see a foreign exception.
@@ -16,26 +18,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.errors import ErrorCode, SluiceError
 from server.cluster.scripts import APPEND, CLAIM
 
-__all__ = ["HEALTH_EVERY_S", "RedisStore", "store_unavailable"]
+__all__ = ["HEALTH_EVERY_S", "RedisStore", "bulk", "pack", "store_unavailable"]
 
 log = logging.getLogger("sluice.cluster.redis")
 
 HEALTH_EVERY_S = 0.5
 # A command that takes longer than this counts as Redis being unreachable.
 _SOCKET_TIMEOUT_S = 2.0
+
+
+def bulk(arg: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def pack(count: int, parts: Iterable[bytes]) -> bytes:
+    """One RESP command of ``count`` arguments, from their `bulk` strings (some may be joined)."""
+    return b"*%d\r\n%b" % (count, b"".join(parts))
 
 
 def store_unavailable() -> SluiceError:
@@ -69,6 +82,7 @@ class RedisStore:
         self._healthy = False
         self._reason = "not checked yet"
         self._watcher: asyncio.Task[None] | None = None
+        self._raw: AbstractConnection | None = None
 
     # -- health ------------------------------------------------------------------------------
 
@@ -129,6 +143,8 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
+        if self._raw is not None:
+            await self._raw.disconnect()
         await self.client.aclose()
 
     # -- commands ----------------------------------------------------------------------------
@@ -148,6 +164,27 @@ class RedisStore:
         async with self.translated():
             for script in (self.append_script, self.claim_script):
                 script.sha = await self.client.script_load(script.script)
+
+    async def round_trip(self, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` (each made by `pack`) in one write on this store's own connection
+        and read their replies, in order; a command Redis refused gives its `ResponseError` in
+        its place. Raises `RedisError`, `OSError` or `TimeoutError` (the whole round trip is
+        bounded by one timeout) when the connection failed: then nothing is known of what ran."""
+        conn = self._raw
+        if conn is None:
+            pool = self.client.connection_pool
+            # No timeout per read: the round trip as a whole has one (below).
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+            conn = self._raw = pool.connection_class(**kwargs)
+        replies: list[Any] = []
+        async with asyncio.timeout(_SOCKET_TIMEOUT_S):
+            await conn.send_packed_command(commands, check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except ResponseError as exc:
+                    replies.append(exc)
+        return replies
 
     async def run(self, coro: Any) -> Any:
         """Await one redis-py call through `translated`."""

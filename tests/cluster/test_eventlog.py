@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
 from server.cluster.eventlog import WRITE_WINDOW_S, LogWriter, RedisEventLog, decode_event, read_after
-from server.cluster.redis import RedisStore
+from server.cluster.redis import RedisStore, bulk, pack
 from server.cluster.scripts import feed_channel, log_key, meta_key
 from tests.support.redis_server import RedisServer
 
@@ -226,3 +228,21 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
     assert await store.append_script(keys=[meta, stream], args=again) == 3
     assert await store.append_script(keys=[meta, stream], args=again) == 3
     assert await store.client.xlen(log_key(SESSION)) == 3
+
+
+def test_packed_commands_are_what_redis_py_would_send() -> None:
+    args = [b"EVALSHA", b"0" * 40, b"2", b"sluice:{s_x}:meta", "é\n".encode(), b""]
+    packed = pack(len(args), [bulk(arg) for arg in args])
+    assert packed == b"".join(Redis().connection_pool.make_connection().pack_command(*args))
+
+
+async def test_a_refused_command_in_a_round_trip_is_answered_in_its_place(store: RedisStore) -> None:
+    commands = [
+        pack(3, [bulk(b"SET"), bulk(b"k1"), bulk(b"v1")]),
+        pack(2, [bulk(b"INCR"), bulk(b"k1")]),  # not an integer: refused
+        pack(2, [bulk(b"GET"), bulk(b"k1")]),
+    ]
+    ok, refused, value = await store.round_trip(commands)
+    assert ok == b"OK" and value == b"v1"
+    assert isinstance(refused, ResponseError)
+    assert await store.round_trip([pack(1, [bulk(b"PING")])]) == [b"PONG"]
