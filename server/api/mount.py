@@ -6,7 +6,8 @@
 - the OpenAI-compatible API (`server.api.compat.openai`): ``/v1/chat/completions``,
   ``/v1/embeddings``, ``/v1/models``;
 - the OpenAI Responses API (`server.api.compat.responses`): ``/v1/responses`` and the stored
-  responses (their store is made on first use, ``app.state.sluice_responses``);
+  responses (their store is made on first use, ``app.state.sluice_responses``), and its WebSocket
+  mode at ``GET /v1/responses`` with Upgrade (`server.api.compat.responses_socket`);
 - the Ollama-compatible API (`server.api.compat.ollama`): ``/api/chat``, ``/api/generate``,
   ``/api/embed``, ``/api/tags``, ``/api/version`` and the rest of Ollama's ``/api/*``;
 - ``POST /v1/tickets`` (`server.api.tickets`) and the contract files (`server.api.contract`):
@@ -27,9 +28,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import WebSocketRoute
 
 from server.api import contract, tickets
-from server.api.compat import ollama, openai, responses, seed
+from server.api.compat import ollama, openai, responses, responses_socket, seed
 from server.api.tasks import TaskStore
 
 __all__ = ["install"]
@@ -44,6 +46,8 @@ def install(app: FastAPI) -> None:
     app.include_router(seed.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
+    socket = responses_socket.responses_socket
+    app.router.routes.append(WebSocketRoute("/v1/responses", socket, name="responses_socket"))
     for router in ollama.routers:
         app.include_router(router)
     app.include_router(contract.router)

@@ -3,7 +3,8 @@
 Each function is one step on the store, atomic where it must be (the scripts of
 `server.cluster.scripts`): `create` writes a new session's meta with this node as its home;
 `claim` makes this node the home of a session that has none and reads back its log, so the node
-can build the `Session` from it; `recover` ends, in the session's log, every request a stopped
+can build the `Session` from it; `attach_token` numbers a transport attaching to it (the attach
+generation, which orders takeovers across nodes) and announces it; `recover` ends, in the session's log, every request a stopped
 home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
 a home, fenced by that home's id so that it happens once; `delete` forgets a session.
 
@@ -16,6 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from redis.commands.core import AsyncScript
+
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.messages import Error, LoggedMessage
@@ -23,7 +26,17 @@ from server.cluster.eventlog import decode_event
 from server.cluster.redis import RedisStore
 from server.cluster.scripts import feed_channel, log_key, meta_key, node_sessions_key
 
-__all__ = ["NODE_STOPPED", "Claimed", "claim", "create", "delete", "recover", "recover_node"]
+__all__ = [
+    "NODE_STOPPED",
+    "Claimed",
+    "attach_generation",
+    "attach_token",
+    "claim",
+    "create",
+    "delete",
+    "recover",
+    "recover_node",
+]
 
 NODE_STOPPED = "the node running this request stopped"
 
@@ -70,6 +83,22 @@ async def claim(store: RedisStore, session_id: str, node_id: str) -> Claimed | s
         entries, _ = await pipe.execute()
     events = [decode_event(fields[b"m"]) for _, fields in entries]
     return Claimed(epoch, last_seq, _contiguous(events, last_seq))
+
+
+async def attach_token(store: RedisStore, script: AsyncScript, session_id: str, node_id: str) -> str | None:
+    """The token of a transport attaching to ``session_id`` on ``node_id`` (``<node>/<generation>``,
+    the generation one more than any transport's before), announced on the session's feed as
+    ``!A <token>`` in the same step (``script`` is `server.cluster.scripts.ATTACH`); None when
+    there is no such session."""
+    keys = [meta_key(session_id)]
+    reply = await store.run(script(keys=keys, args=[node_id, feed_channel(session_id)], client=store.client))
+    return None if reply is None else _text(reply)
+
+
+def attach_generation(token: str | None) -> int:
+    """The attach generation of a transport's token (0 for none): a newer transport has a higher one."""
+    tail = (token or "").rpartition("/")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int) -> None:

@@ -7,8 +7,8 @@ script touches one hash slot and runs unchanged on Redis Cluster. Per session:
 - ``meta`` (hash): ``key`` (the owner key id), ``epoch`` (made when the session is created:
   a writer holding another epoch is writing to a session the store lost), ``seq`` (the newest
   logged seq), ``home`` (the node holding the live session; empty while none does), ``att``
-  (the token of the transport attached last, wherever it is) and one ``r:<request id>`` field
-  per request in flight on the home;
+  (the attach generation: one more for every transport attached, wherever it is) and one
+  ``r:<request id>`` field per request in flight on the home;
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
   least that window).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "APPEND",
+    "ATTACH",
     "CLAIM",
     "NODES",
     "control_channel",
@@ -122,4 +123,17 @@ local home = meta[4] or ''
 if home ~= '' and home ~= ARGV[1] and home ~= ARGV[2] then return home end
 redis.call('HSET', KEYS[1], 'home', ARGV[1])
 return {meta[1], meta[2], meta[3]}
+"""
+
+# A transport is attaching to the session: number it, one more than any transport before it, and
+# announce it on the feed (``!A <node>/<generation>``) in the same step, so that every node orders
+# takeovers by the generation, never by when an announcement happens to reach it.
+#
+# KEYS: meta.  ARGV: node, channel.
+# Returns the transport's token, ``<node>/<generation>``; nil when there is no such session.
+ATTACH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local token = ARGV[1] .. '/' .. redis.call('HINCRBY', KEYS[1], 'att', 1)
+redis.call('PUBLISH', ARGV[2], '!A ' .. token)
+return token
 """

@@ -15,8 +15,13 @@ over its control channel (`Ignored` is returned: what becomes of them arrives in
 the home stopped, the node holding the transport becomes the home (`ClusterSessionRegistry`
 claims the session) and handles what is queued itself.
 
-Feed notices (lines starting ``!``): ``!A <token>`` a transport attached somewhere (any other
-transport of the session closes 4009), ``!E`` the session ended, ``!H`` the home let go of it.
+Takeover: every transport gets a token ``<node>/<generation>`` from Redis as it attaches, the
+session's attach generation one more than any transport's before it, announced on the feed
+(``!A <token>``) and to the home (``att``) before it goes live. A transport closes 4009 only for a
+newer generation than its own, and one whose attach finishes after a newer one was announced
+closes at once; so however late an announcement reaches a node, the transport that attached last
+stays, and an older one never closes it. Other feed notices: ``!E`` the session ended, ``!H``
+the home let go of it.
 
 This module never talks to Redis itself: the registry (`server.cluster.sessions`) does.
 """
@@ -35,6 +40,7 @@ from protocol.messages import ClientMessage, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
 from server.cluster import forwarded
 from server.cluster.eventlog import RedisEventLog, decode_event
+from server.cluster.homes import attach_generation
 from server.outbox import Outbox
 from server.runtime import SessionRuntime
 
@@ -46,6 +52,7 @@ __all__ = ["ClusterSession", "FeedSink"]
 log = logging.getLogger("sluice.cluster.session")
 
 _IGNORED = Ignored()
+_TAKEN_OVER = "session taken over by another connection"
 
 
 class FeedSink(Outbox):
@@ -95,6 +102,8 @@ class ClusterSession:
         # The home's view of the transport: the token attached last, and since when none is.
         self.current: str | None = None
         self.detached_since: float | None = None
+        # The newest attach generation this node has heard of (its own transports' included).
+        self.newest = 0
         # The transport attached on this node, if any.
         self._outbox: Outbox | None = None
         self._token: str | None = None
@@ -138,8 +147,9 @@ class ClusterSession:
     # -- attaching (the registry subscribed to the feed and reads the log) --------------------
 
     def begin_attach(self) -> None:
-        """From now on feed events are held until `complete_attach`."""
-        self._held = []
+        """From now on feed events are held until `complete_attach` (or `abandon_attach`)."""
+        if self._held is None:
+            self._held = []
 
     def complete_attach(
         self,
@@ -151,10 +161,15 @@ class ClusterSession:
     ) -> None:
         """Make ``outbox`` the transport here: the welcome, ``replay`` (every event after
         ``last_seq``), then what the feed brought meanwhile and after. An older transport on this
-        node is closed 4009."""
+        node is closed 4009; so is ``outbox`` itself when a newer one was announced meanwhile."""
+        if attach_generation(token) < self.newest:
+            outbox.fail(CloseCode.TAKEN_OVER, _TAKEN_OVER)
+            self.abandon_attach()
+            return
+        self.newest = attach_generation(token)
         previous = self._outbox
         if previous is not None and previous is not outbox:
-            previous.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
+            previous.fail(CloseCode.TAKEN_OVER, _TAKEN_OVER)
         top = last_seq + len(replay)
         self._outbox, self._token, self._delivered = outbox, token, top
         if welcome is not None:
@@ -164,8 +179,10 @@ class ClusterSession:
         self._deliver(held)
 
     def abandon_attach(self) -> None:
-        if self._held is not None and self._outbox is None:
-            self._held = None
+        """The attach failed: a transport still attached here gets what was held meanwhile."""
+        held, self._held = self._held, None
+        if held:
+            self._deliver(held)
 
     def detach(self, outbox: Outbox) -> None:
         """The transport behind ``outbox`` is gone; a newer one may already have taken over."""
@@ -238,11 +255,7 @@ class ClusterSession:
     def _notice(self, line: bytes) -> None:
         kind, _, arg = line[1:].partition(b" ")
         if kind == b"A":
-            token = arg.decode()
-            if self.runtime is not None:
-                self.current, self.detached_since = token, None
-            if self._outbox is not None and token != self._token:
-                self._outbox.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
+            self.announced(arg.decode())
         elif kind == b"E":
             self.ended = True
             if self._outbox is not None:
@@ -251,6 +264,23 @@ class ClusterSession:
             self.home = ""
             if self.attached:
                 self._registry.adopt(self)
+
+    def announced(self, token: str) -> None:
+        """A transport attached as ``token``, somewhere (a ``!A`` notice, or an ``att`` at the
+        home): a transport here of an older generation closes 4009."""
+        generation = attach_generation(token)
+        self.newest = max(self.newest, generation)
+        if self.runtime is not None and generation > attach_generation(self.current):
+            self.current, self.detached_since = token, None
+        if self._outbox is not None and generation > attach_generation(self._token):
+            self._outbox.fail(CloseCode.TAKEN_OVER, _TAKEN_OVER)
+
+    def departed(self, token: str | None, now: float) -> None:
+        """At the home: the transport ``token`` went away (its ``det`` may overtake its ``att``)."""
+        if attach_generation(token) > attach_generation(self.current) and token is not None:
+            self.announced(token)
+        if self.current == token and self.detached_since is None:
+            self.detached_since = now
 
     # -- client messages ---------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +34,7 @@ from server.cluster import forwarded, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, store_unavailable
-from server.cluster.scripts import feed_channel, log_key, meta_key
+from server.cluster.scripts import ATTACH, feed_channel, log_key, meta_key
 from server.cluster.session import ClusterSession, FeedSink
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
@@ -91,8 +90,8 @@ class ClusterSessionRegistry:
         self._clock = clock
         self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
         self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
+        self._attach_script = store.client.register_script(ATTACH)
         self._sessions: dict[str, ClusterSession] = {}
-        self._tokens = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         node.on_control = self._on_control
@@ -280,7 +279,6 @@ class ClusterSessionRegistry:
         last_seq: int,
         welcome: Callable[[str, int], Welcome] | None,
     ) -> bool:
-        token = f"{self._node.id}/{next(self._tokens)}"
         session.begin_attach()
         try:
             # The home sends what its writes confirmed; elsewhere the feed, after the log.
@@ -291,16 +289,19 @@ class ClusterSessionRegistry:
                     await self._node.subscribe(feed_channel(session.id), session.on_feed)
                     session.subscribed = True
                 replay = await read_after(self._store, session.id, last_seq)
+            # Numbered and announced before it goes live: see `server.cluster.session`.
+            token = None
+            if replay is not None:
+                token = await homes.attach_token(self._store, self._attach_script, session.id, self._node.id)
         except BaseException:
             session.abandon_attach()
             raise
-        if replay is None:
+        if replay is None or token is None:
             session.abandon_attach()
             return False
         session.complete_attach(outbox, token, replay, last_seq, welcome)
         if replay:
             self._metrics.replay(len(replay))
-        await self._store.run(self._store.client.publish(feed_channel(session.id), f"!A {token}"))
         self._tell_home(session, {"op": "att", "t": token})
         return True
 
@@ -317,11 +318,9 @@ class ClusterSessionRegistry:
 
     def _attachment(self, session: ClusterSession, message: dict[str, Any]) -> None:
         if message["op"] == "att":
-            session.current, session.detached_since = message["t"], None
-            if session.outbox is not None and session.token != message["t"]:
-                session.outbox.fail(CloseCode.TAKEN_OVER, "session taken over by another connection")
-        elif session.current == message["t"] and session.detached_since is None:
-            session.detached_since = self._clock()
+            session.announced(message["t"])
+        else:
+            session.departed(message["t"], self._clock())
 
     async def _forget(self, session: ClusterSession) -> None:
         """Stop listening to a session's feed once no transport holds it here (and drop the view
@@ -499,7 +498,7 @@ class ClusterSessionRegistry:
         """A transport whose node stopped never says it left: count it gone from now."""
         held: dict[str, list[ClusterSession]] = {}
         for session in self._sessions.values():
-            node_id = (session.current or "").partition("/")[0]
+            node_id = (session.current or "").rpartition("/")[0]
             if (
                 session.runtime is not None
                 and session.detached_since is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -108,6 +109,56 @@ async def test_a_transport_attaching_on_another_node_takes_over(
     await a.sessions.connect(box_a2, key_id="k", welcome=welcome, resume=connected.runtime.id, last_seq=0)
     await collect(box_b, lambda ev: False, within=5.0)
     assert box_b.close_code is CloseCode.TAKEN_OVER
+
+
+async def test_a_late_announcement_of_an_older_transport_never_closes_a_newer_one(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    first = outbox()
+    session = (await a.sessions.connect(first, key_id="k", welcome=welcome)).runtime.id
+    # b's announcement to the home (``att``) is held back until the client has moved on.
+    release = asyncio.Event()
+    send = b.node.send
+
+    async def late(node_id: str, message: dict[str, Any]) -> bool:
+        if message.get("op") == "att":
+            await release.wait()
+        return await send(node_id, message)
+
+    b.node.send = late  # type: ignore[method-assign]
+    on_b = outbox()
+    moved = await b.sessions.connect(on_b, key_id="k", welcome=welcome, resume=session, last_seq=0)
+    assert moved.resumed
+    moved.runtime.detach(on_b)  # the client cut it at once and reattaches on the home
+    on_a = outbox()
+    back = await a.sessions.connect(on_a, key_id="k", welcome=welcome, resume=session, last_seq=0)
+    assert back.resumed
+    release.set()
+    await asyncio.sleep(0.3)  # b's late ``att`` reaches the home now
+    assert first.close_code is CloseCode.TAKEN_OVER
+    assert not on_a.closed
+    assert back.runtime.current == back.runtime.token and back.runtime.detached_since is None
+
+
+async def test_a_transport_closes_for_a_newer_notice_only_and_one_that_lost_never_goes_live(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    session = (await a.sessions.connect(outbox(), key_id="k", welcome=welcome)).runtime.id
+    on_b = outbox()
+    view = (await b.sessions.connect(on_b, key_id="k", welcome=welcome, resume=session, last_seq=0)).runtime
+    assert view.token is not None and view.token.startswith("n_b/")
+    generation = int(view.token.rpartition("/")[2])
+    view.on_feed(f"!A n_a/{generation - 1}".encode())  # an older transport's notice, arriving late
+    assert not on_b.closed
+    view.on_feed(f"!A n_a/{generation + 1}".encode())  # a newer one attached on a
+    assert on_b.close_code is CloseCode.TAKEN_OVER
+    # An attach that finishes after a newer transport was announced closes at once, never live.
+    stale = outbox()
+    view.begin_attach()
+    view.complete_attach(stale, f"n_b/{generation}", [], 0, None)
+    assert stale.close_code is CloseCode.TAKEN_OVER and view.outbox is not stale
 
 
 async def test_another_key_cannot_resume_a_session_on_another_node(

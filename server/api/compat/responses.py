@@ -29,6 +29,7 @@ from starlette.requests import HTTPConnection
 from protocol.errors import ErrorCode
 from server.api import calls
 from server.api.compat.openai_chat import refuse
+from server.api.compat.responses_log import SharedEventLog
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, ResponseRuns, start_run
 from server.api.compat.responses_store import (
@@ -70,7 +71,12 @@ def runs_of(connection: HTTPConnection) -> ResponseRuns:
             store = RedisResponseStore(services.cluster.store, ttl_s=settings.responses_ttl_s)
         else:
             store = MemoryResponseStore(ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
-        runs = ResponseRuns(store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
+        shared = None
+        if services.cluster is not None:
+            shared = SharedEventLog(services.cluster.store, ttl_s=settings.responses_ttl_s)
+        runs = ResponseRuns(
+            store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max, shared=shared
+        )
         state.sluice_responses = runs
     return runs
 
@@ -100,11 +106,21 @@ async def sse(run: ResponseRun, after: int = -1, *, owned: bool = False) -> Asyn
     """``run``'s events after ``after`` as server-sent events; an ``owned`` run (the stream of a
     response that is not background) is stopped when the reader leaves before its end."""
     try:
-        async for event in run.events(after):
-            yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+        async for batch in run.batches(after):
+            yield b"".join(map(_sse_event, batch))  # one write for whatever was logged meanwhile
     finally:
         if owned:
             run.stop()
+
+
+def _sse_event(event: dict[str, Any]) -> bytes:
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _sse_of(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield _sse_event(event)
 
 
 @router.post(
@@ -137,16 +153,22 @@ async def _stored(request: Request, response_id: str) -> StoredResponse:
     return stored
 
 
-async def _background_run(request: Request, response_id: str, what: str) -> ResponseRun | dict[str, Any]:
-    """The background run of ``response_id`` on this node, or its stored view when it has ended
-    elsewhere; a 404 when the caller cannot see it, a 400 (``param``) when it is not background,
-    a 409 when it is running on another node."""
+async def _found(request: Request, response_id: str) -> tuple[ResponseRun | None, dict[str, Any]]:
+    """This node's run of ``response_id`` (None when it is not here) and its Response object now;
+    a 404 when the caller cannot see it."""
     run = runs_of(request).get(response_id, caller_key(request))
-    view = run.view if run is not None else (await _stored(request, response_id)).response
+    if run is not None:
+        return run, run.current()
+    return None, (await _stored(request, response_id)).response
+
+
+async def _cancellable(request: Request, response_id: str) -> ResponseRun | dict[str, Any]:
+    """The background run of ``response_id`` on this node, or its stored view when it has ended
+    elsewhere; a 404 when the caller cannot see it, a 400 when it is not background, a 409 when
+    it is running on another node."""
+    run, view = await _found(request, response_id)
     if not view.get("background"):
-        raise refuse(
-            "stream" if what == "streamed" else "response_id", f"only background responses can be {what}"
-        )
+        raise refuse("response_id", "only background responses can be cancelled")
     if run is not None:
         return run
     if view["status"] in ("queued", "in_progress"):
@@ -168,24 +190,27 @@ async def get_response(
     if not stream:
         if starting_after is not None:
             raise refuse("starting_after", "needs stream=true")
-        run = runs_of(request).get(response_id, caller_key(request))
-        return json_response(
-            run.current() if run is not None else (await _stored(request, response_id)).response
-        )
-    found = await _background_run(request, response_id, "streamed")
-    if not isinstance(found, ResponseRun):
-        raise StatusError(
-            409,
-            ErrorCode.INVALID_REQUEST,
-            f"the events of response {response_id!r} are on the node that ran it: retrieve it without stream",
-        )
+        return json_response((await _found(request, response_id))[1])
     after = -1 if starting_after is None else starting_after
-    return event_stream(sse(found, after), services_of(request).settings)
+    settings = services_of(request).settings
+    run, view = await _found(request, response_id)
+    if not view.get("background"):
+        raise refuse("stream", "only background responses can be streamed")
+    if run is not None:
+        return event_stream(sse(run, after), settings)
+    # Run by another node (or forgotten here): its events are in Redis, in cluster mode.
+    shared = runs_of(request).shared
+    running = view["status"] in ("queued", "in_progress")
+    if shared is None or not (running or await shared.exists(response_id)):
+        raise StatusError(
+            409, ErrorCode.INVALID_REQUEST, f"the events of response {response_id!r} are no longer kept"
+        )
+    return event_stream(_sse_of(shared.events(response_id, after)), settings)
 
 
 @router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
 async def cancel_response(request: Request, response_id: ResponseId) -> Response:
-    found = await _background_run(request, response_id, "cancelled")
+    found = await _cancellable(request, response_id)
     # Cancelling one that has ended answers it as it is (OpenAI's cancel is idempotent).
     return json_response(await found.cancel() if isinstance(found, ResponseRun) else found)
 
@@ -199,6 +224,8 @@ async def delete_response(request: Request, response_id: ResponseId) -> Response
         await run.cancel()
         runs.forget(response_id)
     await runs.store.delete(response_id, key_id)
+    if runs.shared is not None:
+        await runs.shared.delete(response_id)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 

@@ -1,0 +1,122 @@
+"""A background response's event log in the cluster's Redis, so that any node can resume it.
+
+In cluster mode the node running a background response mirrors every event of its
+`ResponseRun` into one Redis list (`EventMirror`: batched, one ``RPUSH`` per batch, in order,
+with the stored responses' TTL), and ends it with a marker once the run has ended, cancelled
+included. Any other node replays that list after a sequence number and then follows it live by
+polling (`SharedEventLog.events`), until the terminal event or the marker. The list's index is
+the event's ``sequence_number``; a mirror that failed to write once writes nothing more, so that
+the list never has a gap: readers elsewhere then see it stop growing and end after ``idle_s``.
+Ownership is checked by the caller against the stored response; this module never decides who
+may read, and never runs or cancels a generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from protocol.errors import ErrorCode, SluiceError
+
+if TYPE_CHECKING:
+    from server.cluster.redis import RedisStore
+
+__all__ = ["END", "EventMirror", "SharedEventLog"]
+
+log = logging.getLogger("sluice.responses")
+
+_PREFIX: Final = "sluice:response-events:"
+END: Final = b'{"type":"sluice.end"}'  # after the last event: never sent to a client
+_TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class SharedEventLog:
+    """The background responses' event lists in Redis, seen from this node."""
+
+    def __init__(
+        self, redis: RedisStore, *, ttl_s: float, poll_s: float = 0.05, idle_s: float = 30.0
+    ) -> None:
+        self.redis = redis
+        self.ttl_ms = int(ttl_s * 1000)
+        self.poll_s, self.idle_s = poll_s, idle_s
+
+    def mirror(self, response_id: str) -> EventMirror:
+        return EventMirror(self, _PREFIX + response_id)
+
+    async def exists(self, response_id: str) -> bool:
+        return bool(await self.redis.run(self.redis.client.exists(_PREFIX + response_id)))
+
+    async def delete(self, response_id: str) -> None:
+        await self.redis.run(self.redis.client.delete(_PREFIX + response_id))
+
+    async def events(self, response_id: str, after: int = -1) -> AsyncIterator[dict[str, Any]]:
+        """The events with ``sequence_number > after``: those in the list, then live until the end
+        (or until nothing came for ``idle_s``: the node running it is gone)."""
+        key, index = _PREFIX + response_id, max(after + 1, 0)
+        quiet_since = time.monotonic()
+        while True:
+            raw: list[bytes] = await self.redis.run(self.redis.client.lrange(key, index, index + 255))
+            for data in raw:
+                if data == END:
+                    return
+                event = orjson.loads(data)
+                if event.get("sequence_number") != index:  # never a gap or a repeat
+                    raise SluiceError(ErrorCode.INTERNAL, f"response {response_id} event log out of order")
+                yield event
+                index += 1
+                if event["type"] in _TERMINAL:
+                    return
+            if raw:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > self.idle_s:
+                return
+            else:
+                await asyncio.sleep(self.poll_s)
+
+
+class EventMirror:
+    """One running response's events, copied into its Redis list in order (module docstring)."""
+
+    def __init__(self, shared: SharedEventLog, key: str) -> None:
+        self._shared, self._key = shared, key
+        self._pending: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._broken = False
+
+    def add(self, event: dict[str, Any]) -> None:
+        self._push(orjson.dumps(event))
+
+    def end(self) -> None:
+        self._push(END)
+
+    async def flushed(self) -> None:
+        """Wait until every event added so far is written (or the mirror broke)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.wait({self._flusher})
+
+    def _push(self, data: bytes) -> None:
+        if self._broken:
+            return
+        self._pending.append(data)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name=f"sluice {self._key}")
+
+    async def _flush(self) -> None:
+        redis = self._shared.redis
+        while self._pending and not self._broken:
+            batch, self._pending = self._pending, []
+            try:
+                async with redis.translated():
+                    pipe = redis.client.pipeline(transaction=True)
+                    pipe.rpush(self._key, *batch)
+                    pipe.pexpire(self._key, self._shared.ttl_ms)
+                    await pipe.execute()
+            except SluiceError as exc:
+                log.warning("response events not mirrored to redis (%s): %s", self._key, exc.message)
+                self._broken = True
+                self._pending.clear()
