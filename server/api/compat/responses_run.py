@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Final
 
 from protocol.errors import ErrorCode, SluiceError
@@ -183,6 +183,10 @@ class ResponseRun:
         view = self._draft.view(self.view["status"])
         view["output"][self._index] = message_item(self._item_id, "".join(self._text), "in_progress")
         return view
+
+    def stored(self) -> StoredResponse:
+        """The response as it would be stored now (its view and the conversation to continue)."""
+        return self._draft.stored(self.view)
 
     def stop(self) -> None:
         """Cancel the generation without waiting (it settles ``cancelled`` in its own task)."""
@@ -376,18 +380,26 @@ class ResponseRuns:
 
 
 async def start_run(
-    services: Services, runs: ResponseRuns, key_id: str, body: ResponsesRequest
+    services: Services,
+    runs: ResponseRuns,
+    key_id: str,
+    body: ResponsesRequest,
+    *,
+    local: Mapping[str, StoredResponse] | None = None,
 ) -> ResponseRun:
     """Start the response ``body`` asks for. A refusal (a field, an unknown previous response, a
     model, the rate) raises here, before any event; a background response is admitted here and
     opens its generation in its run. A caller that is not background stops the run
-    (`ResponseRun.stop`) when its client leaves."""
+    (`ResponseRun.stop`) when its client leaves. ``local``: ``key_id``'s responses a
+    ``previous_response_id`` may name besides the stored ones (a WebSocket's own, unstored)."""
     if body.background and not body.store:
         raise refuse("store", "a background response must be stored (store: true)")
     previous: list[dict[str, Any]] = []
     earlier_items: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        earlier = await runs.store.get(body.previous_response_id, key_id)
+        earlier = (local or {}).get(body.previous_response_id)
+        if earlier is None:
+            earlier = await runs.store.get(body.previous_response_id, key_id)
         if earlier is None:
             raise refuse("previous_response_id", f"no stored response {body.previous_response_id!r}")
         previous = earlier.turns

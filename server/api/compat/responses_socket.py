@@ -31,6 +31,10 @@ stuck for ``outbound_stall_s`` closes the socket 4008. When the socket closes, e
 started that has not ended is cancelled (stored as ``cancelled`` with its text so far) and the
 creates still waiting are dropped.
 
+A response with ``store: false`` is kept nowhere but in this socket's own cache (the last
+`MAX_CACHED`): a later ``response.create`` on the same socket, in any lane, may continue it by
+``previous_response_id``, as OpenAI's connection-local cache allows; another socket cannot.
+
 Reconnection: after a recoverable close (1001, 1006, 1011, 1012, 1013), the SDK (given
 ``on_reconnecting``) opens a new socket and sends there the events it queued meanwhile; it
 replays nothing and asks for nothing. What carries over is what is stored: a completed response
@@ -47,7 +51,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Final
 
 import orjson
@@ -61,16 +65,18 @@ from server.api.compat.openai_chat import refuse
 from server.api.compat.responses import parse_body, runs_of
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, start_run
+from server.api.compat.responses_store import StoredResponse
 from server.api.errors import Family, FieldError, error_body, error_response, status_for
 from server.services import Services, services_of
 
-__all__ = ["MAX_ACTIVE", "MAX_LANES", "MAX_QUEUED", "ResponsesSocket", "responses_socket"]
+__all__ = ["MAX_ACTIVE", "MAX_CACHED", "MAX_LANES", "MAX_QUEUED", "ResponsesSocket", "responses_socket"]
 
 log = logging.getLogger("sluice.responses_ws")
 
 MAX_LANES: Final = 32  # named lanes per socket (OpenAI's limit); the default lane is extra
 MAX_QUEUED: Final = 16  # creates waiting in one lane
 MAX_ACTIVE: Final = 16  # responses running at once on one socket (OpenAI's limit)
+MAX_CACHED: Final = 64  # unstored responses a later create on this socket may continue from
 TRANSPORT: Final = "responses_ws"  # the metrics' transport label
 # What the SDK's lanes accept as a stream_id.
 _STREAM_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,256}")
@@ -122,6 +128,8 @@ class _Connection:
         self._active = asyncio.Semaphore(MAX_ACTIVE)
         self._writing = asyncio.Lock()
         self._runs: dict[str, tuple[ResponseRun, str | None]] = {}  # started here, not yet ended
+        # This socket's unstored responses (store: false), newest last: its connection-local cache.
+        self._cache: OrderedDict[str, StoredResponse] = OrderedDict()
         self._notices = 0  # sequence numbers of the events that belong to no response
         self._reader: asyncio.Task[Any] | None = None
         self._ending = False
@@ -220,7 +228,8 @@ class _Connection:
 
     async def _respond(self, lane: _Lane, event: Event) -> None:
         try:
-            run = await start_run(self._services, runs_of(self._ws), self._key_id, _request(event))
+            body = _request(event)
+            run = await start_run(self._services, runs_of(self._ws), self._key_id, body, local=self._cache)
         except SluiceError as exc:
             await self._error(exc, lane.stream_id)
             return
@@ -228,6 +237,10 @@ class _Connection:
         async for item in run.events():
             await self._write(orjson.dumps(item)[:-1] + lane.tail)
         del self._runs[run.id]  # ended (a socket that closes first cancels it in _end)
+        if not body.store and run.view["status"] in ("completed", "incomplete"):
+            self._cache[run.id] = run.stored()
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
 
     # -- frames out --------------------------------------------------------------------------
 

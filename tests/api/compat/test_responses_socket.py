@@ -1,10 +1,10 @@
 """The Responses API's WebSocket mode (``client.responses.connect()``), driven by the real ``openai``
 SDK against a real server whose Ollama is the emulator (exact texts): one response streamed, two
 lanes interleaved with FIFO inside a lane, bad events answered with ``error`` on a socket that
-stays usable, auth, the key's rate limit shared with ``POST``, the bounds on lanes and running
-responses, a function-tool round trip, a closed socket cancelling its response, the SDK's
-reconnection (a cut socket, a new one, the completed response kept); and, from the inside, a
-write stuck past the stall limit."""
+stays usable, auth, an unstored response continued on its own socket only, the key's rate limit
+shared with ``POST``, the bounds on lanes and running responses, a function-tool round trip, a
+closed socket cancelling its response, the SDK's reconnection (a cut socket, a new one, the
+completed response kept); and, from the inside, a write stuck past the stall limit."""
 
 from __future__ import annotations
 
@@ -287,6 +287,32 @@ async def test_function_tool_round_trip(client: openai.AsyncOpenAI, replies: Emu
     assert [message["role"] for message in sent["messages"]] == ["user", "assistant", "tool"]
     assert sent["messages"][2]["content"] == '{"temp_c": 19}'
     assert second.status == "completed" and second.output_text == replies.expected_text(sent)
+
+
+async def test_an_unstored_response_continues_on_its_own_socket_only(
+    client: openai.AsyncOpenAI, replies: Emulator
+) -> None:
+    async with client.responses.connect() as connection:
+        incoming = _events(connection)
+        await connection.response.create(model=MODEL, input="Unstored", store=False, stream_id="m")
+        first = (await _until_terminal(incoming, {"m": 1}))[-1].response
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(first.id)
+        await connection.response.create(  # another lane of the same socket
+            model=MODEL, input="And then?", previous_response_id=first.id, store=False, stream_id="n"
+        )
+        second = (await _until_terminal(incoming, {"n": 1}))[-1].response
+    sent = upstream_body(replies)
+    assert [(message["role"], message["content"]) for message in sent["messages"]] == [
+        ("user", "Unstored"),
+        ("assistant", first.output_text),
+        ("user", "And then?"),
+    ]
+    assert second.status == "completed" and second.output_text == replies.expected_text(sent)
+    async with client.responses.connect() as other:
+        await other.response.create(model=MODEL, input="Again", previous_response_id=first.id)
+        (refused,) = await _until_terminal(_events(other), {None: 1})
+    assert refused.type == "error" and refused.error.param == "previous_response_id"
 
 
 async def _status_after(client: openai.AsyncOpenAI, response_id: str) -> Any:
