@@ -341,6 +341,7 @@ class ResponseRuns:
         self.store, self.shared = store, shared  # shared: the event logs in Redis (cluster mode)
         self.ttl_s, self.max_count, self._clock = ttl_s, max_count, clock
         self._running: dict[str, ResponseRun] = {}
+        self._background = 0  # of the running ones
         # Finished background runs, by when they were finished: the first is the next to expire.
         self._kept: OrderedDict[str, tuple[float, ResponseRun]] = OrderedDict()
 
@@ -358,15 +359,18 @@ class ResponseRuns:
 
     def add(self, run: ResponseRun) -> None:
         self._expire()
-        if run.background and len(self._running) >= self.max_count:
-            raise SluiceError(
-                ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
-            )
+        if run.background:
+            if self._background >= self.max_count:
+                raise SluiceError(
+                    ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
+                )
+            self._background += 1
         self._running[run.id] = run
 
     def finished(self, run: ResponseRun) -> None:
         self._running.pop(run.id, None)
         if run.background:
+            self._background -= 1
             self._kept[run.id] = (self._clock() + self.ttl_s, run)
             while len(self._kept) > self.max_count:
                 self._kept.popitem(last=False)
