@@ -201,7 +201,9 @@ def keyed(emulator: Emulator) -> Iterator[ServerProcess]:
         yield process
 
 
-async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, replies: Emulator) -> None:
+async def test_a_bad_key_or_origin_is_refused_at_the_handshake(
+    keyed: ServerProcess, replies: Emulator
+) -> None:
     base = f"{keyed.url}/v1"
     async with openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(websockets.InvalidStatus) as refused:
@@ -210,6 +212,12 @@ async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, repli
     answer = refused.value.response
     assert answer.status_code == 401
     assert json.loads(answer.body)["error"]["code"] == "unauthorized"
+    headers = {"Authorization": f"Bearer {KEY}", "Origin": "https://elsewhere.example"}
+    ws_url = keyed.url.replace("http://", "ws://", 1) + "/v1/responses"
+    with pytest.raises(websockets.InvalidStatus) as foreign:  # a foreign page, with a right key
+        async with websockets.connect(ws_url, additional_headers=headers):
+            pass
+    assert foreign.value.response.status_code == 403
     async with (
         openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as right,
         right.responses.connect() as connection,
