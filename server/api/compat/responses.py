@@ -10,14 +10,15 @@ A streamed response that is not background is cancelled when its client leaves (
 ``cancelled`` with its text so far); a background one runs to its end with no client, and is read
 again from its own event log by ``GET ?stream=true&starting_after=N``. A stored response belongs to
 the key that made it (any other key is told it does not exist). In cluster mode the store is the
-cluster's Redis, so every node can retrieve, list, chain and delete a response, but a run's event
-log is in the memory of the node running it: resuming or cancelling it elsewhere is refused with
-a 409 that says so, never answered with a partial stream.
+cluster's Redis, so every node can retrieve, list, chain and delete a response; a background
+run's events are mirrored there too, so any node resumes it, and a cancel on another node is sent
+to the node running it (`server.api.compat.responses_log`). A stream this node cannot give whole
+is refused with a 409, never answered in part.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Final
 
 import orjson
@@ -29,7 +30,7 @@ from starlette.requests import HTTPConnection
 from protocol.errors import ErrorCode
 from server.api import calls
 from server.api.compat.openai_chat import refuse
-from server.api.compat.responses_log import SharedEventLog
+from server.api.compat.responses_log import SharedEventLog, answer_cancels, cancel_elsewhere
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, ResponseRuns, start_run
 from server.api.compat.responses_store import (
@@ -77,6 +78,9 @@ def runs_of(connection: HTTPConnection) -> ResponseRuns:
         runs = ResponseRuns(
             store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max, shared=shared
         )
+        if services.cluster is not None:
+            runs.node_id = services.cluster.node.id
+            answer_cancels(services.cluster.node, _canceller(runs))
         state.sluice_responses = runs
     return runs
 
@@ -162,24 +166,6 @@ async def _found(request: Request, response_id: str) -> tuple[ResponseRun | None
     return None, (await _stored(request, response_id)).response
 
 
-async def _cancellable(request: Request, response_id: str) -> ResponseRun | dict[str, Any]:
-    """The background run of ``response_id`` on this node, or its stored view when it has ended
-    elsewhere; a 404 when the caller cannot see it, a 400 when it is not background, a 409 when
-    it is running on another node."""
-    run, view = await _found(request, response_id)
-    if not view.get("background"):
-        raise refuse("response_id", "only background responses can be cancelled")
-    if run is not None:
-        return run
-    if view["status"] in ("queued", "in_progress"):
-        raise StatusError(
-            409,
-            ErrorCode.INVALID_REQUEST,
-            f"response {response_id!r} is running on another node: ask that node",
-        )
-    return view
-
-
 @router.get("/responses/{response_id}", summary="A stored response (or its events, with stream=true)")
 async def get_response(
     request: Request,
@@ -210,9 +196,36 @@ async def get_response(
 
 @router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
 async def cancel_response(request: Request, response_id: ResponseId) -> Response:
-    found = await _cancellable(request, response_id)
     # Cancelling one that has ended answers it as it is (OpenAI's cancel is idempotent).
-    return json_response(await found.cancel() if isinstance(found, ResponseRun) else found)
+    runs, key_id = runs_of(request), caller_key(request)
+    run = runs.get(response_id, key_id)
+    view = run.view if run is not None else (await _stored(request, response_id)).response
+    if not view.get("background"):
+        raise refuse("response_id", "only background responses can be cancelled")
+    if run is not None:
+        return json_response(await run.cancel())
+    for _ in range(2):  # running on another node: sent there; ended meanwhile: as it is now
+        stored = await _stored(request, response_id)
+        if stored.response["status"] not in ("queued", "in_progress"):
+            return json_response(stored.response)
+        cluster = services_of(request).cluster
+        if cluster is not None and stored.node and stored.node != runs.node_id:
+            final = await cancel_elsewhere(cluster.node, stored.node, response_id, key_id)
+            if final is not None:
+                return json_response(final)
+    raise StatusError(
+        409, ErrorCode.INVALID_REQUEST, f"response {response_id!r} is running on no node that answers"
+    )
+
+
+def _canceller(runs: ResponseRuns) -> Callable[[str, str], Awaitable[dict[str, Any] | None]]:
+    """How this node cancels its runs for other nodes (`answer_cancels`)."""
+
+    async def cancel(response_id: str, key_id: str) -> dict[str, Any] | None:
+        run = runs.get(response_id, key_id)
+        return await run.cancel() if run is not None and run.background else None
+
+    return cancel
 
 
 @router.delete("/responses/{response_id}", summary="Delete a stored response")

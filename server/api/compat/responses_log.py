@@ -1,4 +1,5 @@
-"""A background response's event log in the cluster's Redis, so that any node can resume it.
+"""A background response's event log in the cluster's Redis, so that any node can resume it, and
+its cancel sent to the node running it.
 
 In cluster mode the node running a background response mirrors every event of its
 `ResponseRun` into one Redis list (`EventMirror`: batched, one ``RPUSH`` per batch, in order,
@@ -7,8 +8,10 @@ included. Any other node replays that list after a sequence number and then foll
 polling (`SharedEventLog.events`), until the terminal event or the marker. The list's index is
 the event's ``sequence_number``; a mirror that failed to write once writes nothing more, so that
 the list never has a gap: readers elsewhere then see it stop growing and end after ``idle_s``.
-Ownership is checked by the caller against the stored response; this module never decides who
-may read, and never runs or cancels a generation.
+A cancel asked of another node travels as a control message to the node running the response
+(`cancel_elsewhere`), which answers with the final Response object (`answer_cancels`). Ownership
+is checked by the caller against the stored response, and again by the running node; this module
+never decides who may read, and never runs or cancels a generation itself.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -24,15 +27,39 @@ import orjson
 from protocol.errors import ErrorCode, SluiceError
 
 if TYPE_CHECKING:
+    from server.cluster.node import Node
     from server.cluster.redis import RedisStore
 
-__all__ = ["END", "EventMirror", "SharedEventLog"]
+__all__ = ["END", "EventMirror", "SharedEventLog", "answer_cancels", "cancel_elsewhere"]
 
 log = logging.getLogger("sluice.responses")
 
 _PREFIX: Final = "sluice:response-events:"
 END: Final = b'{"type":"sluice.end"}'  # after the last event: never sent to a client
 _TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_CANCEL: Final = "response.cancel"
+# Cancels a run: its id and owner -> the final Response object, or None when it is not here.
+Canceller = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+
+def answer_cancels(node: Node, cancel: Canceller) -> None:
+    """Have ``node`` answer other nodes' cancels with ``cancel``; every other control message goes
+    to the handler it had."""
+    others = node.on_control
+
+    async def on_control(message: dict[str, Any]) -> object:
+        if message.get("op") == _CANCEL:
+            return await cancel(str(message.get("id")), str(message.get("key")))
+        return await others(message) if others is not None else None
+
+    node.on_control = on_control
+
+
+async def cancel_elsewhere(node: Node, node_id: str, response_id: str, key_id: str) -> dict[str, Any] | None:
+    """Cancel ``response_id`` on ``node_id``: its final Response object, or None when that node
+    does not run it (any more); ``upstream_unavailable`` when that node does not answer."""
+    answer = await node.call(node_id, {"op": _CANCEL, "id": response_id, "key": key_id})
+    return answer if isinstance(answer, dict) else None
 
 
 class SharedEventLog:

@@ -62,6 +62,7 @@ class _Draft:
         self.created_at = int(time.time())
         self.model = body.model or ""
         self.output: list[dict[str, Any]] = []
+        self.node = ""  # the cluster node running it, if background in cluster mode
 
     def view(
         self, status: str, finished: Finished | None = None, error: SluiceError | None = None
@@ -103,7 +104,8 @@ class _Draft:
     def stored(self, view: dict[str, Any]) -> StoredResponse:
         """``view`` as stored, with the conversation to continue from."""
         turns = [*self.run.turns, *_turns(self.output)]
-        return StoredResponse(self.key_id, view, self.input_items, turns)
+        running = view["status"] in ("queued", "in_progress")
+        return StoredResponse(self.key_id, view, self.input_items, turns, self.node if running else "")
 
 
 def _status(finished: Finished) -> str:
@@ -339,8 +341,10 @@ class ResponseRuns:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store, self.shared = store, shared  # shared: the event logs in Redis (cluster mode)
+        self.node_id = ""  # this node's id in cluster mode: where other nodes send cancels
         self.ttl_s, self.max_count, self._clock = ttl_s, max_count, clock
         self._running: dict[str, ResponseRun] = {}
+        self._background = 0  # of the running ones
         # Finished background runs, by when they were finished: the first is the next to expire.
         self._kept: OrderedDict[str, tuple[float, ResponseRun]] = OrderedDict()
 
@@ -358,15 +362,18 @@ class ResponseRuns:
 
     def add(self, run: ResponseRun) -> None:
         self._expire()
-        if run.background and len(self._running) >= self.max_count:
-            raise SluiceError(
-                ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
-            )
+        if run.background:
+            if self._background >= self.max_count:
+                raise SluiceError(
+                    ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
+                )
+            self._background += 1
         self._running[run.id] = run
 
     def finished(self, run: ResponseRun) -> None:
         self._running.pop(run.id, None)
         if run.background:
+            self._background -= 1
             self._kept[run.id] = (self._clock() + self.ttl_s, run)
             while len(self._kept) > self.max_count:
                 self._kept.popitem(last=False)
@@ -402,7 +409,9 @@ async def start_run(
         earlier_items = [*earlier.input_items, *earlier.response["output"]]
     planned = plan(body, previous)
     draft = _Draft(body, planned, key_id, [*earlier_items, *planned.input_items])
-    mirror = runs.shared.mirror(draft.id) if runs.shared is not None and draft.background else None
+    mirror = None
+    if runs.shared is not None and draft.background:
+        mirror, draft.node = runs.shared.mirror(draft.id), runs.node_id
     run = ResponseRun(draft, runs.store, runs.finished, mirror)
     opening: calls.Generation | Opening
     if draft.background:

@@ -2,8 +2,8 @@
 loopback sharing one real redis-server and the Ollama emulator, driven by the real ``openai``
 SDK. A response made on one node is retrieved, listed, chained from and deleted on the other,
 only by its key, until its TTL; a background response running on one node is resumed on the
-other from its event log in Redis (exact text, consecutive sequence numbers), while cancelling it
-there is refused (409)."""
+other from its event log in Redis (exact text, consecutive sequence numbers), and cancelled from
+the other (the upstream closed on the node running it)."""
 
 from __future__ import annotations
 
@@ -110,9 +110,6 @@ async def test_a_background_response_running_on_one_node_resumes_on_the_other(
         response_id, last = first[0].response.id, first[-1].sequence_number
         running = await on_b.responses.retrieve(response_id)
         assert running.status == "in_progress" and running.background
-        with pytest.raises(openai.ConflictError) as elsewhere:
-            await on_b.responses.cancel(response_id)
-        assert "another node" in elsewhere.value.message
         with pytest.raises(openai.NotFoundError):
             await other.responses.retrieve(response_id, stream=True, starting_after=0)
         resumed = await on_b.responses.retrieve(response_id, stream=True, starting_after=last)
@@ -128,5 +125,27 @@ async def test_a_background_response_running_on_one_node_resumes_on_the_other(
         assert (await on_b.responses.cancel(response_id)).status == "completed"  # ended: as it is
         await on_b.responses.delete(response_id)
         assert int(redis.command("EXISTS", f"sluice:response-events:{response_id}")) == 0
+    finally:
+        emu.configure(token_rate=0.0, tokens=20)
+
+
+async def test_a_cancel_on_one_node_closes_the_upstream_on_the_node_running_it(
+    clients: Clients, cluster: Cluster
+) -> None:
+    on_a, on_b, other = clients
+    _, emu, _ = cluster
+    emu.configure(token_rate=40.0, tokens=400)  # ten seconds of text
+    try:
+        created = await on_a.responses.create(model=MODEL, input="A very long story", background=True)
+        assert await emu.until(lambda: bool(emu.generations()) and emu.generations()[-1].pieces_sent > 2)
+        record = emu.generations()[-1]
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.cancel(created.id)
+        cancelled = await on_b.responses.cancel(created.id)
+        assert cancelled.status == "cancelled" and cancelled.output_text
+        assert await emu.until(lambda: record.client_closed_early, within=3), "upstream still open"
+        assert record.text_sent.startswith(cancelled.output_text)
+        assert (await on_a.responses.retrieve(created.id)).model_dump() == cancelled.model_dump()
+        assert (await on_b.responses.cancel(created.id)).model_dump() == cancelled.model_dump()
     finally:
         emu.configure(token_rate=0.0, tokens=20)
