@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import orjson
 
 from bench import (
+    cluster_cost,
     embeddings,
     idle_sessions,
     local_constrained,
@@ -39,6 +40,7 @@ from bench import (
     servers,
     sse_vs_ws,
     ttft,
+    workers,
 )
 from bench.procs import REPO, raise_nofile, set_log_dir
 
@@ -61,6 +63,9 @@ BENCHMARKS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[], Any], 
     ),
     "idle_sessions": (idle_sessions.run, idle_sessions.IdleConfig, idle_sessions.IdleConfig.quick),
     "sse_vs_ws": (sse_vs_ws.run, sse_vs_ws.SseWsConfig, sse_vs_ws.SseWsConfig.quick),
+    # Cluster mode (a real redis-server; `make bench` installs it when missing).
+    "cluster_cost": (cluster_cost.run, cluster_cost.ClusterCostConfig, cluster_cost.ClusterCostConfig.quick),
+    "workers": (workers.run, workers.WorkersConfig, workers.WorkersConfig.quick),
 }
 
 
