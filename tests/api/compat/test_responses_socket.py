@@ -112,7 +112,7 @@ async def test_one_response_streamed_to_completion(client: openai.AsyncOpenAI, r
 async def test_two_lanes_interleave_and_each_lane_is_fifo(
     client: openai.AsyncOpenAI, replies: Emulator, paced: Callable[..., None]
 ) -> None:
-    paced(token_rate=100.0, tokens=30)  # 0.3 s each: the two lanes overlap
+    paced(token_rate=100.0, tokens=60)  # 0.6 s each: the two lanes overlap
     async with client.responses.connect() as connection:
         incoming = _events(connection)
         await connection.response.create(model=MODEL, input="Lane a, first", stream_id="a")
@@ -267,7 +267,11 @@ async def test_lanes_and_running_responses_are_bounded(
                     errors.append(event)
         assert sorted(error.stream_id for error in errors) == ["l0", f"l{MAX_LANES}"]
         assert {(error.status, error.error.code) for error in errors} == {(429, "too_many_inflight")}
-        await asyncio.sleep(0.5)  # the waiting lanes stay waiting
+        for _ in range(200):  # the first MAX_ACTIVE start...
+            if len(replies.generations()) >= MAX_ACTIVE:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # ...and the waiting lanes stay waiting
         assert len(replies.generations()) == MAX_ACTIVE
     for _ in range(100):  # closing the socket closed every upstream
         if all(record.finished is not None for record in replies.generations()):
