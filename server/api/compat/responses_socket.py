@@ -27,7 +27,8 @@ store apply as for ``POST``.
 
 Bounds: writes await the socket (uvicorn's flow control), so a slow reader holds back the lanes
 instead of growing a queue here; each response keeps its own, bounded event log meanwhile. A write
-stuck for ``outbound_stall_s`` closes the socket 4008. When the socket closes, every response it
+stuck for ``outbound_stall_s`` closes the socket 4008 (a watchdog timer while writing, not one per
+frame: writing is the hot path, once per token). When the socket closes, every response it
 started that has not ended is cancelled (stored as ``cancelled`` with its text so far) and the
 creates still waiting are dropped.
 
@@ -132,6 +133,9 @@ class _Connection:
         self._cache: OrderedDict[str, StoredResponse] = OrderedDict()
         self._notices = 0  # sequence numbers of the events that belong to no response
         self._reader: asyncio.Task[Any] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._send_started: float | None = None  # when the write under way began
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._ending = False
         self._close_code: CloseCode | None = None
 
@@ -234,8 +238,9 @@ class _Connection:
             await self._error(exc, lane.stream_id)
             return
         self._runs[run.id] = (run, lane.stream_id)
-        async for item in run.events():
-            await self._write(orjson.dumps(item)[:-1] + lane.tail)
+        tail = lane.tail
+        async for batch in run.batches():
+            await self._write(*(orjson.dumps(item)[:-1] + tail for item in batch))
         del self._runs[run.id]  # ended (a socket that closes first cancels it in _end)
         if not body.store and run.view["status"] in ("completed", "incomplete"):
             self._cache[run.id] = run.stored()
@@ -244,20 +249,36 @@ class _Connection:
 
     # -- frames out --------------------------------------------------------------------------
 
-    async def _write(self, frame: bytes) -> None:
+    async def _write(self, *frames: bytes) -> None:
+        """Send ``frames``, one message each, after what other lanes are sending."""
         async with self._writing:
             if self._ending:
                 raise _Gone
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_later(self._stall_s, self._check_stall)
             try:
-                async with asyncio.timeout(self._stall_s):
+                for frame in frames:
+                    self._send_started = self._loop.time()
                     await self._send({"type": "websocket.send", "text": frame.decode()})
-            except TimeoutError:
-                self._services.metrics.outbound_close_slow()
-                self._fail(CloseCode.SLOW_CONSUMER)
-                raise _Gone from None
             except (OSError, RuntimeError, WebSocketDisconnect):
                 self._fail(None)
                 raise _Gone from None
+            finally:
+                self._send_started = None
+
+    def _check_stall(self) -> None:
+        """The stall watchdog: one timer per ``outbound_stall_s`` while writing, none while idle.
+        A write stuck that long closes the socket 4008 (`_end` then cancels the write)."""
+        self._stall_timer = None
+        started = self._send_started
+        if started is None or self._ending:
+            return
+        stuck_for = self._loop.time() - started
+        if stuck_for >= self._stall_s:
+            self._services.metrics.outbound_close_slow()
+            self._fail(CloseCode.SLOW_CONSUMER)
+        else:
+            self._stall_timer = self._loop.call_later(self._stall_s - stuck_for, self._check_stall)
 
     async def _error(self, error: SluiceError, stream_id: str | None) -> None:
         """``error`` as the SDK's ``error`` event, in ``stream_id``'s lane."""
@@ -307,6 +328,9 @@ class _Connection:
 
     async def _end(self) -> None:
         """Drop the waiting creates and cancel the responses still running."""
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
         for task in tasks:
             task.cancel()

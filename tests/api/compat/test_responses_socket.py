@@ -112,7 +112,7 @@ async def test_one_response_streamed_to_completion(client: openai.AsyncOpenAI, r
 async def test_two_lanes_interleave_and_each_lane_is_fifo(
     client: openai.AsyncOpenAI, replies: Emulator, paced: Callable[..., None]
 ) -> None:
-    paced(token_rate=100.0, tokens=30)  # 0.3 s each: the two lanes overlap
+    paced(token_rate=100.0, tokens=60)  # 0.6 s each: the two lanes overlap
     async with client.responses.connect() as connection:
         incoming = _events(connection)
         await connection.response.create(model=MODEL, input="Lane a, first", stream_id="a")
@@ -201,7 +201,9 @@ def keyed(emulator: Emulator) -> Iterator[ServerProcess]:
         yield process
 
 
-async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, replies: Emulator) -> None:
+async def test_a_bad_key_or_origin_is_refused_at_the_handshake(
+    keyed: ServerProcess, replies: Emulator
+) -> None:
     base = f"{keyed.url}/v1"
     async with openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(websockets.InvalidStatus) as refused:
@@ -210,6 +212,12 @@ async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, repli
     answer = refused.value.response
     assert answer.status_code == 401
     assert json.loads(answer.body)["error"]["code"] == "unauthorized"
+    headers = {"Authorization": f"Bearer {KEY}", "Origin": "https://elsewhere.example"}
+    ws_url = keyed.url.replace("http://", "ws://", 1) + "/v1/responses"
+    with pytest.raises(websockets.InvalidStatus) as foreign:  # a foreign page, with a right key
+        async with websockets.connect(ws_url, additional_headers=headers):
+            pass
+    assert foreign.value.response.status_code == 403
     async with (
         openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as right,
         right.responses.connect() as connection,
@@ -259,7 +267,11 @@ async def test_lanes_and_running_responses_are_bounded(
                     errors.append(event)
         assert sorted(error.stream_id for error in errors) == ["l0", f"l{MAX_LANES}"]
         assert {(error.status, error.error.code) for error in errors} == {(429, "too_many_inflight")}
-        await asyncio.sleep(0.5)  # the waiting lanes stay waiting
+        for _ in range(200):  # the first MAX_ACTIVE start...
+            if len(replies.generations()) >= MAX_ACTIVE:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # ...and the waiting lanes stay waiting
         assert len(replies.generations()) == MAX_ACTIVE
     for _ in range(100):  # closing the socket closed every upstream
         if all(record.finished is not None for record in replies.generations()):
@@ -380,7 +392,8 @@ async def test_the_sdk_reconnects_and_the_completed_response_is_kept(
 
 async def test_a_write_stuck_past_the_stall_limit_closes_4008() -> None:
     """From the inside: a peer that stops reading holds a write; past ``outbound_stall_s`` the
-    socket is given up (close 4008, reading stopped) and later writes fail at once."""
+    watchdog gives the socket up (close 4008, reading stopped, the stuck write cancelled as the
+    socket ends) and later writes fail at once."""
     sent: list[Any] = []
 
     async def stuck_send(message: Any) -> None:
@@ -392,12 +405,15 @@ async def test_a_write_stuck_past_the_stall_limit_closes_4008() -> None:
     reader = asyncio.ensure_future(asyncio.sleep(30))
     connection._reader = reader
     started = time.monotonic()
-    with pytest.raises(_Gone):
-        await connection._write(b'{"type":"response.output_text.delta"}')
-    assert 0.05 <= time.monotonic() - started < 5.0
-    assert connection._close_code is CloseCode.SLOW_CONSUMER
-    await asyncio.sleep(0)
-    assert reader.cancelled()
+    writing = asyncio.ensure_future(connection._write(b'{"type":"response.output_text.delta"}'))
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    assert time.monotonic() - started >= 0.05
+    assert connection._close_code is CloseCode.SLOW_CONSUMER and not writing.done()
+    await connection._end()  # what serve does once reading stopped
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)
     with pytest.raises(_Gone):
         await connection._write(b'{"type":"response.output_text.delta"}')
     assert len(sent) == 1  # nothing more was handed to the socket
