@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict clients/python/sluice_client
 
-# The cluster tests run a real redis-server (Debian package), installed here when it is missing.
+# The cluster tests and benchmarks run a real redis-server (Debian package), installed here when it is missing.
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -55,10 +55,10 @@ schema: $(STAMP)
 	$(BIN)/sluice schema
 
 # Every benchmark, side by side with its baselines (< 15 min on 2 cores); results in bench/results/.
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(BIN)/python bench/run.py
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) redis-server
 	$(BIN)/python bench/run.py --quick
 
 clean:

@@ -2,21 +2,23 @@
 transport on another node than the session's home) against a single node without Redis.
 
 One emulator (Ollama wire, paced streams) and one redis-server feed every target; the targets
-run in the same process tree at the same time and are measured in interleaved rounds (single,
-cluster, single, ...), so a busy machine slows all of them alike. Per round and target: N
-concurrent WebSocket streams of T pieces each; CPU is each server process's user + system time
-(psutil) over the round, divided by the tokens the clients received; Redis's own CPU per token is
-reported beside it. Shapes:
+run at the same time and are measured first each alone (its rounds back to back), then in
+interleaved rounds (single, cluster, single, ...), so a busy machine slows all of them alike.
+Per round and target: N concurrent WebSocket streams of T pieces each; CPU is each server
+process's user + system time (psutil) over the round, divided by the tokens the clients
+received; beside it Redis's own CPU per token, the APPEND scripts Redis ran per token, the reads
+Redis made from its clients' sockets per token (about one per round trip) and the time from a
+request to its first delta. Shapes:
 
 - ``single``: one node, no Redis (today's in-memory path);
 - ``cluster-local``: two nodes, every stream on the node that opened its session (its home);
 - ``cluster-remote``: each stream's session opened on node A, its transport on node B (events
-  relayed A → Redis → B): CPU of both nodes per token.
+  relayed A → Redis → B; the first delta's time includes the reconnect): CPU of both nodes.
 
-Then 200 resumes on node B of a session homed on node A (from 0, 60 tokens logged): time to the
+Then resumes on node B of a session homed on node A (from 0, T tokens logged): time to the
 welcome and to the last replayed event, p50 and p99.
 
-Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 3]`` prints JSON.
+Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 5]`` prints JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -90,7 +93,7 @@ async def _stream(open_url: str, read_url: str, n: int) -> tuple[int, float]:
             return tokens, first
 
 
-async def _round(pairs: list[tuple[str, str]]) -> tuple[int, list[float]]:
+async def stream_round(pairs: list[tuple[str, str]]) -> tuple[int, list[float]]:
     """Every pair's stream at once: the tokens received, and each stream's first-delta time."""
     done = await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs)))
     return sum(tokens for tokens, _ in done), sorted(first for _, first in done)
@@ -140,6 +143,11 @@ def _calls(redis: RedisServer | None) -> dict[str, int]:
     info = redis.command("INFO", "commandstats")
     assert isinstance(info, bytes)
     calls: dict[str, int] = {}
+    stats = redis.command("INFO", "stats")
+    assert isinstance(stats, bytes)
+    for line in stats.decode().splitlines():
+        if line.startswith("total_reads_processed:"):
+            calls["reads"] = int(line.split(":")[1])
     for line in info.decode().splitlines():
         if line.startswith("cmdstat_"):
             name, _, rest = line[len("cmdstat_") :].partition(":")
@@ -152,7 +160,7 @@ def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, 
     before = [_cpu(pid) for pid in pids]
     redis_before = _cpu(redis_pid) if redis_pid else 0.0
     calls_before = _calls(redis)
-    tokens, firsts = asyncio.run(_round(pairs))
+    tokens, firsts = asyncio.run(stream_round(pairs))
     node_cpu = sum(_cpu(pid) - b for pid, b in zip(pids, before, strict=True))
     redis_cpu = (_cpu(redis_pid) - redis_before) if redis_pid else 0.0
     calls = _calls(redis)
@@ -161,6 +169,8 @@ def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, 
         "node_us_per_token": node_cpu / tokens * 1e6,
         "redis_us_per_token": redis_cpu / tokens * 1e6,
         "appends_per_token": (calls.get("evalsha", 0) - calls_before.get("evalsha", 0)) / tokens,
+        # Reads Redis made from its clients' sockets: about one per round trip any node made.
+        "redis_reads_per_token": (calls.get("reads", 0) - calls_before.get("reads", 0)) / tokens,
         "first_delta_p50_ms": firsts[len(firsts) // 2],
         "first_delta_p99_ms": firsts[-1] if len(firsts) < 100 else firsts[int(len(firsts) * 0.99) - 1],
     }
@@ -180,12 +190,34 @@ def _servers(
             server.stop()
 
 
-def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ClusterCostConfig:
+    streams: int = 40
+    tokens: int = 300
+    rounds: int = 5
+    resumes: int = 200
+
+    @classmethod
+    def quick(cls) -> ClusterCostConfig:
+        return cls(streams=10, tokens=60, rounds=1, resumes=20)
+
+
+def _summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    fields = [field for field in rows[0] if field != "tokens"]
+    summary: dict[str, Any] = {field: statistics.median(row[field] for row in rows) for field in fields}
+    summary["node_us_per_token_rounds"] = [round(row["node_us_per_token"], 1) for row in rows]
+    summary["tokens_per_round"] = rows[0]["tokens"]
+    return summary
+
+
+def run(config: ClusterCostConfig) -> dict[str, Any]:
+    """Each shape measured alone (its rounds back to back), then all of them in interleaved
+    rounds; medians per phase, with the ratio of each cluster shape to the single node."""
+    streams = config.streams
     with (
         run_redis() as redis,
-        start_emulator(token_rate=200.0, tokens=tokens, lines_per_write=1, split_lines=False) as emu,
+        start_emulator(token_rate=200.0, tokens=config.tokens, lines_per_write=1, split_lines=False) as emu,
     ):
-        assert redis.process is not None
         with _servers(emu.url, redis) as (single, a, b):
             shapes = {
                 "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams),
@@ -194,36 +226,37 @@ def run(streams: int, tokens: int, rounds: int) -> dict[str, Any]:
                     redis,
                     [(node.ws_url, node.ws_url) for node in (a, b)] * (streams // 2),
                 ),
-                "cluster-remote": (
-                    [a.process.pid, b.process.pid],
-                    redis,
-                    [(a.ws_url, b.ws_url)] * streams,
-                ),
+                "cluster-remote": ([a.process.pid, b.process.pid], redis, [(a.ws_url, b.ws_url)] * streams),
             }
-            results: dict[str, list[dict[str, float]]] = {name: [] for name in shapes}
-            for _ in range(rounds):
+            for pids, store, pairs in shapes.values():  # warm every server and path once
+                _measure(pids, store, pairs[:4])
+            phases: dict[str, dict[str, list[dict[str, float]]]] = {
+                phase: {name: [] for name in shapes} for phase in ("alone", "interleaved")
+            }
+            for name, (pids, store, pairs) in shapes.items():
+                for _ in range(config.rounds):
+                    phases["alone"][name].append(_measure(pids, store, pairs))
+            for _ in range(config.rounds):
                 for name, (pids, store, pairs) in shapes.items():
-                    results[name].append(_measure(pids, store, pairs))
-            resume = asyncio.run(_resumes(a, b, 200))
-    summary: dict[str, Any] = {"streams": streams, "tokens_per_stream": tokens, "rounds": rounds}
-    for name, rows in results.items():
-        summary[name] = {
-            "node_us_per_token": statistics.median(r["node_us_per_token"] for r in rows),
-            "redis_us_per_token": statistics.median(r["redis_us_per_token"] for r in rows),
-            "appends_per_token": statistics.median(r["appends_per_token"] for r in rows),
-            "first_delta_p50_ms": statistics.median(r["first_delta_p50_ms"] for r in rows),
-            "first_delta_p99_ms": statistics.median(r["first_delta_p99_ms"] for r in rows),
-            "tokens_per_round": rows[0]["tokens"],
-        }
-    base = summary["single"]["node_us_per_token"]
-    for name in ("cluster-local", "cluster-remote"):
-        summary[name]["ratio_to_single"] = summary[name]["node_us_per_token"] / base
+                    phases["interleaved"][name].append(_measure(pids, store, pairs))
+            resume = asyncio.run(_resumes(a, b, config.resumes))
+    summary: dict[str, Any] = {
+        "streams": streams,
+        "tokens_per_stream": config.tokens,
+        "rounds": config.rounds,
+        "cpu": cpu_model(),
+    }
+    for phase, results in phases.items():
+        section = summary[phase] = {name: _summary(rows) for name, rows in results.items()}
+        base = section["single"]["node_us_per_token"]
+        for name in ("cluster-local", "cluster-remote"):
+            section[name]["ratio_to_single"] = section[name]["node_us_per_token"] / base
     summary["resume_on_other_node"] = resume
-    summary["cpu"] = _cpu_model()
     return summary
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The ``model name`` of /proc/cpuinfo."""
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -233,13 +266,13 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=40)
-    parser.add_argument("--tokens", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    defaults = ClusterCostConfig()
+    parser.add_argument("--streams", type=int, default=defaults.streams)
+    parser.add_argument("--tokens", type=int, default=defaults.tokens)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     args = parser.parse_args(argv)
-    sys.stdout.write(
-        orjson.dumps(run(args.streams, args.tokens, args.rounds), option=orjson.OPT_INDENT_2).decode() + "\n"
-    )
+    config = ClusterCostConfig(streams=args.streams, tokens=args.tokens, rounds=args.rounds)
+    sys.stdout.write(orjson.dumps(run(config), option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 if __name__ == "__main__":

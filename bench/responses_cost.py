@@ -1,10 +1,12 @@
-"""Server CPU per token of an OpenAI Responses stream against a chat.completions stream.
+"""Server CPU per token of an OpenAI Responses stream (SSE, and the WebSocket mode) against a
+chat.completions stream.
 
 One emulator (paced: one piece per write, so no two tokens reach sluice merged) and one sluice;
 rounds of ``streams`` concurrent streams alternate between ``POST /v1/chat/completions`` and
-``POST /v1/responses`` (both ``stream: true``), so that both APIs see the same machine state. Per
+``POST /v1/responses`` (both ``stream: true``) and ``GET /v1/responses`` as a WebSocket (one
+socket per round, one lane per stream), so that every API sees the same machine state. Per
 round: the server's own CPU seconds (psutil, process tree) over the round, divided by the text
-deltas the client received. The figure is the ratio of the medians (Responses / chat). The load
+deltas the client received. The figures are the ratios of the medians (Responses / chat, WebSocket / chat). The load
 generator is `bench.rawhttp` in this process. It talks to 127.0.0.1 only and stops by itself.
 
 Run: `python -m bench.responses_cost [--quick]` prints its JSON.
@@ -20,6 +22,7 @@ import sys
 from typing import Any
 
 import orjson
+from websockets.asyncio.client import connect
 
 from bench import servers
 from bench.procs import Proc
@@ -70,20 +73,44 @@ async def _stream(port: int, api: str, model: str, tokens: int, k: int) -> int:
     return deltas
 
 
+async def _socket(port: int, model: str, tokens: int, streams: int) -> int:
+    """``streams`` responses over one Responses WebSocket, one lane each; the text deltas received."""
+    deltas, open_lanes = 0, set()
+    async with connect(f"ws://127.0.0.1:{port}/v1/responses", max_size=None, compression=None) as socket:
+        for k in range(streams):
+            create = {"type": "response.create", "model": model, "max_output_tokens": tokens, "store": False}
+            prompt = f"stream {k}: tell me about the river"
+            await socket.send(orjson.dumps({**create, "input": prompt, "stream_id": f"s{k}"}).decode())
+            open_lanes.add(f"s{k}")
+        while open_lanes:
+            event = orjson.loads(await socket.recv(decode=False))
+            if event["type"] == "response.output_text.delta":
+                deltas += 1
+            elif event["type"] in ("response.completed", "response.incomplete"):
+                open_lanes.discard(event["stream_id"])
+            elif event["type"] in ("response.failed", "error"):
+                raise RuntimeError(f"a WebSocket response failed: {event}")
+    return deltas
+
+
 async def _round(proc: Proc, port: int, api: str, model: str, streams: int, tokens: int) -> dict[str, float]:
     before = proc.cpu_seconds()
-    counts = await asyncio.gather(*(_stream(port, api, model, tokens, k) for k in range(streams)))
+    if api == "responses_ws":
+        counts = [await _socket(port, model, tokens, streams)]
+    else:
+        counts = await asyncio.gather(*(_stream(port, api, model, tokens, k) for k in range(streams)))
     cpu = proc.cpu_seconds() - before
     received = sum(counts)
     return {"cpu_s": cpu, "deltas": received, "cpu_ms_per_1k": 1e6 * cpu / max(received, 1)}
 
 
 async def _run(port: int, proc: Proc, model: str, args: argparse.Namespace) -> dict[str, Any]:
-    rounds: dict[str, list[dict[str, float]]] = {"chat": [], "responses": []}
-    await _round(proc, port, "chat", model, 2, 5)  # warm both paths before measuring
-    await _round(proc, port, "responses", model, 2, 5)
+    apis = ("chat", "responses", "responses_ws")
+    rounds: dict[str, list[dict[str, float]]] = {api: [] for api in apis}
+    for api in apis:  # warm every path before measuring
+        await _round(proc, port, api, model, 2, 5)
     for _ in range(args.rounds):
-        for api in ("chat", "responses"):
+        for api in apis:
             rounds[api].append(await _round(proc, port, api, model, args.streams, args.tokens))
     medians = {api: statistics.median(r["cpu_ms_per_1k"] for r in runs) for api, runs in rounds.items()}
     return {
@@ -94,6 +121,7 @@ async def _run(port: int, proc: Proc, model: str, args: argparse.Namespace) -> d
         "rounds": rounds,
         "median_cpu_ms_per_1k_tokens": medians,
         "ratio_responses_to_chat": medians["responses"] / medians["chat"],
+        "ratio_responses_ws_to_chat": medians["responses_ws"] / medians["chat"],
     }
 
 

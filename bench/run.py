@@ -1,7 +1,7 @@
 """Run every benchmark, print the table, write JSON results and PNG plots (`make bench`).
 
     .venv/bin/python bench/run.py            # full run (< 15 min on the 2-core machine)
-    .venv/bin/python bench/run.py --quick    # smoke run: seconds, small counts, no infinity, no 10k
+    .venv/bin/python bench/run.py --quick    # smoke run: seconds, small counts, no infinity, no 10k, no workers
     .venv/bin/python bench/run.py --only relay ttft --out /tmp/x
 
 Full runs write `bench/results/<date>.json`, `bench/results/latest.json` and the plots next to
@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import orjson
 
 from bench import (
+    cluster_cost,
     embeddings,
     idle_sessions,
     local_constrained,
@@ -39,6 +40,7 @@ from bench import (
     servers,
     sse_vs_ws,
     ttft,
+    workers,
 )
 from bench.procs import REPO, raise_nofile, set_log_dir
 
@@ -61,7 +63,12 @@ BENCHMARKS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[], Any], 
     ),
     "idle_sessions": (idle_sessions.run, idle_sessions.IdleConfig, idle_sessions.IdleConfig.quick),
     "sse_vs_ws": (sse_vs_ws.run, sse_vs_ws.SseWsConfig, sse_vs_ws.SseWsConfig.quick),
+    # Cluster mode (a real redis-server; `make bench` installs it when missing).
+    "cluster_cost": (cluster_cost.run, cluster_cost.ClusterCostConfig, cluster_cost.ClusterCostConfig.quick),
+    "workers": (workers.run, workers.WorkersConfig, workers.WorkersConfig.quick),
 }
+# Left out of --quick unless named in --only: each starts several servers (minutes, not seconds).
+NOT_QUICK = {"workers"}
 
 
 def _version(package: str) -> str:
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.monotonic()
     for name, (run, full, quick) in BENCHMARKS.items():
         if args.only and name not in args.only:
+            continue
+        if args.quick and not args.only and name in NOT_QUICK:
             continue
         print(f"[bench] {name} ...", flush=True)
         t0 = time.monotonic()

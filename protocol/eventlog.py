@@ -19,7 +19,11 @@ Past its bound it sheds events from the front of the logs its ``order`` names, o
 it is back under a low-water mark. Shedding never makes a replay partial: a read that would need a
 shed event returns ``None``, as for any evicted event, and the client gets a new session.
 
-`append` runs once per streamed token, so `MemoryEventLog` keeps it to a few attribute operations.
+`append` runs once per streamed token, so `MemoryEventLog` keeps it to a few attribute operations,
+and holds a delta as a plain ``(id, text)`` tuple (its seq is its place in the run), rebuilt as a
+`Delta` only when read (`after`): a tuple of strings is a few dozen bytes, and one the garbage
+collector stops tracking, where a logged model kept a few tracked objects per token that every
+full collection walked, for as long as the session lived.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ __all__ = ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_co
 
 # len('{"type":"delta","id":"","seq":1,"text":""}'): a delta's frame with a one-digit seq.
 _DELTA_FRAME = 42
-# What a logged message object costs in memory beyond its encoded size, roughly (CPython 3.11,
-# pydantic 2): a one-token delta is ~0.5 KB, a done with its usage and timings ~2 KB.
-_DELTA_OVERHEAD = 480
+# What a logged event costs in memory beyond its encoded size, roughly (CPython 3.11, pydantic 2):
+# a delta's tuple, its text's header and its two deque slots ~80 B, a model (a done with its usage
+# and timings) ~2 KB.
+_DELTA_OVERHEAD = 80
 _OTHER_OVERHEAD = 2048
+
+# How a delta is held: its request id and text (its seq is its place in the log).
+_HeldDelta = tuple[str, str]
 
 
 @runtime_checkable
@@ -82,6 +90,14 @@ def memory_cost(event: LoggedMessage, size: int) -> int:
     """An estimate of the memory ``event`` (of encoded ``size``) holds while it is logged."""
     if type(event) is Delta:
         return size + _DELTA_OVERHEAD
+    return _model_cost(size)
+
+
+def _held_cost(held: LoggedMessage | _HeldDelta, size: int) -> int:
+    return size + _DELTA_OVERHEAD if type(held) is tuple else _model_cost(size)
+
+
+def _model_cost(size: int) -> int:
     # Numbers and lists (an embedding's floats) take about twice their text as Python objects.
     return 2 * size + _OTHER_OVERHEAD
 
@@ -144,7 +160,8 @@ class MemoryEventLog:
         self._max_bytes = max_bytes
         self._budget = budget
         # Created on the first append: an idle session should cost a few bytes, not a deque block.
-        self._events: deque[LoggedMessage] | None = None
+        # Deltas are held as `_HeldDelta` tuples, everything else as the model.
+        self._events: deque[LoggedMessage | _HeldDelta] | None = None
         # Encoded size of each held event, in the same order, and their sum.
         self._sizes: deque[int] | None = None
         self._bytes = 0
@@ -188,9 +205,15 @@ class MemoryEventLog:
         events, sizes = self._events, self._sizes
         if events is None or sizes is None:
             events, sizes = self._events, self._sizes = deque(), deque()
-        # `encoded_size`, inlined for the one-per-token case.
-        size = _DELTA_FRAME + len(event.id) + len(event.text) if type(event) is Delta else encoded_size(event)
-        events.append(event)
+        # `encoded_size` and `memory_cost`, inlined for the one-per-token case.
+        if type(event) is Delta:
+            size = _DELTA_FRAME + len(event.id) + len(event.text)
+            cost = size + _DELTA_OVERHEAD
+            events.append((event.id, event.text))
+        else:
+            size = encoded_size(event)
+            cost = _model_cost(size)
+            events.append(event)
         sizes.append(size)
         self._bytes += size
         self._last = event.seq
@@ -198,26 +221,25 @@ class MemoryEventLog:
             self._evict_window(events, sizes)
         budget = self._budget
         if budget is not None:
-            # `memory_cost` and `LogBudget.charge`, inlined likewise.
-            cost = size + _DELTA_OVERHEAD if type(event) is Delta else memory_cost(event, size)
+            # `LogBudget.charge`, inlined likewise.
             self._cost += cost
             budget.held += cost
             if budget.held > budget.max_bytes:
                 budget.reclaim()
 
-    def _evict_window(self, events: deque[LoggedMessage], sizes: deque[int]) -> None:
+    def _evict_window(self, events: deque[LoggedMessage | _HeldDelta], sizes: deque[int]) -> None:
         # Keep the shortest suffix holding both `capacity` events and `max_bytes` bytes.
         capacity, floor = self._capacity, self._max_bytes
         while len(events) > capacity and self._bytes - sizes[0] >= floor:
             self._pop_oldest(events, sizes)
 
-    def _pop_oldest(self, events: deque[LoggedMessage], sizes: deque[int]) -> None:
-        event = events.popleft()
+    def _pop_oldest(self, events: deque[LoggedMessage | _HeldDelta], sizes: deque[int]) -> None:
+        held = events.popleft()
         size = sizes.popleft()
         self._bytes -= size
         budget = self._budget
         if budget is not None:
-            cost = size + _DELTA_OVERHEAD if type(event) is Delta else memory_cost(event, size)
+            cost = _held_cost(held, size)
             self._cost -= cost
             budget.held -= cost
 
@@ -227,7 +249,11 @@ class MemoryEventLog:
         oldest = self.oldest_seq
         if seq < oldest - 1 or self._events is None:
             return None
-        return list(islice(self._events, seq - oldest + 1, None))
+        first = seq + 1
+        return [
+            Delta(id=held[0], seq=at, text=held[1]) if isinstance(held, tuple) else held
+            for at, held in enumerate(islice(self._events, first - oldest, None), first)
+        ]
 
     def trim(self, upto: int) -> None:
         events, sizes = self._events, self._sizes
@@ -245,7 +271,7 @@ class MemoryEventLog:
             return 0
         freed = dropped = 0
         while events and freed < cost:
-            freed += memory_cost(events[0], sizes[0])
+            freed += _held_cost(events[0], sizes[0])
             self._pop_oldest(events, sizes)
             dropped += 1
         return dropped

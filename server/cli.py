@@ -13,7 +13,9 @@ uvicorn is set up for the protocol: WebSocket frames past ``max_frame_bytes`` cl
 keepalive pings every ``ws_ping_interval_s``, and no permessage-deflate (a compressor per socket
 costs more memory than an idle session may use, and CPU on every token). The event loop is uvloop
 and HTTP/1.1 is parsed by httptools, named rather than left to uvicorn's "auto", so a missing
-package fails the start instead of silently costing CPU on every request.
+package fails the start instead of silently costing CPU on every request. WebSockets run on
+uvicorn's websockets-sansio protocol with sluice's many-frames extension
+(`server.transports.wsframes`).
 
 Once the models have loaded, everything allocated so far is moved out of the garbage collector's
 sight (``gc.freeze``): the imported libraries and loaded models never become garbage, yet every
@@ -45,6 +47,7 @@ import uvicorn
 
 from server.settings import Settings
 from server.shutdown import DrainingServer
+from server.transports.wsframes import FramesProtocol
 
 __all__ = ["ContextFormatter", "configure_logging", "listen_socket", "main", "serve", "uvicorn_config"]
 
@@ -98,7 +101,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=FramesProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

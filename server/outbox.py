@@ -20,7 +20,12 @@ the same way: a burst of large results that a reader takes at full speed must no
 slow consumer. Their number is bounded instead (``max_refs``, the size of the event log): past
 it the log no longer holds what the outbox refers to, and the outbox fails 4008.
 
-The outbox never sends, never times anything and never numbers a message. Whoever drains it must
+A transport that can write without awaiting sets `write_now`: while its sender waits with nothing
+queued, `push` hands the new frame to it at once (no wake-up of the sender per token) and queues
+the frame only when it refuses, as it must whenever the write could not complete without waiting
+(the peer's buffer is full), so backpressure reaches the bounds above exactly as before.
+
+The outbox never times anything and never numbers a message. Whoever drains it must
 bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
 write takes longer: a peer that stops reading blocks the write, not the outbox.
 """
@@ -61,6 +66,7 @@ class Outbox:
         "dropped",
         "on_close",
         "on_room",
+        "write_now",
     )
 
     def __init__(
@@ -97,6 +103,9 @@ class Outbox:
         # Called once when the outbox closes (`fail`, or `finish` once drained): the transport
         # stops its sender, which may be stuck writing to a peer that does not read.
         self.on_close: Callable[[], None] | None = None
+        # The transport's synchronous write, when it has one: while the sender waits with nothing
+        # queued, a new frame is handed to it and queued only if it refuses (returns False).
+        self.write_now: Callable[[Frame], bool] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -139,6 +148,8 @@ class Outbox:
     def push(self, message: OutboundMessage) -> None:
         """Queue one message behind everything queued so far; past the hard bound, fail 4008."""
         if self._close_code is not None or self._finishing is not None:
+            return
+        if self.write_now is not None and self._sender_idle() and self.write_now(self._encode(message)):
             return
         if not isinstance(message, Delta | Welcome | Pong):
             self._frames.append(message)
@@ -230,6 +241,11 @@ class Outbox:
                 await waiter
             finally:
                 self._waiter = None
+
+    def _sender_idle(self) -> bool:
+        """Whether the sender is waiting with nothing queued: a frame written now keeps the order."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._frames
 
     def _wake(self) -> None:
         waiter = self._waiter

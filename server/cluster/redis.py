@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,6 +39,8 @@ log = logging.getLogger("sluice.cluster.redis")
 HEALTH_EVERY_S = 0.5
 # A command that takes longer than this counts as Redis being unreachable.
 _SOCKET_TIMEOUT_S = 2.0
+# Connections to Redis this node's commands share (the log writer has one more of its own).
+_MAX_CONNECTIONS = 64
 
 
 def bulk(arg: bytes) -> bytes:
@@ -66,15 +68,21 @@ class RedisStore:
         self.client: Redis = (
             client
             if client is not None
-            else Redis.from_url(
-                url,
-                socket_timeout=_SOCKET_TIMEOUT_S,
-                socket_connect_timeout=_SOCKET_TIMEOUT_S,
-                health_check_interval=0,
-                # A pooled connection the server closed (a restart) fails once: try a fresh one.
-                # Every write is safe to repeat (the scripts detect a replayed batch).
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
-                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            else Redis.from_pool(
+                # A burst of new sessions waits for a free connection (up to the socket timeout)
+                # instead of failing as if Redis were down.
+                BlockingConnectionPool.from_url(
+                    url,
+                    max_connections=_MAX_CONNECTIONS,
+                    timeout=_SOCKET_TIMEOUT_S,
+                    socket_timeout=_SOCKET_TIMEOUT_S,
+                    socket_connect_timeout=_SOCKET_TIMEOUT_S,
+                    health_check_interval=0,
+                    # A pooled connection the server closed (a restart) fails once: try a fresh
+                    # one. Every write is safe to repeat (the scripts detect a replayed batch).
+                    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+                    retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                )
             )
         )
         self.append_script = self.client.register_script(APPEND)

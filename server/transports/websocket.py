@@ -7,10 +7,14 @@ that encodes nothing itself. Reading never waits on writing, so a client that st
 still cancel, and one that never reads is closed 4008 once the outbox's hard bound is passed or
 a write is stuck for ``outbound_stall_s``.
 
-The sender is the hot path (once per token): once woken it sends every frame already queued,
-each as its own message, before it waits again, and it hands text frames to the ASGI ``send``
-itself (starlette's ``WebSocket.send`` only re-checks, per frame, a state that cannot change
-while the session is live; the handshake and the close still go through it).
+The sender is the hot path (once per token). Under a server that offers the
+`server.transports.wsframes.FRAMES` extension (sluice's own uvicorn protocol) the outbox writes a
+frame straight to the socket while the sender is idle (`Outbox.write_now`: no wake-up of the
+sender per token), and a woken sender hands every frame already queued to one ``send``, each its
+own text frame, written together. Elsewhere it sends every frame already queued, each as its own
+``websocket.send``, before it waits again. Either way data frames go to the ASGI ``send`` itself
+(starlette's ``WebSocket.send`` only re-checks, per frame, a state that cannot change while the
+session is live; the handshake and the close still go through it).
 
 Before the handshake completes, `server.admission.admit` checks the drain state (closed
 1012), the Origin and an ``Authorization`` header or ``?ticket=`` (closed 1008). Without either,
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -41,6 +46,7 @@ from server.admission import Admission, admit
 from server.outbox import Frame, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
+from server.transports.wsframes import FRAMES, FRAMES_SEND
 
 __all__ = ["SUBPROTOCOL", "SessionSocket", "WebSocketConnection", "session_socket"]
 
@@ -63,7 +69,9 @@ class SessionSocket:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
-        await WebSocketConnection(websocket, services_of(websocket), send).serve()
+        frames = scope.get("extensions", {}).get(FRAMES)
+        write_frames = frames.get("write") if isinstance(frames, dict) else None
+        await WebSocketConnection(websocket, services_of(websocket), send, write_frames).serve()
 
 
 session_socket = SessionSocket()
@@ -76,7 +84,13 @@ class _Disconnected(Exception):
 class WebSocketConnection:
     """One client connection, from handshake to close."""
 
-    def __init__(self, websocket: WebSocket, services: Services, send: Send | None = None) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        services: Services,
+        send: Send | None = None,
+        write_frames: Callable[[Sequence[str]], bool] | None = None,
+    ) -> None:
         self._ws = websocket
         # The ASGI send of this connection, for data frames (see the module docstring).
         self._asgi_send = send
@@ -86,6 +100,8 @@ class WebSocketConnection:
         self._send_started: float | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._stopping_read = False
+        # The server's many-frames write (`FRAMES`), when it offers one (then `send` is its send).
+        self._write_frames = write_frames if send is not None else None
 
     async def serve(self) -> None:
         ws, services = self._ws, self._services
@@ -166,6 +182,8 @@ class WebSocketConnection:
 
         sender.add_done_callback(stop_reading)
         outbox.on_close = stop_sending
+        if self._write_frames is not None:
+            outbox.write_now = self._write_one
         peer_left = False
         try:
             peer_left = await self._read_loop(runtime)
@@ -175,6 +193,7 @@ class WebSocketConnection:
         finally:
             # From here on the session's events go to its log only (or to a newer connection).
             runtime.detach(outbox)
+            outbox.write_now = None
             self._stopping_read = True  # the sender's end must not cancel the close below
             sender.remove_done_callback(stop_reading)
             self._disarm_stall()
@@ -203,7 +222,8 @@ class WebSocketConnection:
             self._feed(runtime, item)
 
     async def _send_loop(self, outbox: Outbox) -> None:
-        loop, send = self._loop, self._send
+        loop = self._loop
+        send = self._send if self._write_frames is None else self._send_batch
         frame: Frame | None
         while (frame := await outbox.next_frame()) is not None:
             if self._stall_timer is None:
@@ -212,14 +232,34 @@ class WebSocketConnection:
                 # Everything queued now goes out before the next wait: no wake-up per frame.
                 while frame is not None:
                     self._send_started = loop.time()
-                    await send(frame)
-                    frame = outbox.take_ready()
+                    frame = await send(frame, outbox)
             except (WebSocketDisconnect, OSError, RuntimeError):
                 outbox.fail(CloseCode.GOING_AWAY, "connection lost")
                 return
             self._send_started = None
 
-    async def _send(self, frame: Frame) -> None:
+    def _write_one(self, frame: Frame) -> bool:
+        """`Outbox.write_now`: ``frame`` written at once when the socket takes it without waiting."""
+        assert self._write_frames is not None
+        return isinstance(frame, str) and self._write_frames((frame,))
+
+    async def _send_batch(self, frame: Frame, outbox: Outbox) -> Frame | None:
+        """Send ``frame`` and every text frame queued behind it in one write; the next frame
+        left (a binary one), or None."""
+        assert self._asgi_send is not None
+        if not isinstance(frame, str):
+            await self._ws.send_bytes(frame)
+            return outbox.take_ready()
+        frames = [frame]
+        following = outbox.take_ready()
+        while isinstance(following, str):
+            frames.append(following)
+            following = outbox.take_ready()
+        await self._asgi_send({"type": FRAMES_SEND, "frames": frames})
+        return following
+
+    async def _send(self, frame: Frame, outbox: Outbox) -> Frame | None:
+        """Send ``frame`` as its own message; the next frame queued, or None."""
         send = self._asgi_send
         if send is not None and isinstance(frame, str):
             # uvicorn raises ClientDisconnected (an OSError) once the peer is gone.
@@ -228,6 +268,7 @@ class WebSocketConnection:
             await self._ws.send_text(frame)
         else:
             await self._ws.send_bytes(frame)
+        return outbox.take_ready()
 
     # -- stall watchdog: one timer per stall period while sending, none while idle ------------
 

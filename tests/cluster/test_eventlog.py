@@ -11,7 +11,14 @@ from redis.exceptions import ResponseError
 
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
-from server.cluster.eventlog import WRITE_WINDOW_S, LogWriter, RedisEventLog, decode_event, read_after
+from server.cluster.eventlog import (
+    WRITE_INTERVAL_S,
+    WRITE_WINDOW_S,
+    LogWriter,
+    RedisEventLog,
+    decode_event,
+    read_after,
+)
 from server.cluster.redis import RedisStore, bulk, pack
 from server.cluster.scripts import feed_channel, log_key, meta_key
 from tests.support.redis_server import RedisServer
@@ -79,6 +86,21 @@ async def test_events_appended_while_a_write_is_in_flight_go_in_the_next_batch(s
     assert 1 < writer.round_trips <= 5
     assert await read_after(store, SESSION, 0) == _deltas(1, 100)
     assert event_log.after(90) == _deltas(91, 10)
+
+
+async def test_back_to_back_writes_start_at_least_the_write_interval_apart(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for seq in range(1, 201):  # a token every ~0.1 ms for ~20 ms: a write is always due
+        event_log.append(Delta(id="r1", seq=seq, text="x"))
+        await asyncio.sleep(0.0001)
+    await writer.flush()
+    elapsed = loop.time() - started
+    assert 1 < writer.round_trips <= elapsed / WRITE_INTERVAL_S + 2
+    assert await read_after(store, SESSION, 0) == [Delta(id="r1", seq=s, text="x") for s in range(1, 201)]
 
 
 async def test_requests_in_flight_are_recorded_until_their_terminal_event(store: RedisStore) -> None:
@@ -246,3 +268,9 @@ async def test_a_refused_command_in_a_round_trip_is_answered_in_its_place(store:
     assert ok == b"OK" and value == b"v1"
     assert isinstance(refused, ResponseError)
     assert await store.round_trip([pack(1, [bulk(b"PING")])]) == [b"PONG"]
+
+
+async def test_a_burst_of_commands_past_the_pool_size_waits_for_connections(store: RedisStore) -> None:
+    replies = await asyncio.gather(*(store.run(store.client.ping()) for _ in range(300)))
+    assert replies == [True] * 300
+    assert store.healthy

@@ -7,9 +7,11 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from server import cli
 from server.settings import Settings
+from server.transports.wsframes import FramesProtocol
 
 
 @pytest.fixture
@@ -21,11 +23,13 @@ def unfrozen() -> Iterator[None]:
     gc.set_threshold(*thresholds)
 
 
-def test_uvicorn_runs_on_uvloop_and_httptools_and_loads_them() -> None:
+def test_uvicorn_runs_on_uvloop_httptools_and_the_frames_protocol() -> None:
     config = cli.uvicorn_config(None, Settings())
-    assert (config.loop, config.http, config.ws) == ("uvloop", "httptools", "websockets-sansio")
+    assert (config.loop, config.http, config.ws) == ("uvloop", "httptools", FramesProtocol)
     config.load()  # imports the named implementations: fails here when one is missing
     assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.ws_protocol_class is FramesProtocol
+    assert issubclass(FramesProtocol, WebSocketsSansIOProtocol)
 
 
 @pytest.mark.parametrize(

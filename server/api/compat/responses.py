@@ -10,14 +10,15 @@ A streamed response that is not background is cancelled when its client leaves (
 ``cancelled`` with its text so far); a background one runs to its end with no client, and is read
 again from its own event log by ``GET ?stream=true&starting_after=N``. A stored response belongs to
 the key that made it (any other key is told it does not exist). In cluster mode the store is the
-cluster's Redis, so every node can retrieve, list, chain and delete a response, but a run's event
-log is in the memory of the node running it: resuming or cancelling it elsewhere is refused with
-a 409 that says so, never answered with a partial stream.
+cluster's Redis, so every node can retrieve, list, chain and delete a response; a background
+run's events are mirrored there too, so any node resumes it, and a cancel on another node is sent
+to the node running it (`server.api.compat.responses_log`). A stream this node cannot give whole
+is refused with a 409, never answered in part.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Final
 
 import orjson
@@ -29,6 +30,7 @@ from starlette.requests import HTTPConnection
 from protocol.errors import ErrorCode
 from server.api import calls
 from server.api.compat.openai_chat import refuse
+from server.api.compat.responses_log import SharedEventLog, answer_cancels, cancel_elsewhere
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, ResponseRuns, start_run
 from server.api.compat.responses_store import (
@@ -70,7 +72,15 @@ def runs_of(connection: HTTPConnection) -> ResponseRuns:
             store = RedisResponseStore(services.cluster.store, ttl_s=settings.responses_ttl_s)
         else:
             store = MemoryResponseStore(ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
-        runs = ResponseRuns(store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
+        shared = None
+        if services.cluster is not None:
+            shared = SharedEventLog(services.cluster.store, ttl_s=settings.responses_ttl_s)
+        runs = ResponseRuns(
+            store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max, shared=shared
+        )
+        if services.cluster is not None:
+            runs.node_id = services.cluster.node.id
+            answer_cancels(services.cluster.node, _canceller(runs))
         state.sluice_responses = runs
     return runs
 
@@ -100,11 +110,21 @@ async def sse(run: ResponseRun, after: int = -1, *, owned: bool = False) -> Asyn
     """``run``'s events after ``after`` as server-sent events; an ``owned`` run (the stream of a
     response that is not background) is stopped when the reader leaves before its end."""
     try:
-        async for event in run.events(after):
-            yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+        async for batch in run.batches(after):
+            yield b"".join(map(_sse_event, batch))  # one write for whatever was logged meanwhile
     finally:
         if owned:
             run.stop()
+
+
+def _sse_event(event: dict[str, Any]) -> bytes:
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _sse_of(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield _sse_event(event)
 
 
 @router.post(
@@ -137,25 +157,13 @@ async def _stored(request: Request, response_id: str) -> StoredResponse:
     return stored
 
 
-async def _background_run(request: Request, response_id: str, what: str) -> ResponseRun | dict[str, Any]:
-    """The background run of ``response_id`` on this node, or its stored view when it has ended
-    elsewhere; a 404 when the caller cannot see it, a 400 (``param``) when it is not background,
-    a 409 when it is running on another node."""
+async def _found(request: Request, response_id: str) -> tuple[ResponseRun | None, dict[str, Any]]:
+    """This node's run of ``response_id`` (None when it is not here) and its Response object now;
+    a 404 when the caller cannot see it."""
     run = runs_of(request).get(response_id, caller_key(request))
-    view = run.view if run is not None else (await _stored(request, response_id)).response
-    if not view.get("background"):
-        raise refuse(
-            "stream" if what == "streamed" else "response_id", f"only background responses can be {what}"
-        )
     if run is not None:
-        return run
-    if view["status"] in ("queued", "in_progress"):
-        raise StatusError(
-            409,
-            ErrorCode.INVALID_REQUEST,
-            f"response {response_id!r} is running on another node: ask that node",
-        )
-    return view
+        return run, run.current()
+    return None, (await _stored(request, response_id)).response
 
 
 @router.get("/responses/{response_id}", summary="A stored response (or its events, with stream=true)")
@@ -168,26 +176,56 @@ async def get_response(
     if not stream:
         if starting_after is not None:
             raise refuse("starting_after", "needs stream=true")
-        run = runs_of(request).get(response_id, caller_key(request))
-        return json_response(
-            run.current() if run is not None else (await _stored(request, response_id)).response
-        )
-    found = await _background_run(request, response_id, "streamed")
-    if not isinstance(found, ResponseRun):
-        raise StatusError(
-            409,
-            ErrorCode.INVALID_REQUEST,
-            f"the events of response {response_id!r} are on the node that ran it: retrieve it without stream",
-        )
+        return json_response((await _found(request, response_id))[1])
     after = -1 if starting_after is None else starting_after
-    return event_stream(sse(found, after), services_of(request).settings)
+    settings = services_of(request).settings
+    run, view = await _found(request, response_id)
+    if not view.get("background"):
+        raise refuse("stream", "only background responses can be streamed")
+    if run is not None:
+        return event_stream(sse(run, after), settings)
+    # Run by another node (or forgotten here): its events are in Redis, in cluster mode.
+    shared = runs_of(request).shared
+    running = view["status"] in ("queued", "in_progress")
+    if shared is None or not (running or await shared.exists(response_id)):
+        raise StatusError(
+            409, ErrorCode.INVALID_REQUEST, f"the events of response {response_id!r} are no longer kept"
+        )
+    return event_stream(_sse_of(shared.events(response_id, after)), settings)
 
 
 @router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
 async def cancel_response(request: Request, response_id: ResponseId) -> Response:
-    found = await _background_run(request, response_id, "cancelled")
     # Cancelling one that has ended answers it as it is (OpenAI's cancel is idempotent).
-    return json_response(await found.cancel() if isinstance(found, ResponseRun) else found)
+    runs, key_id = runs_of(request), caller_key(request)
+    run = runs.get(response_id, key_id)
+    view = run.view if run is not None else (await _stored(request, response_id)).response
+    if not view.get("background"):
+        raise refuse("response_id", "only background responses can be cancelled")
+    if run is not None:
+        return json_response(await run.cancel())
+    for _ in range(2):  # running on another node: sent there; ended meanwhile: as it is now
+        stored = await _stored(request, response_id)
+        if stored.response["status"] not in ("queued", "in_progress"):
+            return json_response(stored.response)
+        cluster = services_of(request).cluster
+        if cluster is not None and stored.node and stored.node != runs.node_id:
+            final = await cancel_elsewhere(cluster.node, stored.node, response_id, key_id)
+            if final is not None:
+                return json_response(final)
+    raise StatusError(
+        409, ErrorCode.INVALID_REQUEST, f"response {response_id!r} is running on no node that answers"
+    )
+
+
+def _canceller(runs: ResponseRuns) -> Callable[[str, str], Awaitable[dict[str, Any] | None]]:
+    """How this node cancels its runs for other nodes (`answer_cancels`)."""
+
+    async def cancel(response_id: str, key_id: str) -> dict[str, Any] | None:
+        run = runs.get(response_id, key_id)
+        return await run.cancel() if run is not None and run.background else None
+
+    return cancel
 
 
 @router.delete("/responses/{response_id}", summary="Delete a stored response")
@@ -199,6 +237,8 @@ async def delete_response(request: Request, response_id: ResponseId) -> Response
         await run.cancel()
         runs.forget(response_id)
     await runs.store.delete(response_id, key_id)
+    if runs.shared is not None:
+        await runs.shared.delete(response_id)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 

@@ -9,7 +9,9 @@ settles the response ``cancelled`` with its output so far. The HTTP routes (a st
 ``POST``, background responses, ``GET ?stream=true&starting_after=``) and the WebSocket mode all
 start and read runs through `start_run`; none of them produces events itself.
 
-A run that nobody can resume (not background) is forgotten when it ends; a finished background run
+In cluster mode a background run also mirrors its events into Redis
+(`server.api.compat.responses_log`), so that another node can resume it. A run that nobody can
+resume (not background) is forgotten when it ends; a finished background run
 keeps its log for the store's TTL, and at most ``max_count`` of them are kept or running, so that
 memory stays bounded. This module encodes no wire format and never reads a request.
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Final
 
 from protocol.errors import ErrorCode, SluiceError
 from server.api import calls
 from server.api.compat.openai_chat import refuse
+from server.api.compat.responses_log import EventMirror, SharedEventLog
 from server.api.compat.responses_model import (
     Plan,
     ResponsesRequest,
@@ -59,6 +62,7 @@ class _Draft:
         self.created_at = int(time.time())
         self.model = body.model or ""
         self.output: list[dict[str, Any]] = []
+        self.node = ""  # the cluster node running it, if background in cluster mode
 
     def view(
         self, status: str, finished: Finished | None = None, error: SluiceError | None = None
@@ -100,7 +104,8 @@ class _Draft:
     def stored(self, view: dict[str, Any]) -> StoredResponse:
         """``view`` as stored, with the conversation to continue from."""
         turns = [*self.run.turns, *_turns(self.output)]
-        return StoredResponse(self.key_id, view, self.input_items, turns)
+        running = view["status"] in ("queued", "in_progress")
+        return StoredResponse(self.key_id, view, self.input_items, turns, self.node if running else "")
 
 
 def _status(finished: Finished) -> str:
@@ -129,14 +134,20 @@ class ResponseRun:
     """One response being produced (see the module docstring). Read ``view`` for the Response
     object as last settled, `current` for it with the text so far."""
 
-    def __init__(self, draft: _Draft, store: ResponseStore, on_done: Callable[[ResponseRun], None]) -> None:
+    def __init__(
+        self,
+        draft: _Draft,
+        store: ResponseStore,
+        on_done: Callable[[ResponseRun], None],
+        mirror: EventMirror | None = None,
+    ) -> None:
         self.id, self.key_id, self.background = draft.id, draft.key_id, draft.background
         self.view = draft.view("queued" if draft.background else "in_progress")
         self.log: list[dict[str, Any]] = []
         self.done = False
         self.error: SluiceError | None = None  # why it ended response.failed
-        self._draft, self._store, self._on_done = draft, store, on_done
-        self._wakeup: asyncio.Event | None = None
+        self._draft, self._store, self._on_done, self._mirror = draft, store, on_done, mirror
+        self._waiters: list[asyncio.Future[None]] = []  # one per reader waiting at the end of the log
         self._task: asyncio.Task[None] | None = None
         # A task cancelled before its first step never runs its ``finally``: stop it from inside.
         self._started = self._stop_early = False
@@ -148,16 +159,24 @@ class ResponseRun:
     async def events(self, after: int = -1) -> AsyncIterator[dict[str, Any]]:
         """The events with ``sequence_number > after``: those logged, then live until the end.
         The dicts are shared with every reader: copy one before changing it."""
+        async for batch in self.batches(after):
+            for event in batch:
+                yield event
+
+    async def batches(self, after: int = -1) -> AsyncIterator[list[dict[str, Any]]]:
+        """`events` as lists: whatever was logged since the reader's last batch, at once."""
         index = max(after + 1, 0)
         while True:
-            while index < len(self.log):
-                yield self.log[index]
-                index += 1
+            if index < len(self.log):
+                batch = self.log[index:]
+                index += len(batch)
+                yield batch
+                continue
             if self.done:
                 return
-            if self._wakeup is None:
-                self._wakeup = asyncio.Event()
-            await self._wakeup.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     def current(self) -> dict[str, Any]:
         """The Response object now: as settled, or in progress with its text so far."""
@@ -166,6 +185,10 @@ class ResponseRun:
         view = self._draft.view(self.view["status"])
         view["output"][self._index] = message_item(self._item_id, "".join(self._text), "in_progress")
         return view
+
+    def stored(self) -> StoredResponse:
+        """The response as it would be stored now (its view and the conversation to continue)."""
+        return self._draft.stored(self.view)
 
     def stop(self) -> None:
         """Cancel the generation without waiting (it settles ``cancelled`` in its own task)."""
@@ -190,13 +213,20 @@ class ResponseRun:
     # -- producing --------------------------------------------------------------------------
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        self.log.append({"type": kind, "sequence_number": len(self.log), **fields})
+        self._publish({"type": kind, "sequence_number": len(self.log), **fields})
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self.log.append(event)
+        if self._mirror is not None:
+            self._mirror.add(event)
         self._wake()
 
     def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
-            self._wakeup = None
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():  # a reader cancelled while it waited
+                    waiter.set_result(None)
+            self._waiters.clear()
 
     async def _settle(self, view: dict[str, Any]) -> None:
         self.view = view
@@ -213,7 +243,10 @@ class ResponseRun:
             self._emit("response.created", response=self.view)
             generation = opening if isinstance(opening, calls.Generation) else await opening
             draft.model = generation.model
-            self.view = draft.view("in_progress")
+            if draft.background:  # stored as queued until now
+                await self._settle(draft.view("in_progress"))
+            else:
+                self.view = draft.view("in_progress")
             self._emit("response.in_progress", response=self.view)
             async for piece in generation.items():
                 if isinstance(piece, str):
@@ -241,6 +274,8 @@ class ResponseRun:
             elif not isinstance(opening, calls.Generation):
                 opening.close()  # cancelled before it ran, or it failed
             self.done = True
+            if self._mirror is not None:
+                self._mirror.end()
             self._wake()
             self._on_done(self)
 
@@ -254,14 +289,12 @@ class ResponseRun:
             opened = message_item(self._item_id, "", "in_progress")
             draft.output.append({**opened, "content": []})
             self._emit("response.output_item.added", output_index=self._index, item=draft.output[self._index])
-        where = {"item_id": self._item_id, "output_index": self._index, "content_index": 0}
         if opened is not None:
+            where = {"item_id": self._item_id, "output_index": self._index, "content_index": 0}
             self._emit("response.content_part.added", **where, part=opened["content"][0])
         self._text.append(piece)
-        self.log.append(
-            {"type": _DELTA, **where, "logprobs": [], "sequence_number": len(self.log), "delta": piece}
-        )
-        self._wake()
+        delta = {"type": _DELTA, "item_id": self._item_id, "output_index": self._index, "content_index": 0}
+        self._publish({**delta, "logprobs": [], "sequence_number": len(self.log), "delta": piece})
 
     def _settle_text(self, status: str) -> dict[str, Any] | None:
         """The open message item, with its text so far, as it ends with ``status``."""
@@ -304,11 +337,14 @@ class ResponseRuns:
         *,
         ttl_s: float,
         max_count: int,
+        shared: SharedEventLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store = store
+        self.store, self.shared = store, shared  # shared: the event logs in Redis (cluster mode)
+        self.node_id = ""  # this node's id in cluster mode: where other nodes send cancels
         self.ttl_s, self.max_count, self._clock = ttl_s, max_count, clock
         self._running: dict[str, ResponseRun] = {}
+        self._background = 0  # of the running ones
         # Finished background runs, by when they were finished: the first is the next to expire.
         self._kept: OrderedDict[str, tuple[float, ResponseRun]] = OrderedDict()
 
@@ -326,15 +362,18 @@ class ResponseRuns:
 
     def add(self, run: ResponseRun) -> None:
         self._expire()
-        if run.background and len(self._running) >= self.max_count:
-            raise SluiceError(
-                ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
-            )
+        if run.background:
+            if self._background >= self.max_count:
+                raise SluiceError(
+                    ErrorCode.OVERLOADED, "too many background responses are running", retry_after_ms=1000
+                )
+            self._background += 1
         self._running[run.id] = run
 
     def finished(self, run: ResponseRun) -> None:
         self._running.pop(run.id, None)
         if run.background:
+            self._background -= 1
             self._kept[run.id] = (self._clock() + self.ttl_s, run)
             while len(self._kept) > self.max_count:
                 self._kept.popitem(last=False)
@@ -344,25 +383,36 @@ class ResponseRuns:
 
 
 async def start_run(
-    services: Services, runs: ResponseRuns, key_id: str, body: ResponsesRequest
+    services: Services,
+    runs: ResponseRuns,
+    key_id: str,
+    body: ResponsesRequest,
+    *,
+    local: Mapping[str, StoredResponse] | None = None,
 ) -> ResponseRun:
     """Start the response ``body`` asks for. A refusal (a field, an unknown previous response, a
     model, the rate) raises here, before any event; a background response is admitted here and
     opens its generation in its run. A caller that is not background stops the run
-    (`ResponseRun.stop`) when its client leaves."""
+    (`ResponseRun.stop`) when its client leaves. ``local``: ``key_id``'s responses a
+    ``previous_response_id`` may name besides the stored ones (a WebSocket's own, unstored)."""
     if body.background and not body.store:
         raise refuse("store", "a background response must be stored (store: true)")
     previous: list[dict[str, Any]] = []
     earlier_items: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        earlier = await runs.store.get(body.previous_response_id, key_id)
+        earlier = (local or {}).get(body.previous_response_id)
+        if earlier is None:
+            earlier = await runs.store.get(body.previous_response_id, key_id)
         if earlier is None:
             raise refuse("previous_response_id", f"no stored response {body.previous_response_id!r}")
         previous = earlier.turns
         earlier_items = [*earlier.input_items, *earlier.response["output"]]
     planned = plan(body, previous)
     draft = _Draft(body, planned, key_id, [*earlier_items, *planned.input_items])
-    run = ResponseRun(draft, runs.store, runs.finished)
+    mirror = None
+    if runs.shared is not None and draft.background:
+        mirror, draft.node = runs.shared.mirror(draft.id), runs.node_id
+    run = ResponseRun(draft, runs.store, runs.finished, mirror)
     opening: calls.Generation | Opening
     if draft.background:
         services.dispatcher.admit(key_id)

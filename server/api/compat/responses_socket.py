@@ -27,9 +27,14 @@ store apply as for ``POST``.
 
 Bounds: writes await the socket (uvicorn's flow control), so a slow reader holds back the lanes
 instead of growing a queue here; each response keeps its own, bounded event log meanwhile. A write
-stuck for ``outbound_stall_s`` closes the socket 4008. When the socket closes, every response it
+stuck for ``outbound_stall_s`` closes the socket 4008 (a watchdog timer while writing, not one per
+frame: writing is the hot path, once per token). When the socket closes, every response it
 started that has not ended is cancelled (stored as ``cancelled`` with its text so far) and the
 creates still waiting are dropped.
+
+A response with ``store: false`` is kept nowhere but in this socket's own cache (the last
+`MAX_CACHED`): a later ``response.create`` on the same socket, in any lane, may continue it by
+``previous_response_id``, as OpenAI's connection-local cache allows; another socket cannot.
 
 Reconnection: after a recoverable close (1001, 1006, 1011, 1012, 1013), the SDK (given
 ``on_reconnecting``) opens a new socket and sends there the events it queued meanwhile; it
@@ -47,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Final
 
 import orjson
@@ -61,16 +66,18 @@ from server.api.compat.openai_chat import refuse
 from server.api.compat.responses import parse_body, runs_of
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, start_run
+from server.api.compat.responses_store import StoredResponse
 from server.api.errors import Family, FieldError, error_body, error_response, status_for
 from server.services import Services, services_of
 
-__all__ = ["MAX_ACTIVE", "MAX_LANES", "MAX_QUEUED", "ResponsesSocket", "responses_socket"]
+__all__ = ["MAX_ACTIVE", "MAX_CACHED", "MAX_LANES", "MAX_QUEUED", "ResponsesSocket", "responses_socket"]
 
 log = logging.getLogger("sluice.responses_ws")
 
 MAX_LANES: Final = 32  # named lanes per socket (OpenAI's limit); the default lane is extra
 MAX_QUEUED: Final = 16  # creates waiting in one lane
 MAX_ACTIVE: Final = 16  # responses running at once on one socket (OpenAI's limit)
+MAX_CACHED: Final = 64  # unstored responses a later create on this socket may continue from
 TRANSPORT: Final = "responses_ws"  # the metrics' transport label
 # What the SDK's lanes accept as a stream_id.
 _STREAM_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,256}")
@@ -122,8 +129,13 @@ class _Connection:
         self._active = asyncio.Semaphore(MAX_ACTIVE)
         self._writing = asyncio.Lock()
         self._runs: dict[str, tuple[ResponseRun, str | None]] = {}  # started here, not yet ended
+        # This socket's unstored responses (store: false), newest last: its connection-local cache.
+        self._cache: OrderedDict[str, StoredResponse] = OrderedDict()
         self._notices = 0  # sequence numbers of the events that belong to no response
         self._reader: asyncio.Task[Any] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._send_started: float | None = None  # when the write under way began
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._ending = False
         self._close_code: CloseCode | None = None
 
@@ -220,31 +232,53 @@ class _Connection:
 
     async def _respond(self, lane: _Lane, event: Event) -> None:
         try:
-            run = await start_run(self._services, runs_of(self._ws), self._key_id, _request(event))
+            body = _request(event)
+            run = await start_run(self._services, runs_of(self._ws), self._key_id, body, local=self._cache)
         except SluiceError as exc:
             await self._error(exc, lane.stream_id)
             return
         self._runs[run.id] = (run, lane.stream_id)
-        async for item in run.events():
-            await self._write(orjson.dumps(item)[:-1] + lane.tail)
+        tail = lane.tail
+        async for batch in run.batches():
+            await self._write(*(orjson.dumps(item)[:-1] + tail for item in batch))
         del self._runs[run.id]  # ended (a socket that closes first cancels it in _end)
+        if not body.store and run.view["status"] in ("completed", "incomplete"):
+            self._cache[run.id] = run.stored()
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
 
     # -- frames out --------------------------------------------------------------------------
 
-    async def _write(self, frame: bytes) -> None:
+    async def _write(self, *frames: bytes) -> None:
+        """Send ``frames``, one message each, after what other lanes are sending."""
         async with self._writing:
             if self._ending:
                 raise _Gone
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_later(self._stall_s, self._check_stall)
             try:
-                async with asyncio.timeout(self._stall_s):
+                for frame in frames:
+                    self._send_started = self._loop.time()
                     await self._send({"type": "websocket.send", "text": frame.decode()})
-            except TimeoutError:
-                self._services.metrics.outbound_close_slow()
-                self._fail(CloseCode.SLOW_CONSUMER)
-                raise _Gone from None
             except (OSError, RuntimeError, WebSocketDisconnect):
                 self._fail(None)
                 raise _Gone from None
+            finally:
+                self._send_started = None
+
+    def _check_stall(self) -> None:
+        """The stall watchdog: one timer per ``outbound_stall_s`` while writing, none while idle.
+        A write stuck that long closes the socket 4008 (`_end` then cancels the write)."""
+        self._stall_timer = None
+        started = self._send_started
+        if started is None or self._ending:
+            return
+        stuck_for = self._loop.time() - started
+        if stuck_for >= self._stall_s:
+            self._services.metrics.outbound_close_slow()
+            self._fail(CloseCode.SLOW_CONSUMER)
+        else:
+            self._stall_timer = self._loop.call_later(self._stall_s - stuck_for, self._check_stall)
 
     async def _error(self, error: SluiceError, stream_id: str | None) -> None:
         """``error`` as the SDK's ``error`` event, in ``stream_id``'s lane."""
@@ -294,17 +328,19 @@ class _Connection:
 
     async def _end(self) -> None:
         """Drop the waiting creates and cancel the responses still running."""
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         runs = [run for run, _ in self._runs.values() if not run.done]
         self._runs.clear()
-        for run in runs:
-            try:
-                await run.cancel()
-            except Exception:
-                log.exception("cancelling a response of a closed socket failed", extra={"response": run.id})
+        ended = await asyncio.gather(*(run.cancel() for run in runs), return_exceptions=True)
+        for run, outcome in zip(runs, ended, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("cancelling a response failed", exc_info=outcome, extra={"response": run.id})
 
     async def _close(self, code: CloseCode) -> None:
         wait = max(self._stall_s, _MIN_CLOSE_WAIT_S)

@@ -37,6 +37,7 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     turns: list[dict[str, Any]] = field(default_factory=list)  # protocol turns, input then output
+    node: str = ""  # the cluster node running it, while it runs in the background ("" when none)
 
 
 class ResponseStore(Protocol):

@@ -1,8 +1,9 @@
 """Stored OpenAI responses in cluster mode, from the outside: two real ``sluice serve`` nodes on
 loopback sharing one real redis-server and the Ollama emulator, driven by the real ``openai``
 SDK. A response made on one node is retrieved, listed, chained from and deleted on the other,
-only by its key, until its TTL; a background response running on one node is refused (409) for
-resuming or cancelling on the other, and is read on the other once it has ended."""
+only by its key, until its TTL; a background response running on one node is resumed on the
+other from its event log in Redis (exact text, consecutive sequence numbers), and cancelled from
+the other (the upstream closed on the node running it)."""
 
 from __future__ import annotations
 
@@ -92,28 +93,59 @@ async def test_a_response_made_on_one_node_is_everywhere(clients: Clients, clust
         await on_b.responses.retrieve(second.id)
 
 
-async def test_a_background_response_is_resumed_and_cancelled_on_its_own_node_only(
+async def test_a_background_response_running_on_one_node_resumes_on_the_other(
     clients: Clients, cluster: Cluster
 ) -> None:
-    on_a, on_b, _ = clients
-    _, emu, _ = cluster
+    on_a, on_b, other = clients
+    redis, emu, _ = cluster
     emu.configure(token_rate=40.0, tokens=80)
     try:
-        created = await on_a.responses.create(model=MODEL, input="A long story", background=True)
-        running = await on_b.responses.retrieve(created.id)
-        assert running.status in ("queued", "in_progress") and running.background
-        with pytest.raises(openai.ConflictError) as elsewhere:
-            await on_b.responses.retrieve(created.id, stream=True, starting_after=0)
-        assert "another node" in elsewhere.value.message
-        with pytest.raises(openai.ConflictError):
-            await on_b.responses.cancel(created.id)
-        stream = await on_a.responses.retrieve(created.id, stream=True, starting_after=0)
-        events = [event async for event in stream]
-        assert [event.sequence_number for event in events] == list(range(1, len(events) + 1))
-        assert events[-1].type == "response.completed"
-        done = await on_b.responses.retrieve(created.id)
-        assert done.status == "completed" and done.output_text == events[-1].response.output_text
-        assert done.output_text == emu.expected_text(emu.generations()[-1].body)
-        assert (await on_b.responses.cancel(created.id)).status == "completed"  # ended: as it is
+        stream = await on_a.responses.create(model=MODEL, input="A long story", background=True, stream=True)
+        first: list[Any] = []
+        async for event in stream:
+            first.append(event)
+            if event.type == "response.output_text.delta" and event.sequence_number >= 6:
+                break
+        await stream.close()  # dropped on node A; resumed on node B while A still runs it
+        response_id, last = first[0].response.id, first[-1].sequence_number
+        running = await on_b.responses.retrieve(response_id)
+        assert running.status == "in_progress" and running.background
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(response_id, stream=True, starting_after=0)
+        resumed = await on_b.responses.retrieve(response_id, stream=True, starting_after=last)
+        rest = [event async for event in resumed]
+        assert [event.sequence_number for event in rest] == list(range(last + 1, last + 1 + len(rest)))
+        assert rest[-1].type == "response.completed"
+        expected = emu.expected_text(emu.generations()[-1].body)
+        deltas = [e.delta for e in first + rest if e.type == "response.output_text.delta"]
+        assert "".join(deltas) == expected == rest[-1].response.output_text
+        on_a_whole = await on_a.responses.retrieve(response_id, stream=True)
+        on_b_whole = await on_b.responses.retrieve(response_id, stream=True)
+        assert [e.model_dump() async for e in on_b_whole] == [e.model_dump() async for e in on_a_whole]
+        assert (await on_b.responses.cancel(response_id)).status == "completed"  # ended: as it is
+        await on_b.responses.delete(response_id)
+        assert int(redis.command("EXISTS", f"sluice:response-events:{response_id}")) == 0
+    finally:
+        emu.configure(token_rate=0.0, tokens=20)
+
+
+async def test_a_cancel_on_one_node_closes_the_upstream_on_the_node_running_it(
+    clients: Clients, cluster: Cluster
+) -> None:
+    on_a, on_b, other = clients
+    _, emu, _ = cluster
+    emu.configure(token_rate=40.0, tokens=400)  # ten seconds of text
+    try:
+        created = await on_a.responses.create(model=MODEL, input="A very long story", background=True)
+        assert await emu.until(lambda: bool(emu.generations()) and emu.generations()[-1].pieces_sent > 2)
+        record = emu.generations()[-1]
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.cancel(created.id)
+        cancelled = await on_b.responses.cancel(created.id)
+        assert cancelled.status == "cancelled" and cancelled.output_text
+        assert await emu.until(lambda: record.client_closed_early, within=3), "upstream still open"
+        assert record.text_sent.startswith(cancelled.output_text)
+        assert (await on_a.responses.retrieve(created.id)).model_dump() == cancelled.model_dump()
+        assert (await on_b.responses.cancel(created.id)).model_dump() == cancelled.model_dump()
     finally:
         emu.configure(token_rate=0.0, tokens=20)

@@ -1,15 +1,19 @@
 """The Responses API's WebSocket mode (``client.responses.connect()``), driven by the real ``openai``
 SDK against a real server whose Ollama is the emulator (exact texts): one response streamed, two
 lanes interleaved with FIFO inside a lane, bad events answered with ``error`` on a socket that
-stays usable, auth, a function-tool round trip, a closed socket cancelling its response, and the
-SDK's reconnection (a cut socket, a new one, the completed response kept)."""
+stays usable, auth, an unstored response continued on its own socket only, the key's rate limit
+shared with ``POST``, the bounds on lanes and running responses, a function-tool round trip, a
+closed socket cancelling its response, the SDK's reconnection (a cut socket, a new one, the
+completed response kept); and, from the inside, a write stuck past the stall limit."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import jsonschema
 import openai
@@ -17,6 +21,9 @@ import pytest
 import websockets
 from openai.resources.responses.responses import AsyncResponsesConnection
 
+from protocol.close import CloseCode
+from server.api.compat.responses_socket import MAX_ACTIVE, MAX_LANES, MAX_QUEUED, _Connection, _Gone
+from server.metrics import Metrics
 from tests.api.compat.conftest import upstream_body
 from tests.api.compat.test_openai_tools import PARAMETERS
 from tests.api.conftest import MODEL, sluice
@@ -28,7 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 
 WEATHER: Any = {"type": "function", "name": "get_weather", "parameters": PARAMETERS, "strict": True}
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
-KEY = "socket-key"
+KEY, LIMITED_KEY = "socket-key", "socket-key-limited"
+REQUESTS_PER_MINUTE = 3
 Connection = AsyncResponsesConnection
 
 
@@ -104,7 +112,7 @@ async def test_one_response_streamed_to_completion(client: openai.AsyncOpenAI, r
 async def test_two_lanes_interleave_and_each_lane_is_fifo(
     client: openai.AsyncOpenAI, replies: Emulator, paced: Callable[..., None]
 ) -> None:
-    paced(token_rate=100.0, tokens=30)  # 0.3 s each: the two lanes overlap
+    paced(token_rate=100.0, tokens=60)  # 0.6 s each: the two lanes overlap
     async with client.responses.connect() as connection:
         incoming = _events(connection)
         await connection.response.create(model=MODEL, input="Lane a, first", stream_id="a")
@@ -184,11 +192,18 @@ async def test_bad_events_get_errors_and_the_socket_stays_usable(
 
 @pytest.fixture(scope="module")
 def keyed(emulator: Emulator) -> Iterator[ServerProcess]:
-    with sluice({"SLUICE_OLLAMA_URLS": emulator.url, "SLUICE_API_KEYS": KEY}) as process:
+    env = {
+        "SLUICE_OLLAMA_URLS": emulator.url,
+        "SLUICE_API_KEYS": f"{KEY},{LIMITED_KEY}",
+        "SLUICE_REQUESTS_PER_MINUTE": str(REQUESTS_PER_MINUTE),
+    }
+    with sluice(env) as process:
         yield process
 
 
-async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, replies: Emulator) -> None:
+async def test_a_bad_key_or_origin_is_refused_at_the_handshake(
+    keyed: ServerProcess, replies: Emulator
+) -> None:
     base = f"{keyed.url}/v1"
     async with openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(websockets.InvalidStatus) as refused:
@@ -197,6 +212,12 @@ async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, repli
     answer = refused.value.response
     assert answer.status_code == 401
     assert json.loads(answer.body)["error"]["code"] == "unauthorized"
+    headers = {"Authorization": f"Bearer {KEY}", "Origin": "https://elsewhere.example"}
+    ws_url = keyed.url.replace("http://", "ws://", 1) + "/v1/responses"
+    with pytest.raises(websockets.InvalidStatus) as foreign:  # a foreign page, with a right key
+        async with websockets.connect(ws_url, additional_headers=headers):
+            pass
+    assert foreign.value.response.status_code == 403
     async with (
         openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as right,
         right.responses.connect() as connection,
@@ -205,6 +226,59 @@ async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, repli
         await connection.response.create(model=MODEL, input="Authorized")
         events = await _until_terminal(incoming, {None: 1})
     assert events[-1].response.output_text == replies.expected_text(upstream_body(replies))
+
+
+async def test_the_key_rate_limit_applies_as_for_post(keyed: ServerProcess, replies: Emulator) -> None:
+    base = f"{keyed.url}/v1"
+    async with (
+        openai.AsyncOpenAI(base_url=base, api_key=LIMITED_KEY, max_retries=0) as sdk,
+        sdk.responses.connect() as connection,
+    ):
+        incoming = _events(connection)
+        for turn in range(REQUESTS_PER_MINUTE + 1):
+            await connection.response.create(model=MODEL, input=f"Turn {turn}", stream_id="q")
+        events = await _until_terminal(incoming, {"q": REQUESTS_PER_MINUTE + 1})
+        ends = [event for event in events if event.type in TERMINAL or event.type == "error"]
+        assert [event.type for event in ends] == [*["response.completed"] * REQUESTS_PER_MINUTE, "error"]
+        refused = ends[-1]
+        assert refused.status == 429 and refused.stream_id == "q"
+        assert refused.error.type == "rate_limit_error" and refused.error.code == "rate_limited"
+        with pytest.raises(openai.RateLimitError):  # one budget for the socket and POST
+            await sdk.responses.create(model=MODEL, input="Over HTTP")
+    assert len(replies.generations()) == REQUESTS_PER_MINUTE
+
+
+async def test_lanes_and_running_responses_are_bounded(
+    client: openai.AsyncOpenAI, replies: Emulator, paced: Callable[..., None]
+) -> None:
+    paced(token_rate=20.0, tokens=400)  # twenty seconds each: nothing ends during the test
+    # The test reads only the errors: unbounded client buffering lets its close get through at once.
+    async with client.responses.connect(websocket_connection_options={"max_queue": None}) as connection:
+        incoming = _events(connection)
+        for lane in range(MAX_LANES + 1):
+            await connection.response.create(model=MODEL, input=f"Lane {lane}", stream_id=f"l{lane}")
+        for _ in range(MAX_QUEUED + 1):
+            await connection.response.create(model=MODEL, input="Waiting", stream_id="l0")
+        errors: list[Any] = []
+        async with asyncio.timeout(30):
+            while len(errors) < 2:
+                event = await anext(incoming)
+                if event.type == "error":
+                    errors.append(event)
+        assert sorted(error.stream_id for error in errors) == ["l0", f"l{MAX_LANES}"]
+        assert {(error.status, error.error.code) for error in errors} == {(429, "too_many_inflight")}
+        for _ in range(200):  # the first MAX_ACTIVE start...
+            if len(replies.generations()) >= MAX_ACTIVE:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # ...and the waiting lanes stay waiting
+        assert len(replies.generations()) == MAX_ACTIVE
+    for _ in range(100):  # closing the socket closed every upstream
+        if all(record.finished is not None for record in replies.generations()):
+            break
+        await asyncio.sleep(0.05)
+    records = replies.generations()
+    assert len(records) == MAX_ACTIVE and all(record.client_closed_early for record in records)
 
 
 async def test_function_tool_round_trip(client: openai.AsyncOpenAI, replies: Emulator) -> None:
@@ -225,6 +299,32 @@ async def test_function_tool_round_trip(client: openai.AsyncOpenAI, replies: Emu
     assert [message["role"] for message in sent["messages"]] == ["user", "assistant", "tool"]
     assert sent["messages"][2]["content"] == '{"temp_c": 19}'
     assert second.status == "completed" and second.output_text == replies.expected_text(sent)
+
+
+async def test_an_unstored_response_continues_on_its_own_socket_only(
+    client: openai.AsyncOpenAI, replies: Emulator
+) -> None:
+    async with client.responses.connect() as connection:
+        incoming = _events(connection)
+        await connection.response.create(model=MODEL, input="Unstored", store=False, stream_id="m")
+        first = (await _until_terminal(incoming, {"m": 1}))[-1].response
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(first.id)
+        await connection.response.create(  # another lane of the same socket
+            model=MODEL, input="And then?", previous_response_id=first.id, store=False, stream_id="n"
+        )
+        second = (await _until_terminal(incoming, {"n": 1}))[-1].response
+    sent = upstream_body(replies)
+    assert [(message["role"], message["content"]) for message in sent["messages"]] == [
+        ("user", "Unstored"),
+        ("assistant", first.output_text),
+        ("user", "And then?"),
+    ]
+    assert second.status == "completed" and second.output_text == replies.expected_text(sent)
+    async with client.responses.connect() as other:
+        await other.response.create(model=MODEL, input="Again", previous_response_id=first.id)
+        (refused,) = await _until_terminal(_events(other), {None: 1})
+    assert refused.type == "error" and refused.error.param == "previous_response_id"
 
 
 async def _status_after(client: openai.AsyncOpenAI, response_id: str) -> Any:
@@ -288,3 +388,32 @@ async def test_the_sdk_reconnects_and_the_completed_response_is_kept(
     assert final.status == "completed" and final.output_text == replies.expected_text(sent)
     kept = await client.responses.retrieve(first.id)  # the completed response outlived its socket
     assert kept.status == "completed" and kept.output_text == first.output_text
+
+
+async def test_a_write_stuck_past_the_stall_limit_closes_4008() -> None:
+    """From the inside: a peer that stops reading holds a write; past ``outbound_stall_s`` the
+    watchdog gives the socket up (close 4008, reading stopped, the stuck write cancelled as the
+    socket ends) and later writes fail at once."""
+    sent: list[Any] = []
+
+    async def stuck_send(message: Any) -> None:
+        sent.append(message)
+        await asyncio.Event().wait()  # the peer's window never opens again
+
+    services: Any = SimpleNamespace(settings=SimpleNamespace(outbound_stall_s=0.05), metrics=Metrics())
+    connection = _Connection(cast(Any, None), services, stuck_send)
+    reader = asyncio.ensure_future(asyncio.sleep(30))
+    connection._reader = reader
+    started = time.monotonic()
+    writing = asyncio.ensure_future(connection._write(b'{"type":"response.output_text.delta"}'))
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    assert time.monotonic() - started >= 0.05
+    assert connection._close_code is CloseCode.SLOW_CONSUMER and not writing.done()
+    await connection._end()  # what serve does once reading stopped
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)
+    with pytest.raises(_Gone):
+        await connection._write(b'{"type":"response.output_text.delta"}')
+    assert len(sent) == 1  # nothing more was handed to the socket

@@ -1,13 +1,15 @@
 """The WebSocket sender in-process: a burst goes out frame by frame without a wake-up per frame.
 
 `Outbox.take_ready` hands over what is queued now; the send loop sends each frame as its own
-ASGI message, in order, and stops the outbox (4008/1001 semantics stay the outbox's) when the
-peer is gone.
+ASGI message, in order (or, under a server offering the many-frames extension, all of them in one
+send, and a frame pushed while the sender idles is written at once), and stops the outbox
+(4008/1001 semantics stay the outbox's) when the peer is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -18,6 +20,7 @@ from server.outbox import Outbox
 from server.services import Services
 from server.settings import Settings
 from server.transports.websocket import WebSocketConnection
+from server.transports.wsframes import FRAMES_SEND
 
 
 def outbox() -> Outbox:
@@ -99,3 +102,53 @@ async def test_a_peer_gone_mid_burst_fails_the_outbox_and_ends_the_sender() -> N
     assert len(send.messages) == 2
     assert box.closed and box.close_code is CloseCode.GOING_AWAY
     conn._disarm_stall()
+
+
+class FramesServer:
+    """A server offering the many-frames extension: records direct writes and batch sends."""
+
+    def __init__(self) -> None:
+        self.writable = True
+        self.direct: list[list[str]] = []
+        self.sent = Recorder()
+
+    def write(self, frames: Sequence[str]) -> bool:
+        if not self.writable:
+            return False
+        self.direct.append(list(frames))
+        return True
+
+    def connection(self) -> WebSocketConnection:
+        services = cast(Services, SimpleNamespace(settings=Settings()))
+        return WebSocketConnection(cast(Any, None), services, cast(Any, self.sent), self.write)
+
+
+async def test_with_the_frames_extension_a_burst_is_one_send_and_an_idle_sender_is_bypassed() -> None:
+    server, box = FramesServer(), outbox()
+    conn = server.connection()
+    for seq in range(1, 4):
+        box.push(delta(seq))  # queued before the sender runs
+    box.write_now = conn._write_one
+    sender = asyncio.create_task(conn._send_loop(box))
+    await asyncio.sleep(0.01)
+    assert server.sent.messages == [{"type": FRAMES_SEND, "frames": [encode(delta(s)) for s in (1, 2, 3)]}]
+    box.push(delta(4))  # the sender waits with nothing queued: written in this very step
+    assert server.direct == [[encode(delta(4))]]
+    server.writable = False  # the socket's buffer is full: queued, and the sender sends it
+    box.push(delta(5))
+    box.push(delta(6))
+    assert box.backlog
+    server.writable = True
+    await asyncio.sleep(0.01)
+    assert server.sent.messages[-1] == {"type": FRAMES_SEND, "frames": [encode(delta(5)), encode(delta(6))]}
+    assert server.direct == [[encode(delta(4))]]
+    box.finish(CloseCode.GOING_AWAY, "done")
+    await asyncio.wait_for(sender, 1)
+    conn._disarm_stall()
+
+
+def test_write_now_is_used_only_while_the_sender_waits_with_nothing_queued() -> None:
+    box, written = outbox(), []
+    box.write_now = lambda frame: written.append(frame) is None
+    box.push(delta(1))  # no sender waiting: queued
+    assert written == [] and box.backlog
