@@ -55,6 +55,23 @@ async def _resume_to_done(home: ServerProcess, session: str, last_seq: int) -> l
         return events
 
 
+async def _generate(http: httpx.AsyncClient, node: ServerProcess, session: str, prompt: str) -> None:
+    message = {"type": "generate", "id": "g1", "model": MODEL, "prompt": prompt}
+    posted = await http.post(f"{node.url}/v1/sessions/{session}/messages", json=message)
+    assert posted.status_code == 202
+
+
+async def _drained_then_resumed(
+    emu: Emulator, a: ServerProcess, b: ServerProcess, session: str, prompt: str, events: list[Event]
+) -> None:
+    """``b`` sent ``events`` before closing 1012, a goaway among them, and exited cleanly; the rest
+    of the request reads on ``a``, exactly."""
+    assert any(e["type"] == "goaway" for e in events), events[-3:]
+    assert b.wait(20) == 0
+    events += await _resume_to_done(a, session, events[-1]["seq"])
+    _check(emu, prompt, events)
+
+
 def _check(emu: Emulator, prompt: str, events: list[Event]) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     goaways = [e for e in events if e["type"] == "goaway"]
@@ -72,11 +89,7 @@ async def test_a_draining_node_sends_goaway_to_a_websocket_of_a_session_homed_el
     try:
         async with httpx.AsyncClient(timeout=20) as http:
             session = (await http.post(f"{a.url}/v1/sessions", json={})).json()["session"]
-            posted = await http.post(
-                f"{a.url}/v1/sessions/{session}/messages",
-                json={"type": "generate", "id": "g1", "model": MODEL, "prompt": prompt},
-            )
-            assert posted.status_code == 202
+            await _generate(http, a, session, prompt)
         events: list[Event] = []
         async with connect(b.ws_url, subprotocols=["sluice.v1"]) as ws:  # type: ignore[list-item]
             await ws.send(orjson.dumps({"type": "hello", "protocol": 1, "session": session}).decode())
@@ -87,10 +100,7 @@ async def test_a_draining_node_sends_goaway_to_a_websocket_of_a_session_homed_el
                 while True:
                     events.append(orjson.loads(await asyncio.wait_for(ws.recv(), 20)))
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
-        assert any(e["type"] == "goaway" for e in events), events[-3:]
-        assert b.wait(20) == 0
-        events += await _resume_to_done(a, session, events[-1]["seq"])
-        _check(emu, prompt, events)
+        await _drained_then_resumed(emu, a, b, session, prompt, events)
     finally:
         b.stop()
 
@@ -108,11 +118,7 @@ async def test_a_draining_node_sends_goaway_to_an_sse_stream_of_a_session_homed_
             session = (await http.post(f"{a.url}/v1/sessions", json={})).json()["session"]
             async with http.stream("GET", f"{b.url}/v1/sessions/{session}/events") as stream:
                 assert stream.status_code == 200
-                posted = await http.post(
-                    f"{a.url}/v1/sessions/{session}/messages",
-                    json={"type": "generate", "id": "g1", "model": MODEL, "prompt": prompt},
-                )
-                assert posted.status_code == 202
+                await _generate(http, a, session, prompt)
                 kind = ""
                 async for line in stream.aiter_lines():
                     if line.startswith("event: "):
@@ -124,9 +130,6 @@ async def test_a_draining_node_sends_goaway_to_an_sse_stream_of_a_session_homed_
                         if len(events) == 1:
                             b.signal(signal.SIGTERM)
         assert close.get("code") == 1012, close
-        assert any(e["type"] == "goaway" for e in events), events[-3:]
-        assert b.wait(20) == 0
-        events += await _resume_to_done(a, session, events[-1]["seq"])
-        _check(emu, prompt, events)
+        await _drained_then_resumed(emu, a, b, session, prompt, events)
     finally:
         b.stop()
