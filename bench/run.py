@@ -1,7 +1,7 @@
 """Run every benchmark, print the table, write JSON results and PNG plots (`make bench`).
 
     .venv/bin/python bench/run.py            # full run (< 15 min on the 2-core machine)
-    .venv/bin/python bench/run.py --quick    # smoke run: seconds, small counts, no infinity, no 10k
+    .venv/bin/python bench/run.py --quick    # smoke run: seconds, small counts, no infinity, no 10k, no workers
     .venv/bin/python bench/run.py --only relay ttft --out /tmp/x
 
 Full runs write `bench/results/<date>.json`, `bench/results/latest.json` and the plots next to
@@ -67,6 +67,8 @@ BENCHMARKS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[], Any], 
     "cluster_cost": (cluster_cost.run, cluster_cost.ClusterCostConfig, cluster_cost.ClusterCostConfig.quick),
     "workers": (workers.run, workers.WorkersConfig, workers.WorkersConfig.quick),
 }
+# Left out of --quick unless named in --only: each starts several servers (minutes, not seconds).
+NOT_QUICK = {"workers"}
 
 
 def _version(package: str) -> str:
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.monotonic()
     for name, (run, full, quick) in BENCHMARKS.items():
         if args.only and name not in args.only:
+            continue
+        if args.quick and not args.only and name in NOT_QUICK:
             continue
         print(f"[bench] {name} ...", flush=True)
         t0 = time.monotonic()

@@ -2,8 +2,9 @@
 its cancel sent to the node running it.
 
 In cluster mode the node running a background response mirrors every event of its
-`ResponseRun` into one Redis list (`EventMirror`: batched, one ``RPUSH`` per batch, in order,
-with the stored responses' TTL), and ends it with a marker once the run has ended, cancelled
+`ResponseRun` into one Redis list (`EventMirror`: batched, in order, with the stored responses'
+TTL; each batch is appended only where the list's length says it goes, so a write repeated after
+a lost reply adds nothing twice), and ends it with a marker once the run has ended, cancelled
 included. Any other node replays that list after a sequence number and then follows it live by
 polling (`SharedEventLog.events`), until the terminal event or the marker. The list's index is
 the event's ``sequence_number``; a mirror that failed to write once writes nothing more, so that
@@ -38,6 +39,20 @@ _PREFIX: Final = "sluice:response-events:"
 END: Final = b'{"type":"sluice.end"}'  # after the last event: never sent to a client
 _TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _CANCEL: Final = "response.cancel"
+_BATCH: Final = 512  # events per write at most
+# Append ARGV[3..] to the list KEYS[1] if it holds ARGV[2] entries; a write repeated after a lost
+# reply finds them there already. -1 when the list is neither: the mirror has a gap, stop.
+_APPEND: Final = """
+local n = redis.call('LLEN', KEYS[1])
+local at = tonumber(ARGV[2])
+if n == at then
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+elseif n ~= at + #ARGV - 2 then
+  return -1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+"""
 # Cancels a run: its id and owner -> the final Response object, or None when it is not here.
 Canceller = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
@@ -71,6 +86,7 @@ class SharedEventLog:
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
         self.poll_s, self.idle_s = poll_s, idle_s
+        self.append = redis.client.register_script(_APPEND)
 
     def mirror(self, response_id: str) -> EventMirror:
         return EventMirror(self, _PREFIX + response_id)
@@ -113,6 +129,7 @@ class EventMirror:
         self._shared, self._key = shared, key
         self._pending: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._written = 0  # entries in the list
         self._broken = False
 
     def add(self, event: dict[str, Any]) -> None:
@@ -120,11 +137,6 @@ class EventMirror:
 
     def end(self) -> None:
         self._push(END)
-
-    async def flushed(self) -> None:
-        """Wait until every event added so far is written (or the mirror broke)."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.wait({self._flusher})
 
     def _push(self, data: bytes) -> None:
         if self._broken:
@@ -134,16 +146,19 @@ class EventMirror:
             self._flusher = asyncio.create_task(self._flush(), name=f"sluice {self._key}")
 
     async def _flush(self) -> None:
-        redis = self._shared.redis
+        shared = self._shared
         while self._pending and not self._broken:
-            batch, self._pending = self._pending, []
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             try:
-                async with redis.translated():
-                    pipe = redis.client.pipeline(transaction=True)
-                    pipe.rpush(self._key, *batch)
-                    pipe.pexpire(self._key, self._shared.ttl_ms)
-                    await pipe.execute()
+                args: list[bytes | int] = [shared.ttl_ms, self._written, *batch]
+                found = await shared.redis.run(shared.append(keys=[self._key], args=args))
             except SluiceError as exc:
-                log.warning("response events not mirrored to redis (%s): %s", self._key, exc.message)
+                found, reason = -1, exc.message
+            else:
+                reason = "the list has a gap"
+            if found == -1:
+                log.warning("response events not mirrored to redis (%s): %s", self._key, reason)
                 self._broken = True
                 self._pending.clear()
+            else:
+                self._written += len(batch)

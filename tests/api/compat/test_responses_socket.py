@@ -112,7 +112,7 @@ async def test_one_response_streamed_to_completion(client: openai.AsyncOpenAI, r
 async def test_two_lanes_interleave_and_each_lane_is_fifo(
     client: openai.AsyncOpenAI, replies: Emulator, paced: Callable[..., None]
 ) -> None:
-    paced(token_rate=100.0, tokens=30)  # 0.3 s each: the two lanes overlap
+    paced(token_rate=100.0, tokens=60)  # 0.6 s each: the two lanes overlap
     async with client.responses.connect() as connection:
         incoming = _events(connection)
         await connection.response.create(model=MODEL, input="Lane a, first", stream_id="a")
@@ -201,7 +201,9 @@ def keyed(emulator: Emulator) -> Iterator[ServerProcess]:
         yield process
 
 
-async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, replies: Emulator) -> None:
+async def test_a_bad_key_or_origin_is_refused_at_the_handshake(
+    keyed: ServerProcess, replies: Emulator
+) -> None:
     base = f"{keyed.url}/v1"
     async with openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(websockets.InvalidStatus) as refused:
@@ -210,6 +212,12 @@ async def test_a_bad_key_is_refused_at_the_handshake(keyed: ServerProcess, repli
     answer = refused.value.response
     assert answer.status_code == 401
     assert json.loads(answer.body)["error"]["code"] == "unauthorized"
+    headers = {"Authorization": f"Bearer {KEY}", "Origin": "https://elsewhere.example"}
+    ws_url = keyed.url.replace("http://", "ws://", 1) + "/v1/responses"
+    with pytest.raises(websockets.InvalidStatus) as foreign:  # a foreign page, with a right key
+        async with websockets.connect(ws_url, additional_headers=headers):
+            pass
+    assert foreign.value.response.status_code == 403
     async with (
         openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as right,
         right.responses.connect() as connection,
@@ -259,7 +267,11 @@ async def test_lanes_and_running_responses_are_bounded(
                     errors.append(event)
         assert sorted(error.stream_id for error in errors) == ["l0", f"l{MAX_LANES}"]
         assert {(error.status, error.error.code) for error in errors} == {(429, "too_many_inflight")}
-        await asyncio.sleep(0.5)  # the waiting lanes stay waiting
+        for _ in range(200):  # the first MAX_ACTIVE start...
+            if len(replies.generations()) >= MAX_ACTIVE:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # ...and the waiting lanes stay waiting
         assert len(replies.generations()) == MAX_ACTIVE
     for _ in range(100):  # closing the socket closed every upstream
         if all(record.finished is not None for record in replies.generations()):
