@@ -11,6 +11,8 @@ nodes send it with `send`, or `call` when they wait for an answer) and the live 
 sessions whose transports it holds (`subscribe`: the handler gets each published payload, in
 order, only after the subscription is confirmed). When that connection drops and comes back,
 redis-py subscribes again and `on_reconnect` runs, so whoever missed payloads re-reads the log.
+Reading blocks until the next reply (no timer per message); instead each heartbeat pings that
+connection, and one that heard nothing, not even a pong, for a lease is cut and connects again.
 
 This module moves bytes and dicts; what they mean is `server.cluster.sessions`'s business.
 """
@@ -60,6 +62,7 @@ class Node:
         self.lease_s = lease_s
         self.beat_s = beat_s
         self.channel = control_channel(self.id)
+        self._channel_bytes = self.channel.encode()
         # A control message for this node (from `send`); returns the answer of a `call`, if any.
         self.on_control: Callable[[dict[str, Any]], Awaitable[object]] | None = None
         # A node whose lease expired, handed to this node to clean up after.
@@ -75,10 +78,13 @@ class Node:
         # overtake the request it cancels).
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._connected = False
+        # When `_read` last heard anything on the pub/sub connection (loop time).
+        self._heard = 0.0
 
     # -- life --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._heard = asyncio.get_running_loop().time()
         self._tasks = [
             asyncio.create_task(self._read(), name="sluice node pubsub"),
             asyncio.create_task(self._beat(), name="sluice node heartbeat"),
@@ -112,6 +118,7 @@ class Node:
                     pipe.zadd(NODES, {self.id: time.time()})
                     await pipe.execute()
                 await self._listen()
+                await self._check_feed()
                 await self._reap()
             except (RedisError, OSError) as exc:
                 self.store.mark_down(type(exc).__name__)
@@ -172,27 +179,52 @@ class Node:
 
     async def _read(self) -> None:
         pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if not pubsub.subscribed:
                     await asyncio.sleep(0.05)
                     continue
-                message = await pubsub.get_message(timeout=1.0)
+                # Blocks until the next reply, with no timer per message: a connection that fails
+                # raises here, one that goes silent is cut by the heartbeat (`_check_feed`).
+                response = await pubsub.parse_response(block=True)
             except (RedisError, OSError) as exc:
                 self._connected = False
                 self.store.mark_down(type(exc).__name__)
                 await asyncio.sleep(0.2)
                 continue
-            if message is None:
+            self._heard = loop.time()
+            if response is None:
                 continue
             if not self._connected:
                 self._connected = True
                 if self.on_reconnect is not None:
                     self.on_reconnect()
             try:
-                self._dispatch(message)
+                if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
+                    self._published(response[1], response[2])  # the hot path: a payload
+                else:  # confirmations and pongs: redis-py keeps its subscription state from them
+                    message = await pubsub.handle_message(response)  # type: ignore[no-untyped-call]
+                    if message is not None:
+                        self._dispatch(message)
             except Exception:  # one bad payload must not stop the node listening
                 log.exception("handling a published message failed")
+
+    async def _check_feed(self) -> None:
+        """Ask the pub/sub connection for a pong (read by `_read`); one that heard nothing, not
+        even the last beat's pong, for a lease is cut, so `_read` fails and connects again."""
+        pubsub = self._pubsub
+        if not pubsub.subscribed or pubsub.connection is None:
+            return
+        if not self._connected:
+            return  # `_read` is connecting again already
+        if asyncio.get_running_loop().time() - self._heard > self.lease_s:
+            log.warning("pub/sub connection silent for %.1f s: reconnecting", self.lease_s)
+            self._heard = asyncio.get_running_loop().time()
+            self._connected = False
+            await pubsub.connection.disconnect()
+            return
+        await pubsub.ping()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
@@ -201,14 +233,16 @@ class Node:
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
             return
-        if kind != "message":
-            return
-        if channel == self.channel.encode():
-            self._control(orjson.loads(message["data"]))
+        if kind == "message":
+            self._published(channel, message["data"])
+
+    def _published(self, channel: bytes, data: bytes) -> None:
+        if channel == self._channel_bytes:
+            self._control(orjson.loads(data))
             return
         handler = self._feeds.get(channel)
         if handler is not None:
-            handler(message["data"])
+            handler(data)
 
     # -- control messages --------------------------------------------------------------------
 

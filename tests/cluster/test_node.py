@@ -114,3 +114,31 @@ async def test_a_node_that_stops_beating_is_handed_to_one_survivor(
         await a.close()
         await b.close()
         await third.close()
+
+
+async def test_a_pubsub_connection_gone_silent_is_cut_and_the_feeds_come_back(
+    store: RedisStore, second: RedisStore, redis_server: RedisServer
+) -> None:
+    a = await _started(store, "n_a", lease_s=0.4, beat_s=0.1)
+    reconnects: list[int] = []
+    a.on_reconnect = lambda: reconnects.append(1)
+    got: list[bytes] = []
+    try:
+        await a.subscribe("sluice:{s_x}:feed", got.append)
+        await asyncio.sleep(0.3)
+        before = len(reconnects)
+        # Redis answers nobody for a while: the node's reader hears nothing, not even its pongs.
+        redis_server.command("CLIENT", "PAUSE", "1200", "ALL")
+        for _ in range(100):
+            if len(reconnects) > before:
+                break
+            await asyncio.sleep(0.05)
+        assert len(reconnects) > before
+        for _ in range(100):
+            await second.client.publish("sluice:{s_x}:feed", "after")
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        assert got and set(got) == {b"after"}
+    finally:
+        await a.close()
