@@ -41,6 +41,8 @@ from tests.support.ollama_emulator import start_emulator
 from tests.support.redis_server import RedisServer, run_redis
 from tests.support.server import ServerProcess, start_server
 
+GENERATOR = "1 Python asyncio process: websockets clients, one session per stream"
+
 MODEL = "llama3.2:1b"
 
 
@@ -241,6 +243,7 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
                     phases["interleaved"][name].append(_measure(pids, store, pairs))
             resume = asyncio.run(_resumes(a, b, config.resumes))
     summary: dict[str, Any] = {
+        "generator": GENERATOR,
         "streams": streams,
         "tokens_per_stream": config.tokens,
         "rounds": config.rounds,

@@ -30,7 +30,7 @@ import httpx
 import orjson
 import psutil
 
-from bench.cluster_cost import MODEL, cpu_model, stream_round
+from bench.cluster_cost import GENERATOR, MODEL, cpu_model, stream_round
 from tests.support.ollama_emulator import start_emulator
 from tests.support.redis_server import run_redis
 from tests.support.server import ServerProcess, start_server
@@ -128,6 +128,7 @@ def run(config: WorkersConfig) -> dict[str, Any]:
             for name, server in servers.items():
                 rows[name].append(_measure(server, redis.process.pid, config.streams))
     summary: dict[str, Any] = {
+        "generator": GENERATOR,
         "streams": config.streams,
         "tokens_per_stream": config.tokens,
         "rounds": config.rounds,
