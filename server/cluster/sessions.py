@@ -34,8 +34,8 @@ from server.cluster import forwarded, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, store_unavailable
-from server.cluster.scripts import ATTACH, feed_channel, log_key, meta_key
-from server.cluster.session import ClusterSession, FeedSink
+from server.cluster.scripts import ATTACH, log_key, meta_key, subs_key
+from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
 from server.outbox import Outbox
@@ -97,6 +97,7 @@ class ClusterSessionRegistry:
         node.on_control = self._on_control
         node.on_dead = self.recover_node
         node.on_reconnect = self._resync
+        node.on_feed = self._on_feed
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -286,7 +287,7 @@ class ClusterSessionRegistry:
             replay = _written_after(session, last_seq) if home_here else None
             if replay is None:
                 if not home_here and not session.subscribed:
-                    await self._node.subscribe(feed_channel(session.id), session.on_feed)
+                    await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
                     session.subscribed = True
                 replay = await read_after(self._store, session.id, last_seq)
             # Numbered and announced before it goes live: see `server.cluster.session`.
@@ -332,7 +333,13 @@ class ClusterSessionRegistry:
             del self._sessions[session.id]
         if session.subscribed:
             session.subscribed = False
-            await self._node.unsubscribe(feed_channel(session.id))
+            await homes.unlisten(self._store, session.id, self._node.id)
+
+    def _on_feed(self, payload: bytes) -> None:
+        for session_id, lines in feed_runs(payload):
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.on_lines(lines)
 
     def fill_gap(self, session: ClusterSession, after: int) -> None:
         async def fill() -> None:
@@ -436,12 +443,9 @@ class ClusterSessionRegistry:
         await self.writer.flush()
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        session.subscribed = False  # the delete takes every node off its feed
         with contextlib.suppress(SluiceError):
             await self._delete(session.id)
-        if session.subscribed:
-            session.subscribed = False
-            with contextlib.suppress(SluiceError):
-                await self._node.unsubscribe(feed_channel(session.id))
 
     async def _delete(self, session_id: str) -> None:
         await homes.delete(self._store, session_id, self._node.id)
@@ -493,6 +497,7 @@ class ClusterSessionRegistry:
                 for session_id in homes:
                     pipe.pexpire(meta_key(session_id), self._key_ttl_ms)
                     pipe.pexpire(log_key(session_id), self._key_ttl_ms)
+                    pipe.pexpire(subs_key(session_id), self._key_ttl_ms)
                 await pipe.execute()
         return ended
 
