@@ -9,7 +9,9 @@ what it has queued is sent.
 uvicorn's own shutdown closes every WebSocket with 1012 at once, before the app hears of it, so
 `DrainingServer` runs the drain first and only then hands over to uvicorn. `Drainer.drain` is
 idempotent: the app's lifespan calls it too, for servers started some other way (there the
-sockets are already closed and it only ends the requests). Nothing here reads the environment.
+sockets are already closed and it only ends the requests). Besides the sessions, it drains what
+was handed to `Drainer.watch` the same way (the Responses API's runs and WebSockets: they are no
+sessions). Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from protocol.errors import ErrorCode, SluiceError
 from server.draining import GOAWAY_RETRY_MS, DrainState
 
 if TYPE_CHECKING:
-    from server.seam import Sessions
+    from server.seam import Drainable, Sessions
 
 __all__ = ["Drainer", "DrainingServer"]
 
@@ -48,6 +50,17 @@ class Drainer:
         self._state = state
         self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
+        self._watched: set[Drainable] = set()  # drained beside the sessions
+
+    def watch(self, drainable: Drainable) -> None:
+        """Drain ``drainable`` with the sessions (until `unwatch`)."""
+        self._watched.add(drainable)
+
+    def unwatch(self, drainable: Drainable) -> None:
+        self._watched.discard(drainable)
+
+    def _all(self) -> list[Drainable]:
+        return [*self._sessions, *self._watched]
 
     async def drain(self) -> None:
         if self._task is None:
@@ -57,19 +70,18 @@ class Drainer:
 
     async def _drain(self) -> None:
         started = time.monotonic()
-        sessions = self._sessions
-        log.info("draining %d sessions (up to %.1f s)", len(sessions), self._timeout_s)
-        for runtime in sessions:
+        log.info("draining %d sessions (up to %.1f s)", len(self._sessions), self._timeout_s)
+        for runtime in self._all():
             runtime.goaway("server shutting down", GOAWAY_RETRY_MS)
-        await _until(lambda: not any(runtime.busy for runtime in sessions), self._timeout_s)
+        await _until(lambda: not any(runtime.busy for runtime in self._all()), self._timeout_s)
         cut_short = 0
         error = SluiceError(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
-        for runtime in sessions:
+        for runtime in self._all():
             if runtime.busy:
                 cut_short += 1
                 runtime.fail_all(error)
             runtime.finish_connection(CloseCode.SERVICE_RESTART, "server shutting down")
-        await _until(lambda: not any(runtime.attached for runtime in sessions), _CLOSE_GRACE_S)
+        await _until(lambda: not any(runtime.attached for runtime in self._all()), _CLOSE_GRACE_S)
         log.info(
             "drained in %.2f s (%d sessions had requests cut short)", time.monotonic() - started, cut_short
         )

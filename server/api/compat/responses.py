@@ -81,6 +81,7 @@ def runs_of(connection: HTTPConnection) -> ResponseRuns:
         if services.cluster is not None:
             runs.node_id = services.cluster.node.id
             answer_cancels(services.cluster.node, _canceller(runs))
+        services.drainer.watch(runs)  # drained with the sessions on SIGTERM
         state.sluice_responses = runs
     return runs
 

@@ -5,7 +5,8 @@ response to an append-only log, as the dicts OpenAI sends as server-sent events'
 (``type``, ``sequence_number`` consecutive from 0, ...), and keeps the Response object current in
 the store. Readers (`ResponseRun.events`) replay the log after a sequence number and then follow it
 live, any number at once, nothing lost or repeated; `ResponseRun.cancel` closes the upstream and
-settles the response ``cancelled`` with its output so far. The HTTP routes (a streamed or whole
+settles the response ``cancelled`` with its output so far, `ResponseRun.stop` with an error
+settles it ``failed`` with that error (a drain's deadline). The HTTP routes (a streamed or whole
 ``POST``, background responses, ``GET ?stream=true&starting_after=``) and the WebSocket mode all
 start and read runs through `start_run`; none of them produces events itself.
 
@@ -13,7 +14,10 @@ In cluster mode a background run also mirrors its events into Redis
 (`server.api.compat.responses_log`), so that another node can resume it. A run that nobody can
 resume (not background) is forgotten when it ends; a finished background run
 keeps its log for the store's TTL, and at most ``max_count`` of them are kept or running, so that
-memory stays bounded. This module encodes no wire format and never reads a request.
+memory stays bounded. `ResponseRuns` is drained with the sessions (`server.shutdown.Drainer`):
+new responses are refused by the dispatcher's drain check, running ones get the drain timeout to
+end, and those still running then end ``failed`` (a retryable ``shutting_down``), stored so, with
+their output so far. This module encodes no wire format and never reads a request.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Final
 
+from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
 from server.api import calls
 from server.api.compat.openai_chat import refuse
@@ -151,6 +156,7 @@ class ResponseRun:
         self._task: asyncio.Task[None] | None = None
         # A task cancelled before its first step never runs its ``finally``: stop it from inside.
         self._started = self._stop_early = False
+        self._failure: SluiceError | None = None  # what a stop with an error settles it with
         self._item_id, self._index, self._text = "", -1, list[str]()  # the open message item
 
     def start(self, opening: calls.Generation | Opening) -> None:
@@ -190,10 +196,13 @@ class ResponseRun:
         """The response as it would be stored now (its view and the conversation to continue)."""
         return self._draft.stored(self.view)
 
-    def stop(self) -> None:
-        """Cancel the generation without waiting (it settles ``cancelled`` in its own task)."""
+    def stop(self, error: SluiceError | None = None) -> None:
+        """Cancel the generation without waiting: it settles ``cancelled`` in its own task, or
+        ``failed`` with ``error`` when one is given."""
         if self._task is None or self.done:
             return
+        if self._failure is None:
+            self._failure = error
         if self._started:
             self._task.cancel()
         else:
@@ -261,13 +270,13 @@ class ResponseRun:
                     await self._settle(draft.view(status, piece))
                     self._emit(f"response.{status}", response=self.view)
         except SluiceError as exc:
-            self.error = exc
-            self._settle_text("incomplete")
-            await self._settle(draft.view("failed", error=exc))
-            self._emit("response.failed", response=self.view)
+            await self._fail(exc)
         except asyncio.CancelledError:  # cancelled, or its client left: keep the output so far
-            self._settle_text("incomplete")
-            await self._settle(draft.view("cancelled"))
+            if self._failure is not None:  # stopped with an error (the drain's deadline)
+                await self._fail(self._failure)
+            else:
+                self._settle_text("incomplete")
+                await self._settle(draft.view("cancelled"))
         finally:
             if generation is not None:
                 await generation.aclose()
@@ -278,6 +287,14 @@ class ResponseRun:
                 self._mirror.end()
             self._wake()
             self._on_done(self)
+
+    async def _fail(self, error: SluiceError) -> None:
+        self.error = error
+        if not self.log:  # stopped before it began
+            self._emit("response.created", response=self.view)
+        self._settle_text("incomplete")
+        await self._settle(self._draft.view("failed", error=error))
+        self._emit("response.failed", response=self.view)
 
     def _text_piece(self, piece: str) -> None:
         if not piece:
@@ -356,6 +373,27 @@ class ResponseRuns:
             entry = self._kept.get(response_id)
             run = entry[1] if entry is not None else None
         return run if run is not None and run.key_id == owner else None
+
+    # -- as the drain sees them (`server.seam.Drainable`) -------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def attached(self) -> bool:  # until the runs cut short have settled (stored)
+        return bool(self._running)
+
+    def goaway(self, reason: str, retry_after_ms: int) -> None:
+        """Nothing to tell: new responses are refused by the dispatcher's drain check."""
+
+    def fail_all(self, error: SluiceError) -> None:
+        """End every running response ``failed`` with ``error`` (in its own task)."""
+        for run in list(self._running.values()):
+            run.stop(error)
+
+    def finish_connection(self, code: CloseCode, reason: str) -> None:
+        """Nothing to close: the runs hold no connection."""
 
     def forget(self, response_id: str) -> None:
         self._kept.pop(response_id, None)

@@ -36,6 +36,12 @@ A response with ``store: false`` is kept nowhere but in this socket's own cache 
 `MAX_CACHED`): a later ``response.create`` on the same socket, in any lane, may continue it by
 ``previous_response_id``, as OpenAI's connection-local cache allows; another socket cannot.
 
+Drain (SIGTERM): the socket is drained with the sessions (`server.shutdown.Drainer`). A
+``response.create`` from then on gets an ``error`` event (``shutting_down``, 503, retryable); the
+responses running get the drain timeout to end; those still running then end ``failed`` (stored
+so, with their text so far, their ``response.failed`` sent in their lane); then the socket closes
+1012, on which the SDK reconnects.
+
 Reconnection: after a recoverable close (1001, 1006, 1011, 1012, 1013), the SDK (given
 ``on_reconnecting``) opens a new socket and sends there the events it queued meanwhile; it
 replays nothing and asks for nothing. What carries over is what is stored: a completed response
@@ -138,6 +144,8 @@ class _Connection:
         self._stall_timer: asyncio.TimerHandle | None = None
         self._ending = False
         self._close_code: CloseCode | None = None
+        self._closed = False  # the socket is closed (what the drain waits for)
+        self._finishing: asyncio.Task[None] | None = None  # the drain's close, once it began
 
     async def serve(self) -> None:
         ws, services = self._ws, self._services
@@ -148,6 +156,14 @@ class _Connection:
             return
         await ws.accept()
         services.metrics.connection_opened(TRANSPORT)
+        services.drainer.watch(self)
+        try:
+            await self._serve()
+        finally:
+            self._closed = True
+            services.drainer.unwatch(self)
+
+    async def _serve(self) -> None:
         self._reader = reader = asyncio.current_task()
         try:
             await self._read_loop()
@@ -160,7 +176,7 @@ class _Connection:
         finally:
             self._ending = True
             await self._end()
-            services.metrics.connection_closed(TRANSPORT)
+            self._services.metrics.connection_closed(TRANSPORT)
         if self._close_code is not None:
             await self._close(self._close_code)
 
@@ -314,6 +330,35 @@ class _Connection:
             event_out["stream_id"] = running[1]
         with contextlib.suppress(_Gone):
             await self._write(orjson.dumps(event_out))
+
+    # -- as the drain sees it (`server.seam.Drainable`) ---------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return any(not run.done for run, _ in self._runs.values())
+
+    @property
+    def attached(self) -> bool:
+        return not self._closed
+
+    def goaway(self, reason: str, retry_after_ms: int) -> None:
+        """Nothing to send: the SDK has no such event (new creates are refused while draining)."""
+
+    def fail_all(self, error: SluiceError) -> None:
+        """End this socket's running responses ``failed`` with ``error``; their lanes send it."""
+        for run, _ in self._runs.values():
+            run.stop(error)
+
+    def finish_connection(self, code: CloseCode, reason: str) -> None:
+        """Close with ``code`` once the lanes have sent what their responses ended with."""
+        if self._finishing is None and not self._ending:
+            self._finishing = asyncio.create_task(self._finish(code), name="sluice responses socket drain")
+
+    async def _finish(self, code: CloseCode) -> None:
+        lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        if lanes:
+            await asyncio.wait(lanes, timeout=_MIN_CLOSE_WAIT_S)
+        self._fail(code)
 
     # -- the end -----------------------------------------------------------------------------
 
