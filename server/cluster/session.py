@@ -116,8 +116,6 @@ class ClusterSession:
         self._held: list[LoggedMessage] | None = None
         self._forward: deque[dict[str, Any]] = deque()
         self._forwarder: asyncio.Task[None] | None = None
-        # Whether this node is in the session's ``subs`` (its feed reaches this node).
-        self.subscribed = False
         self.ended = False
         # A goaway asked of the home that has not reached the transport here yet.
         self._goaway_due = False

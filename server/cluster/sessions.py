@@ -32,6 +32,7 @@ from protocol.messages import ClientMessage, LoggedMessage, Welcome
 from protocol.session import Outcome, Session, SessionLimits
 from server.cluster import forwarded, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
+from server.cluster.feeds import Feeds
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, store_unavailable
 from server.cluster.scripts import ATTACH, log_key, meta_key, subs_key
@@ -90,6 +91,7 @@ class ClusterSessionRegistry:
         self._clock = clock
         self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
         self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
+        self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -286,9 +288,8 @@ class ClusterSessionRegistry:
             home_here = session.runtime is not None
             replay = _written_after(session, last_seq) if home_here else None
             if replay is None:
-                if not home_here and not session.subscribed:
-                    await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
-                    session.subscribed = True
+                if not home_here:
+                    await self._feeds.join(session.id)
                 replay = await read_after(self._store, session.id, last_seq)
             # Numbered and announced before it goes live: see `server.cluster.session`.
             token = None
@@ -331,9 +332,11 @@ class ClusterSessionRegistry:
             return
         if session.runtime is None:
             del self._sessions[session.id]
-        if session.subscribed:
-            session.subscribed = False
-            await homes.unlisten(self._store, session.id, self._node.id)
+        await self._feeds.leave(session.id, lambda: self._held_here(session.id))
+
+    def _held_here(self, session_id: str) -> bool:
+        view = self._sessions.get(session_id)
+        return view is not None and (view.attached or view.attaching)
 
     def _on_feed(self, payload: bytes) -> None:
         for session_id, lines in feed_runs(payload):
@@ -443,7 +446,7 @@ class ClusterSessionRegistry:
         await self.writer.flush()
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
-        session.subscribed = False  # the delete takes every node off its feed
+        self._feeds.dropped(session.id)  # the delete takes every node off its feed
         with contextlib.suppress(SluiceError):
             await self._delete(session.id)
 
