@@ -12,8 +12,9 @@ again from its own event log by ``GET ?stream=true&starting_after=N``. A stored 
 the key that made it (any other key is told it does not exist). In cluster mode the store is the
 cluster's Redis, so every node can retrieve, list, chain and delete a response; a background
 run's events are mirrored there too, so any node resumes it, and a cancel on another node is sent
-to the node running it (`server.api.compat.responses_log`). A stream this node cannot give whole
-is refused with a 409, never answered in part.
+to the node running it (`server.api.compat.responses_log`); ``GET`` there shows its output so far
+from that log, and one whose node died is settled ``failed`` by whoever finds it so (`Orphans`).
+A stream this node cannot give whole is refused with a 409, never answered in part.
 """
 
 from __future__ import annotations
