@@ -13,12 +13,16 @@ request to its first delta. Shapes:
 - ``single``: one node, no Redis (today's in-memory path);
 - ``cluster-local``: two nodes, every stream on the node that opened its session (its home);
 - ``cluster-remote``: each stream's session opened on node A, its transport on node B (events
-  relayed A → Redis → B; the first delta's time includes the reconnect): CPU of both nodes.
+  relayed A → Redis → B; the first delta's time includes the reconnect): CPU of both nodes;
+- with ``--baseline DIR`` (another checkout, e.g. a ``git worktree`` of an older commit), also
+  ``cluster-local-base`` and ``cluster-remote-base``: the same shapes on two nodes running DIR's
+  code (same emulator and Redis), in the same interleaved rounds.
 
 Then resumes on node B of a session homed on node A (from 0, T tokens logged): time to the
 welcome and to the last replayed event, p50 and p99.
 
-Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 5]`` prints JSON.
+Run: ``python -m bench.cluster_cost [--streams 40] [--tokens 300] [--rounds 5] [--baseline DIR]``
+prints JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ GENERATOR = "1 Python asyncio process: websockets clients, one session per strea
 MODEL = "llama3.2:1b"
 
 
-def _env(emu_url: str, redis_url: str = "", node: str = "") -> dict[str, str]:
+def _env(emu_url: str, redis_url: str = "", node: str = "", tree: str = "") -> dict[str, str]:
     env = {
         "SLUICE_OLLAMA_URLS": emu_url,
         "SLUICE_LOAD_LOCAL_GENERATION": "false",
@@ -55,6 +59,8 @@ def _env(emu_url: str, redis_url: str = "", node: str = "") -> dict[str, str]:
     }
     if redis_url:
         env |= {"SLUICE_REDIS_URL": redis_url, "SLUICE_NODE_ID": node}
+    if tree:  # that checkout's code, not this one's (the server runs with this one as its cwd)
+        env |= {"PYTHONSAFEPATH": "1", "PYTHONPATH": f"{tree}:{tree}/clients/python"}
     return env
 
 
@@ -179,14 +185,16 @@ def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, 
 
 
 @contextlib.contextmanager
-def _servers(
-    emu_url: str, redis: RedisServer
-) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess]]:
+def _servers(emu_url: str, redis: RedisServer, baseline: str) -> Iterator[list[ServerProcess]]:
+    """The single node, nodes a and b, then (with a ``baseline`` tree) its nodes a0 and b0."""
+    envs = [_env(emu_url), _env(emu_url, redis.url, "a"), _env(emu_url, redis.url, "b")]
+    if baseline:
+        envs += [_env(emu_url, redis.url, "a0", baseline), _env(emu_url, redis.url, "b0", baseline)]
     started: list[ServerProcess] = []
     try:
-        for env in (_env(emu_url), _env(emu_url, redis.url, "a"), _env(emu_url, redis.url, "b")):
+        for env in envs:
             started.append(start_server(env))
-        yield started[0], started[1], started[2]
+        yield started
     finally:
         for server in started:
             server.stop()
@@ -198,6 +206,7 @@ class ClusterCostConfig:
     tokens: int = 300
     rounds: int = 5
     resumes: int = 200
+    baseline: str = ""
 
     @classmethod
     def quick(cls) -> ClusterCostConfig:
@@ -220,16 +229,17 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
         run_redis() as redis,
         start_emulator(token_rate=200.0, tokens=config.tokens, lines_per_write=1, split_lines=False) as emu,
     ):
-        with _servers(emu.url, redis) as (single, a, b):
-            shapes = {
-                "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams),
-                "cluster-local": (
-                    [a.process.pid, b.process.pid],
-                    redis,
-                    [(node.ws_url, node.ws_url) for node in (a, b)] * (streams // 2),
-                ),
-                "cluster-remote": ([a.process.pid, b.process.pid], redis, [(a.ws_url, b.ws_url)] * streams),
+        with _servers(emu.url, redis, config.baseline) as servers:
+            single, a, b = servers[:3]
+            shapes: dict[str, tuple[list[int], RedisServer | None, list[tuple[str, str]]]] = {
+                "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams)
             }
+            trees = [("", a, b)] + ([("-base", servers[3], servers[4])] if config.baseline else [])
+            for suffix, x, y in trees:
+                pids = [x.process.pid, y.process.pid]
+                local = [(node.ws_url, node.ws_url) for node in (x, y)] * (streams // 2)
+                shapes[f"cluster-local{suffix}"] = (pids, redis, local)
+                shapes[f"cluster-remote{suffix}"] = (pids, redis, [(x.ws_url, y.ws_url)] * streams)
             for pids, store, pairs in shapes.values():  # warm every server and path once
                 _measure(pids, store, pairs[:4])
             phases: dict[str, dict[str, list[dict[str, float]]]] = {
@@ -248,11 +258,12 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
         "tokens_per_stream": config.tokens,
         "rounds": config.rounds,
         "cpu": cpu_model(),
+        "baseline": config.baseline,
     }
     for phase, results in phases.items():
         section = summary[phase] = {name: _summary(rows) for name, rows in results.items()}
         base = section["single"]["node_us_per_token"]
-        for name in ("cluster-local", "cluster-remote"):
+        for name in section.keys() - {"single"}:
             section[name]["ratio_to_single"] = section[name]["node_us_per_token"] / base
     summary["resume_on_other_node"] = resume
     return summary
@@ -273,8 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=defaults.streams)
     parser.add_argument("--tokens", type=int, default=defaults.tokens)
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--baseline", default="", help="another checkout whose nodes run beside")
     args = parser.parse_args(argv)
-    config = ClusterCostConfig(streams=args.streams, tokens=args.tokens, rounds=args.rounds)
+    config = ClusterCostConfig(
+        streams=args.streams, tokens=args.tokens, rounds=args.rounds, baseline=args.baseline
+    )
     sys.stdout.write(orjson.dumps(run(config), option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

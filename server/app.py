@@ -27,6 +27,7 @@ from starlette.routing import WebSocketRoute
 
 from protocol.session import SessionLimits
 from server.api import mount
+from server.api.compat import responses
 from server.auth import Authenticator
 from server.cors import PolicyCORSMiddleware
 from server.dispatcher import Dispatcher
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelBackends | No
         loading.add_done_callback(_log_loading_failure)
         if services.cluster is not None:
             await services.cluster.start()
+            responses.runs_for(_app)  # so that this node settles the responses of dead nodes
         services.sessions.start_sweeper()
         try:
             yield

@@ -6,7 +6,9 @@ await), and hands each appended event to the node's `LogWriter`, which writes ev
 events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
 `scripts.APPEND` per session that changed goes out, all in one round trip, never one per token
 (packed here, what never changes for a session packed once, and written with one call on the
-store's own connection: `RedisStore.round_trip`). While a write is in flight the next events
+store's own connection: `RedisStore.round_trip`). What a write confirmed is published in the next
+one, once per node that holds a transport of any of those sessions (one payload per node, every
+session's events in it: `server.cluster.scripts`), never before Redis logged it. While a write is in flight the next events
 gather, and the next write starts no sooner than `WRITE_INTERVAL_S` after the last one started,
 so a slow Redis or a busy node means larger batches, not more round trips. The home sends a transport
 only what a write confirmed (`RedisEventLog.on_written`), so no client ever has an event that a
@@ -39,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisError
 from protocol.codec import encode
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
 from server.cluster.redis import RedisStore, bulk, pack
-from server.cluster.scripts import feed_channel, log_key, meta_key
+from server.cluster.scripts import log_key, meta_key, node_feed_channel, subs_key
 
 __all__ = ["WRITE_INTERVAL_S", "WRITE_WINDOW_S", "LogWriter", "RedisEventLog", "decode_event", "read_after"]
 
@@ -53,6 +55,13 @@ WRITE_WINDOW_S = 0.001
 WRITE_INTERVAL_S = 0.002
 
 _ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
+_PUBLISH = bulk(b"PUBLISH")
+
+
+def _raw(arg: bytes | str | int) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    return arg.encode() if isinstance(arg, str) else b"%d" % arg
 
 
 def decode_event(data: bytes | str) -> LoggedMessage:
@@ -95,6 +104,7 @@ class RedisEventLog:
         "_sizes",
         "_started",
         "epoch",
+        "feed_head",
         "lost",
         "on_idle",
         "on_lost",
@@ -131,7 +141,7 @@ class RedisEventLog:
         if self._events and self._events[-1].seq != last_seq:
             raise ValueError("the past events must end at last_seq")
         # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended.
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._pending_events: list[LoggedMessage] = []
         self._pending_first = last_seq + 1
         self._started: list[str] = []
@@ -145,6 +155,8 @@ class RedisEventLog:
         self.on_idle: Callable[[], None] | None = None
         # What the writer packed once for this log's writes (see `LogWriter._command`).
         self.packed: tuple[bytes, bytes] | None = None
+        # What starts this session's run in a node's feed payload.
+        self.feed_head = b"#" + session_id.encode()
 
     # -- EventLog ----------------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class RedisEventLog:
         self._sizes.append(len(frame))
         self._bytes += len(frame)
         self._last = event.seq
-        self._pending.append(frame)
+        self._pending.append(frame.encode())
         self._pending_events.append(event)
         if len(self._events) > self._capacity:
             self._evict()
@@ -219,8 +231,8 @@ class RedisEventLog:
         # Redis trims below the oldest event this window holds (after an `ack`, the oldest
         # the window would hold, since Redis keeps what the client acknowledged).
         keep_from = self._last - max(len(self._events), self._capacity) + 1
-        args: list[Any] = [meta_key(sid), log_key(sid), self.epoch, self._pending_first, max(0, keep_from)]
-        args += [feed_channel(sid), "1" if self.release else "0"]
+        args: list[Any] = [meta_key(sid), log_key(sid), subs_key(sid), self.epoch, self._pending_first]
+        args += [max(0, keep_from), sid, "1" if self.release else "0"]
         args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]
         return taken, args
 
@@ -271,6 +283,10 @@ class LogWriter:
         self._task: asyncio.Task[None] | None = None
         self._last_start = 0.0
         self.round_trips = 0
+        # Confirmed events not yet published: per node id, the lines of its next feed payload.
+        self._feed_out: dict[bytes, list[bytes]] = {}
+        self._channels: dict[bytes, bytes] = {}
+        self._self = node_id.encode()
 
     def dirty(self, event_log: RedisEventLog) -> None:
         if event_log.lost:
@@ -288,7 +304,7 @@ class LogWriter:
     async def _write_all(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._dirty:
+            while self._dirty or self._feed_out:
                 # Back-to-back writes start at least WRITE_INTERVAL_S apart, so a busy node
                 # sends fewer, larger batches (and its sessions merge more tokens per event).
                 wait = self._last_start + WRITE_INTERVAL_S - loop.time()
@@ -305,19 +321,25 @@ class LogWriter:
             self._task = None
 
     async def _write(self, logs: list[RedisEventLog]) -> bool:
-        """One round trip for ``logs`` (an EVALSHA of `scripts.APPEND` per log, packed here and
-        written at once); False when some of it must be tried again."""
+        """One round trip: the feeds of what the last write confirmed (a PUBLISH per node), then
+        an EVALSHA of `scripts.APPEND` per log of ``logs`` (packed here, all written at once);
+        False when some of it must be tried again."""
         store = self._store
-        commands: list[bytes] = []
-        batches: list[tuple[RedisEventLog, _Taken]] = []
+        feeds = self._feed_out
+        commands = [
+            pack(3, (_PUBLISH, bulk(self._channel(node)), bulk(b"\n".join(lines))))
+            for node, lines in feeds.items()
+        ]
+        published = len(commands)
+        batches: list[tuple[RedisEventLog, _Taken, list[bytes]]] = []
         for event_log in logs:
             batch = event_log.take_batch()
             if batch is None or event_log.lost:
                 continue
             taken, args = batch
             commands.append(self._command(event_log, args))
-            batches.append((event_log, taken))
-        if not batches:
+            batches.append((event_log, taken, args[len(args) - taken.events :]))
+        if not commands:
             return True
         try:
             replies = await store.round_trip(commands)
@@ -325,13 +347,15 @@ class LogWriter:
             store.mark_down(type(exc).__name__)
             return False
         self.round_trips += 1
+        if published:
+            self._feed_out = {}
         retry = False
-        for (event_log, taken), reply in zip(batches, replies, strict=True):
+        for (event_log, taken, frames), reply in zip(batches, replies[published:], strict=True):
             if isinstance(reply, Exception):
                 retry = True
                 if isinstance(reply, NoScriptError):  # Redis restarted: its script cache is empty
                     await store.load_scripts()
-            elif reply < 0:
+            elif isinstance(reply, int):
                 log.warning(
                     "session store refused a write (%d): the session is lost",
                     reply,
@@ -339,29 +363,44 @@ class LogWriter:
                 )
                 event_log.mark_lost()
             else:
-                event_log.written(taken, int(reply))
+                event_log.written(taken, int(reply[0]))
+                if frames and not taken.release:  # a release published them itself
+                    self._publish_later(event_log.feed_head, frames, reply[1:])
         return not retry
+
+    def _publish_later(self, head: bytes, frames: list[bytes], nodes: list[bytes]) -> None:
+        for node in nodes:
+            if node != self._self:  # the home sends its own transports what it wrote
+                lines = self._feed_out.setdefault(node, [])
+                lines.append(head)
+                lines += frames
+
+    def _channel(self, node: bytes) -> bytes:
+        channel = self._channels.get(node)
+        if channel is None:
+            channel = self._channels[node] = node_feed_channel(node.decode()).encode()
+        return channel
 
     def _command(self, event_log: RedisEventLog, args: list[Any]) -> bytes:
         """The EVALSHA that writes ``args`` (from `take_batch`), in RESP. What never changes for
         a log (script, keys, node, epoch, ttl, channel) is packed once and kept on it."""
-        meta, stream, epoch, first, keep_from, channel, *rest = args
+        meta, stream, subs, epoch, first, keep_from, sid, *rest = args
         head = event_log.packed
         if head is None:
             sha = self._store.append_script.sha
-            fixed = ("EVALSHA", sha, "2", meta, stream, self._node_id, epoch)
+            fixed = ("EVALSHA", sha, "3", meta, stream, subs, self._node_id, epoch)
             head = event_log.packed = (
                 b"".join(bulk(str(arg).encode()) for arg in fixed),
-                bulk(str(self._ttl_ms).encode()) + bulk(channel.encode()),
+                bulk(str(self._ttl_ms).encode()) + bulk(sid.encode()),
             )
         parts = [head[0], bulk(b"%d" % first), bulk(b"%d" % keep_from), head[1]]
-        parts += [bulk(arg.encode() if isinstance(arg, str) else b"%d" % arg) for arg in rest]
-        # EVALSHA, sha, 2, meta, log, node, epoch, first, keep_from, ttl, channel, then the rest.
-        return pack(11 + len(rest), parts)
+        parts += [bulk(_raw(arg)) for arg in rest]
+        # EVALSHA, sha, 3, meta, log, subs, node, epoch, first, keep_from, ttl, sid, then the rest.
+        return pack(12 + len(rest), parts)
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (or given up as lost)."""
-        while self._dirty or self._task is not None or self._scheduled:
+        while self._dirty or self._feed_out or self._task is not None or self._scheduled:
             task = self._task
             if task is not None:
                 await asyncio.shield(task)

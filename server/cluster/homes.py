@@ -4,7 +4,8 @@ Each function is one step on the store, atomic where it must be (the scripts of
 `server.cluster.scripts`): `create` writes a new session's meta with this node as its home;
 `claim` makes this node the home of a session that has none and reads back its log, so the node
 can build the `Session` from it; `attach_token` numbers a transport attaching to it (the attach
-generation, which orders takeovers across nodes) and announces it; `recover` ends, in the session's log, every request a stopped
+generation, which orders takeovers across nodes) and announces it; `listen` and `unlisten` add
+this node to the nodes a session's feed reaches and take it off again; `recover` ends, in the session's log, every request a stopped
 home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
 a home, fenced by that home's id so that it happens once; `delete` forgets a session.
 
@@ -24,7 +25,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import Error, LoggedMessage
 from server.cluster.eventlog import decode_event
 from server.cluster.redis import RedisStore
-from server.cluster.scripts import feed_channel, log_key, meta_key, node_sessions_key
+from server.cluster.scripts import log_key, meta_key, node_sessions_key, subs_key
 
 __all__ = [
     "NODE_STOPPED",
@@ -34,8 +35,10 @@ __all__ = [
     "claim",
     "create",
     "delete",
+    "listen",
     "recover",
     "recover_node",
+    "unlisten",
 ]
 
 NODE_STOPPED = "the node running this request stopped"
@@ -90,9 +93,25 @@ async def attach_token(store: RedisStore, script: AsyncScript, session_id: str, 
     the generation one more than any transport's before), announced on the session's feed as
     ``!A <token>`` in the same step (``script`` is `server.cluster.scripts.ATTACH`); None when
     there is no such session."""
-    keys = [meta_key(session_id)]
-    reply = await store.run(script(keys=keys, args=[node_id, feed_channel(session_id)], client=store.client))
+    keys = [meta_key(session_id), subs_key(session_id)]
+    reply = await store.run(script(keys=keys, args=[node_id, session_id], client=store.client))
     return None if reply is None else _text(reply)
+
+
+async def listen(store: RedisStore, session_id: str, node_id: str, *, ttl_ms: int) -> None:
+    """From when this returns, every event the session's home writes and every notice reaches
+    ``node_id``'s feed channel (published after the write, so a log read after this misses
+    nothing: what it does not hold yet is published later)."""
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.sadd(subs_key(session_id), node_id)
+        pipe.pexpire(subs_key(session_id), ttl_ms)
+        await pipe.execute()
+
+
+async def unlisten(store: RedisStore, session_id: str, node_id: str) -> None:
+    """``node_id`` holds no transport of the session any more: its feed need not reach it."""
+    await store.run(store.client.srem(subs_key(session_id), node_id))
 
 
 def attach_generation(token: str | None) -> int:
@@ -111,9 +130,9 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int)
         ids = sorted(field[2:].decode() for field in meta if field.startswith(b"r:"))
         events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
         # Trimming nothing (0): a few more events do not overflow the window worth a trim.
-        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, 0, ttl_ms, feed_channel(session_id)]
+        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, 0, ttl_ms, session_id]
         args += ["1", 0, len(ids), *ids, *events]
-        keys = [meta_key(session_id), log_key(session_id)]
+        keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
         if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != -2:
             break  # -2: the seq moved between the read and the script; read again
     await store.run(store.client.srem(node_sessions_key(dead), session_id))
@@ -128,12 +147,9 @@ async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
 
 async def delete(store: RedisStore, session_id: str, node_id: str) -> None:
     """Forget ``session_id``; its transports hear ``!E`` and close."""
-    async with store.translated():
-        pipe = store.client.pipeline(transaction=False)
-        pipe.delete(meta_key(session_id), log_key(session_id))
-        pipe.publish(feed_channel(session_id), "!E")
-        pipe.srem(node_sessions_key(node_id), session_id)
-        await pipe.execute()
+    keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
+    await store.run(store.end_script(keys=keys, args=[session_id], client=store.client))
+    await store.run(store.client.srem(node_sessions_key(node_id), session_id))
 
 
 def _stopped(request_id: str, seq: int) -> Error:

@@ -7,8 +7,9 @@ first to lock one (``SET NX``) hands it to `on_dead`, which ends that node's unf
 then forgets it. So a killed node's requests end within ``LEASE_S + BEAT_S`` plus the work.
 
 One pub/sub connection carries everything a node listens to: its control channel (messages other
-nodes send it with `send`, or `call` when they wait for an answer) and the live feeds of the
-sessions whose transports it holds (`subscribe`: the handler gets each published payload, in
+nodes send it with `send`, or `call` when they wait for an answer), its feed channel (the live
+events and notices of every session whose transport it holds, many sessions to a payload: handed
+to `on_feed`) and any other channel (`subscribe`: the handler gets each published payload, in
 order, only after the subscription is confirmed). When that connection drops and comes back,
 redis-py subscribes again and `on_reconnect` runs, so whoever missed payloads re-reads the log.
 Reading blocks until the next reply (no timer per message); instead each heartbeat pings that
@@ -33,7 +34,7 @@ from redis.exceptions import RedisError
 
 from protocol.errors import SluiceError
 from server.cluster.redis import RedisStore, store_unavailable
-from server.cluster.scripts import NODES, control_channel, node_key
+from server.cluster.scripts import NODES, control_channel, node_feed_channel, node_key
 
 __all__ = ["BEAT_S", "LEASE_S", "Node", "new_node_id"]
 
@@ -63,6 +64,9 @@ class Node:
         self.beat_s = beat_s
         self.channel = control_channel(self.id)
         self._channel_bytes = self.channel.encode()
+        self._feed_bytes = node_feed_channel(self.id).encode()
+        # A payload of this node's feed channel (`server.cluster.scripts` for its lines).
+        self.on_feed: FeedHandler | None = None
         # A control message for this node (from `send`); returns the answer of a `call`, if any.
         self.on_control: Callable[[dict[str, Any]], Awaitable[object]] | None = None
         # A node whose lease expired, handed to this node to clean up after.
@@ -94,8 +98,9 @@ class Node:
             await self._listen()
 
     async def _listen(self) -> None:
-        if self.channel.encode() not in self._pubsub.channels:
-            await self._subscribe(self.channel.encode())
+        for name in (self._channel_bytes, self._feed_bytes):
+            if name not in self._pubsub.channels:
+                await self._subscribe(name)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -240,7 +245,7 @@ class Node:
         if channel == self._channel_bytes:
             self._control(orjson.loads(data))
             return
-        handler = self._feeds.get(channel)
+        handler = self.on_feed if channel == self._feed_bytes else self._feeds.get(channel)
         if handler is not None:
             handler(data)
 

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.errors import ErrorCode, SluiceError
-from server.cluster.scripts import APPEND, CLAIM
+from server.cluster.scripts import APPEND, CLAIM, END
 
 __all__ = ["HEALTH_EVERY_S", "RedisStore", "bulk", "pack", "store_unavailable"]
 
@@ -87,6 +87,7 @@ class RedisStore:
         )
         self.append_script = self.client.register_script(APPEND)
         self.claim_script = self.client.register_script(CLAIM)
+        self.end_script = self.client.register_script(END)
         self._healthy = False
         self._reason = "not checked yet"
         self._watcher: asyncio.Task[None] | None = None
@@ -170,7 +171,7 @@ class RedisStore:
     async def load_scripts(self) -> None:
         """Load the scripts into the server's cache (after a restart emptied it)."""
         async with self.translated():
-            for script in (self.append_script, self.claim_script):
+            for script in (self.append_script, self.claim_script, self.end_script):
                 script.sha = await self.client.script_load(script.script)
 
     async def round_trip(self, commands: list[bytes]) -> list[Any]:

@@ -1,8 +1,8 @@
 """The Redis key layout of cluster mode and the Lua scripts that change more than one key at once.
 
 Every key of one session carries the session id as its hash tag (``sluice:{s_…}:meta``,
-``sluice:{s_…}:log``) and the session's live feed is the channel ``sluice:{s_…}:feed``, so each
-script touches one hash slot and runs unchanged on Redis Cluster. Per session:
+``sluice:{s_…}:log``, ``sluice:{s_…}:subs``), so each script touches one hash slot and runs
+unchanged on Redis Cluster. Per session:
 
 - ``meta`` (hash): ``key`` (the owner key id), ``epoch`` (made when the session is created:
   a writer holding another epoch is writing to a session the store lost), ``seq`` (the newest
@@ -11,11 +11,19 @@ script touches one hash slot and runs unchanged on Redis Cluster. Per session:
   ``r:<request id>`` field per request in flight on the home;
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
-  least that window).
+  least that window);
+- ``subs`` (set): the nodes that hold (or are attaching) a transport of the session, so the
+  session's live events and notices reach them.
 
 Per node: ``sluice:node:<id>`` (heartbeat, with a TTL) and ``sluice:node:<id>:sessions`` (the
-sessions it is home of), its control channel ``sluice:node:<id>:ctl``, and ``sluice:nodes``
-(sorted set of every node by last heartbeat, so survivors find the dead).
+sessions it is home of), its control channel ``sluice:node:<id>:ctl``, its feed channel
+``sluice:node:<id>:feed``, and ``sluice:nodes`` (sorted set of every node by last heartbeat, so
+survivors find the dead).
+
+A feed payload carries any number of sessions' lines: ``#<session id>`` starts a session's run,
+then its events' JSON (never holding a raw newline) and notices (``!…``), newline-joined. A home
+publishes the events a write confirmed once per node per write, for all its sessions together
+(`server.cluster.eventlog`); the scripts publish the notices, each to every node in ``subs``.
 
 This module only names keys and holds script text: it never talks to Redis.
 """
@@ -26,13 +34,15 @@ __all__ = [
     "APPEND",
     "ATTACH",
     "CLAIM",
+    "END",
     "NODES",
     "control_channel",
-    "feed_channel",
     "log_key",
     "meta_key",
+    "node_feed_channel",
     "node_key",
     "node_sessions_key",
+    "subs_key",
 ]
 
 NODES = "sluice:nodes"
@@ -46,8 +56,8 @@ def log_key(session_id: str) -> str:
     return f"sluice:{{{session_id}}}:log"
 
 
-def feed_channel(session_id: str) -> str:
-    return f"sluice:{{{session_id}}}:feed"
+def subs_key(session_id: str) -> str:
+    return f"sluice:{{{session_id}}}:subs"
 
 
 def node_key(node_id: str) -> str:
@@ -62,20 +72,35 @@ def control_channel(node_id: str) -> str:
     return f"sluice:node:{node_id}:ctl"
 
 
-# Append a batch of events numbered first..first+n-1, written by the session's home, and publish
-# them (newline-joined: JSON text never holds a raw newline) in the same step, so the live feed
-# and the log always carry the same events with the same seqs.
+def node_feed_channel(node_id: str) -> str:
+    """The channel a node hears its sessions' feeds on (the scripts build the same name)."""
+    return f"sluice:node:{node_id}:feed"
+
+
+# Lua: publish ARGV[sid] run ``payload`` to every node in the set KEYS[subs] (the nodes' feeds).
+_NOTIFY = """
+local function notify(subs, payload)
+  for _, node in ipairs(subs) do redis.call('PUBLISH', 'sluice:node:' .. node .. ':feed', payload) end
+end
+"""
+
+
+# Append a batch of events numbered first..first+n-1, written by the session's home. The home
+# publishes them once this script confirmed them (never before: a node only ever hears of logged
+# events), to the nodes this returns; a release publishes them here instead, followed by ``!H``
+# (whoever holds the session's transport may claim it), so nothing of the old home's comes after.
 #
-# KEYS: meta, log.  ARGV: node, epoch, first seq, the oldest seq to keep (older entries may go:
-# the replay window, by count and by size, is the home's to compute), ttl ms, channel, release (1: the home
-# lets go of the session after this batch), then a count and that many request ids that started,
-# a count and that many that ended, then the events' JSON. A release publishes ``!H`` after the
-# events: whoever holds the session's transport may claim it.
+# KEYS: meta, log, subs.  ARGV: node, epoch, first seq, the oldest seq to keep (older entries may
+# go: the replay window, by count and by size, is the home's to compute), ttl ms, session id,
+# release (1: the home lets go of the session after this batch), then a count and that many
+# request ids that started, a count and that many that ended, then the events' JSON.
 #
-# Returns the new last seq; the batch already applied (a retry after a lost reply) returns it too.
-# -1: no such session or another epoch (the store lost it), -2: seqs do not follow, -3: the node
-# is not the session's home.
-APPEND = """
+# Returns {the new last seq, the nodes in subs...}; the batch already applied (a retry after a
+# lost reply) returns it too. -1: no such session or another epoch (the store lost it), -2: seqs
+# do not follow, -3: the node is not the session's home.
+APPEND = (
+    _NOTIFY
+    + """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch or epoch ~= ARGV[2] then return -1 end
 if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return -3 end
@@ -91,25 +116,32 @@ local ends = {}
 for j = 1, ended do ends[j] = ARGV[i + j] end
 i = i + ended + 1
 local n = #ARGV - i + 1
-if last == first + n - 1 and n > 0 then return last end
+local subs = redis.call('SMEMBERS', KEYS[3])
+if last == first + n - 1 and n > 0 then
+  table.insert(subs, 1, last)
+  return subs
+end
 if last ~= first - 1 then return -2 end
 for j = 1, started do redis.call('HSET', KEYS[1], 'r:' .. starts[j], '1') end
 for j = 0, n - 1 do
   redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
 end
 for j = 1, ended do redis.call('HDEL', KEYS[1], 'r:' .. ends[j]) end
-if n > 0 then
-  redis.call('HSET', KEYS[1], 'seq', first + n - 1)
-  redis.call('PUBLISH', ARGV[6], table.concat(ARGV, '\\n', i))
-end
+if n > 0 then redis.call('HSET', KEYS[1], 'seq', first + n - 1) end
 if ARGV[7] == '1' then
   redis.call('HSET', KEYS[1], 'home', '')
-  redis.call('PUBLISH', ARGV[6], '!H')
+  local lines = {'#' .. ARGV[6]}
+  for j = i, #ARGV do lines[#lines + 1] = ARGV[j] end
+  lines[#lines + 1] = '!H'
+  notify(subs, table.concat(lines, '\\n'))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return first + n - 1
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+table.insert(subs, 1, first + n - 1)
+return subs
 """
+)
 
 # Become the home of a session that has none (or whose home is ``expected``, a node known dead).
 #
@@ -126,14 +158,29 @@ return {meta[1], meta[2], meta[3]}
 """
 
 # A transport is attaching to the session: number it, one more than any transport before it, and
-# announce it on the feed (``!A <node>/<generation>``) in the same step, so that every node orders
-# takeovers by the generation, never by when an announcement happens to reach it.
+# announce it to every node in subs (``!A <node>/<generation>``) in the same step, so that every
+# node orders takeovers by the generation, never by when an announcement happens to reach it.
 #
-# KEYS: meta.  ARGV: node, channel.
+# KEYS: meta, subs.  ARGV: node, session id.
 # Returns the transport's token, ``<node>/<generation>``; nil when there is no such session.
-ATTACH = """
+ATTACH = (
+    _NOTIFY
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 local token = ARGV[1] .. '/' .. redis.call('HINCRBY', KEYS[1], 'att', 1)
-redis.call('PUBLISH', ARGV[2], '!A ' .. token)
+notify(redis.call('SMEMBERS', KEYS[2]), '#' .. ARGV[2] .. '\\n!A ' .. token)
 return token
 """
+)
+
+# Forget a session: tell every node in subs (``!E``: its transports close), then delete its keys.
+#
+# KEYS: meta, log, subs.  ARGV: session id.
+END = (
+    _NOTIFY
+    + """
+notify(redis.call('SMEMBERS', KEYS[3]), '#' .. ARGV[1] .. '\\n!E')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
+)

@@ -5,7 +5,8 @@ and writes its log (a `RedisEventLog`) to Redis. Its transport may be attached o
 a `ClusterSession` feeds the transport's `Outbox` from the session's live feed in Redis, never
 from the runtime directly (even when the home is this node), so that a client is only ever sent
 what is already logged: a node that dies cannot have shown a client an event that no other node
-can replay. Attaching is Centrifugo's recovery: subscribe to the feed first, then read the log
+can replay. Attaching is Centrifugo's recovery: join the feed first (the session's ``subs``: from
+then on its home publishes what it wrote to this node's feed channel), then read the log
 after ``last_seq``, queue that, then the feed's events with a newer seq, in seq order; a gap in
 the feed (a pub/sub reconnect) is filled from the log again. Exactly, or `attach` says False.
 
@@ -23,7 +24,8 @@ session's attach generation one more than any transport's before it, announced o
 newer generation than its own, and one whose attach finishes after a newer one was announced
 closes at once; so however late an announcement reaches a node, the transport that attached last
 stays, and an older one never closes it. Other feed notices: ``!E`` the session ended, ``!H``
-the home let go of it.
+the home let go of it (then the log is read again: what the old home wrote last may not have
+been published before it went).
 
 This module never talks to Redis itself: the registry (`server.cluster.sessions`) does.
 """
@@ -33,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from protocol.close import CloseCode
@@ -49,7 +51,7 @@ from server.runtime import SessionRuntime
 if TYPE_CHECKING:
     from server.cluster.sessions import ClusterSessionRegistry
 
-__all__ = ["ClusterSession", "FeedSink"]
+__all__ = ["ClusterSession", "FeedSink", "feed_runs"]
 
 log = logging.getLogger("sluice.cluster.session")
 
@@ -114,7 +116,6 @@ class ClusterSession:
         self._held: list[LoggedMessage] | None = None
         self._forward: deque[dict[str, Any]] = deque()
         self._forwarder: asyncio.Task[None] | None = None
-        self.subscribed = False
         self.ended = False
         # A goaway asked of the home that has not reached the transport here yet.
         self._goaway_due = False
@@ -151,7 +152,7 @@ class ClusterSession:
     def last_seq(self) -> int:
         return self._delivered
 
-    # -- attaching (the registry subscribed to the feed and reads the log) --------------------
+    # -- attaching (the registry joined the feed and reads the log) ---------------------------
 
     def begin_attach(self) -> None:
         """From now on feed events are held until `complete_attach` (or `abandon_attach`)."""
@@ -206,15 +207,19 @@ class ClusterSession:
             self._deliver(events)
 
     def on_feed(self, payload: bytes) -> None:
+        self.on_lines(payload.split(b"\n"))
+
+    def on_lines(self, lines: list[bytes]) -> None:
+        """This session's run of a feed payload: events' JSON and notices, in order."""
         if self.runtime is not None or (self._outbox is None and self._held is None):
             # On the home events come from its own writes (`on_written`), and with nobody to
             # send to here only the notices matter.
-            for line in payload.split(b"\n"):
+            for line in lines:
                 if line.startswith(b"!"):
                     self._notice(line)
             return
         events: list[LoggedMessage] = []
-        for line in payload.split(b"\n"):
+        for line in lines:
             if line.startswith(b"!"):
                 if events:
                     self._deliver(events)
@@ -273,6 +278,7 @@ class ClusterSession:
             self.home = ""
             if self.attached:
                 self._registry.adopt(self)
+                self.resync()
 
     def announced(self, token: str) -> None:
         """A transport attached as ``token``, somewhere (a ``!A`` notice, or an ``att`` at the
@@ -357,3 +363,17 @@ class ClusterSession:
             self._forward.clear()
         finally:
             self._forwarder = None
+
+
+def feed_runs(payload: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """A node's feed payload as (session id, that session's lines) runs, in order."""
+    session, lines = "", list[bytes]()
+    for line in payload.split(b"\n"):
+        if line.startswith(b"#"):
+            if lines:
+                yield session, lines
+            session, lines = line[1:].decode(), []
+        else:
+            lines.append(line)
+    if lines:
+        yield session, lines

@@ -32,10 +32,11 @@ from protocol.messages import ClientMessage, LoggedMessage, Welcome
 from protocol.session import Outcome, Session, SessionLimits
 from server.cluster import forwarded, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
+from server.cluster.feeds import Feeds
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, store_unavailable
-from server.cluster.scripts import ATTACH, feed_channel, log_key, meta_key
-from server.cluster.session import ClusterSession, FeedSink
+from server.cluster.scripts import ATTACH, log_key, meta_key, subs_key
+from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
 from server.outbox import Outbox
@@ -90,6 +91,7 @@ class ClusterSessionRegistry:
         self._clock = clock
         self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
         self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
+        self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,6 +99,7 @@ class ClusterSessionRegistry:
         node.on_control = self._on_control
         node.on_dead = self.recover_node
         node.on_reconnect = self._resync
+        node.on_feed = self._on_feed
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -285,9 +288,8 @@ class ClusterSessionRegistry:
             home_here = session.runtime is not None
             replay = _written_after(session, last_seq) if home_here else None
             if replay is None:
-                if not home_here and not session.subscribed:
-                    await self._node.subscribe(feed_channel(session.id), session.on_feed)
-                    session.subscribed = True
+                if not home_here:
+                    await self._feeds.join(session.id)
                 replay = await read_after(self._store, session.id, last_seq)
             # Numbered and announced before it goes live: see `server.cluster.session`.
             token = None
@@ -330,9 +332,17 @@ class ClusterSessionRegistry:
             return
         if session.runtime is None:
             del self._sessions[session.id]
-        if session.subscribed:
-            session.subscribed = False
-            await self._node.unsubscribe(feed_channel(session.id))
+        await self._feeds.leave(session.id, lambda: self._held_here(session.id))
+
+    def _held_here(self, session_id: str) -> bool:
+        view = self._sessions.get(session_id)
+        return view is not None and (view.attached or view.attaching)
+
+    def _on_feed(self, payload: bytes) -> None:
+        for session_id, lines in feed_runs(payload):
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.on_lines(lines)
 
     def fill_gap(self, session: ClusterSession, after: int) -> None:
         async def fill() -> None:
@@ -436,12 +446,9 @@ class ClusterSessionRegistry:
         await self.writer.flush()
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        self._feeds.dropped(session.id)  # the delete takes every node off its feed
         with contextlib.suppress(SluiceError):
             await self._delete(session.id)
-        if session.subscribed:
-            session.subscribed = False
-            with contextlib.suppress(SluiceError):
-                await self._node.unsubscribe(feed_channel(session.id))
 
     async def _delete(self, session_id: str) -> None:
         await homes.delete(self._store, session_id, self._node.id)
@@ -493,6 +500,7 @@ class ClusterSessionRegistry:
                 for session_id in homes:
                     pipe.pexpire(meta_key(session_id), self._key_ttl_ms)
                     pipe.pexpire(log_key(session_id), self._key_ttl_ms)
+                    pipe.pexpire(subs_key(session_id), self._key_ttl_ms)
                 await pipe.execute()
         return ended
 

@@ -20,7 +20,8 @@ from server.cluster.eventlog import (
     read_after,
 )
 from server.cluster.redis import RedisStore, bulk, pack
-from server.cluster.scripts import feed_channel, log_key, meta_key
+from server.cluster.scripts import log_key, meta_key, node_feed_channel, subs_key
+from server.cluster.session import feed_runs
 from tests.support.redis_server import RedisServer
 
 NODE = "n_a"
@@ -123,19 +124,34 @@ async def test_requests_in_flight_are_recorded_until_their_terminal_event(store:
     assert meta[b"seq"] == b"4"
 
 
-async def test_the_feed_carries_each_batch_with_the_same_seqs(store: RedisStore) -> None:
+async def test_one_feed_payload_per_node_per_write_carries_every_session_after_it_is_logged(
+    store: RedisStore,
+) -> None:
+    other = "s_other"
     await _create(store)
+    await _create(store, other)
+    for session in (SESSION, other):  # n_b holds both transports; the home n_a is left out
+        await store.client.sadd(subs_key(session), "n_b", NODE)
     pubsub = store.client.pubsub()
-    await pubsub.subscribe(feed_channel(SESSION))
-    assert (await pubsub.get_message(timeout=2.0))["type"] == "subscribe"  # type: ignore[index]
+    await pubsub.subscribe(node_feed_channel("n_b"), node_feed_channel(NODE))
+    for _ in range(2):
+        assert (await pubsub.get_message(timeout=2.0))["type"] == "subscribe"  # type: ignore[index]
     writer = _writer(store)
-    event_log = _log(writer)
+    first, second = _log(writer), _log(writer, other)
     for event in _deltas(1, 5):
-        event_log.append(event)
+        first.append(event)
+    for event in _deltas(1, 3, request="r2"):
+        second.append(event)
     await writer.flush()
     message = await pubsub.get_message(timeout=2.0)
     assert message is not None and message["type"] == "message"
-    assert [decode_event(line) for line in message["data"].split(b"\n")] == _deltas(1, 5)
+    assert message["channel"] == node_feed_channel("n_b").encode()
+    runs = [
+        (session, [decode_event(line) for line in lines]) for session, lines in feed_runs(message["data"])
+    ]
+    assert runs == [(SESSION, _deltas(1, 5)), (other, _deltas(1, 3, request="r2"))]
+    assert await read_after(store, SESSION, 0) == _deltas(1, 5)
+    assert await pubsub.get_message(timeout=0.3) is None  # one payload, and none for the home
     await pubsub.aclose()
 
 
@@ -245,10 +261,10 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
     batch = event_log.take_batch()
     assert batch is not None
     _, args = batch
-    meta, stream, epoch, first, keep_from, *rest = args
+    meta, stream, subs, epoch, first, keep_from, *rest = args
     again = [NODE, epoch, first, keep_from, 60_000, *rest]
-    assert await store.append_script(keys=[meta, stream], args=again) == 3
-    assert await store.append_script(keys=[meta, stream], args=again) == 3
+    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
+    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
     assert await store.client.xlen(log_key(SESSION)) == 3
 
 

@@ -14,6 +14,7 @@ from protocol.close import CloseCode
 from protocol.errors import ErrorCode
 from protocol.messages import Cancel, Generate
 from protocol.session import Accepted, Refused
+from server.cluster.eventlog import read_after
 from server.sessions import NotAttached
 from tests.cluster.inprocess import InProcessNode, collect, kill, outbox, start_node, terminal, welcome
 from tests.server.fakes import FakeRegistry, ScriptedGenerator
@@ -316,3 +317,25 @@ async def test_a_session_whose_transport_node_died_expires_at_its_home(redis_ser
     finally:
         await a.close()
         await b.close()
+
+
+async def test_what_a_killed_home_logged_but_never_published_still_reaches_the_transport_elsewhere(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    session = (await a.sessions.connect(outbox(), key_id="k", welcome=welcome)).runtime.id
+    box_b = outbox()
+    view = (await b.sessions.connect(box_b, key_id="k", welcome=welcome, resume=session, last_seq=0)).runtime
+    # a writes every event to the log but dies before it publishes any of them to b.
+    a.sessions.writer._publish_later = lambda *args: None  # type: ignore[method-assign]
+    view.handle(Generate(type="generate", id="g1", prompt="hi"))
+    for _ in range(200):
+        logged = await read_after(b.store, session, 0)
+        if logged and logged[-1].type == "done":
+            break
+        await asyncio.sleep(0.05)
+    assert logged and logged[-1].type == "done"
+    await kill(a)
+    events = (await collect(box_b, terminal("g1"), within=15.0))[1:]
+    assert _text(events, "g1") == "".join(PIECES)
+    assert _seqs(events) == list(range(1, len(events) + 1))

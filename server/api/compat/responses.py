@@ -12,8 +12,9 @@ again from its own event log by ``GET ?stream=true&starting_after=N``. A stored 
 the key that made it (any other key is told it does not exist). In cluster mode the store is the
 cluster's Redis, so every node can retrieve, list, chain and delete a response; a background
 run's events are mirrored there too, so any node resumes it, and a cancel on another node is sent
-to the node running it (`server.api.compat.responses_log`). A stream this node cannot give whole
-is refused with a 409, never answered in part.
+to the node running it (`server.api.compat.responses_log`); ``GET`` there shows its output so far
+from that log, and one whose node died is settled ``failed`` by whoever finds it so (`Orphans`).
+A stream this node cannot give whole is refused with a 409, never answered in part.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ import orjson
 from fastapi import Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from protocol.errors import ErrorCode
 from server.api import calls
 from server.api.compat.openai_chat import refuse
-from server.api.compat.responses_log import SharedEventLog, answer_cancels, cancel_elsewhere
+from server.api.compat.responses_log import (
+    Orphans,
+    SharedEventLog,
+    answer_cancels,
+    cancel_elsewhere,
+    settle_orphans_of_dead_nodes,
+)
 from server.api.compat.responses_model import ResponsesRequest
 from server.api.compat.responses_run import ResponseRun, ResponseRuns, start_run
 from server.api.compat.responses_store import (
@@ -42,9 +50,9 @@ from server.api.compat.responses_store import (
 from server.api.errors import Family, FieldError, StatusError, field_of, json_response, validation_errors
 from server.api.routing import api_router, caller_key, error_model
 from server.api.streams import event_stream
-from server.services import services_of
+from server.services import Services, services_of
 
-__all__ = ["parse_body", "router", "runs_of", "sse"]
+__all__ = ["parse_body", "router", "runs_for", "runs_of", "sse"]
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     status: {"model": error_model(Family.OPENAI)} for status in (400, 401, 404, 409, 429, 503)
@@ -62,14 +70,23 @@ router = api_router(Family.OPENAI, prefix="/v1", tags=["OpenAI Responses API"], 
 
 def runs_of(connection: HTTPConnection) -> ResponseRuns:
     """The app's response runs and their store (made on first use: Redis in cluster mode)."""
-    state = connection.app.state
+    return runs_for(connection.app)
+
+
+def runs_for(app: Starlette) -> ResponseRuns:
+    """`runs_of` for ``app`` itself (its lifespan makes them at once in cluster mode, so that this
+    node settles the responses of the dead nodes it reaps)."""
+    state = app.state
     runs: ResponseRuns | None = getattr(state, "sluice_responses", None)
     if runs is None:
-        services = services_of(connection)
+        services = state.sluice
+        assert isinstance(services, Services)
         settings = services.settings
         store: ResponseStore
         if services.cluster is not None:
-            store = RedisResponseStore(services.cluster.store, ttl_s=settings.responses_ttl_s)
+            store = RedisResponseStore(
+                services.cluster.store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max
+            )
         else:
             store = MemoryResponseStore(ttl_s=settings.responses_ttl_s, max_count=settings.responses_max)
         shared = None
@@ -78,9 +95,12 @@ def runs_of(connection: HTTPConnection) -> ResponseRuns:
         runs = ResponseRuns(
             store, ttl_s=settings.responses_ttl_s, max_count=settings.responses_max, shared=shared
         )
-        if services.cluster is not None:
-            runs.node_id = services.cluster.node.id
-            answer_cancels(services.cluster.node, _canceller(runs))
+        if services.cluster is not None and shared is not None:
+            node = services.cluster.node
+            runs.node_id = node.id
+            answer_cancels(node, _canceller(runs))
+            runs.orphans = Orphans(shared, store, node)
+            settle_orphans_of_dead_nodes(node, runs.orphans)
         services.drainer.watch(runs)  # drained with the sessions on SIGTERM
         state.sluice_responses = runs
     return runs
@@ -161,10 +181,14 @@ async def _stored(request: Request, response_id: str) -> StoredResponse:
 async def _found(request: Request, response_id: str) -> tuple[ResponseRun | None, dict[str, Any]]:
     """This node's run of ``response_id`` (None when it is not here) and its Response object now;
     a 404 when the caller cannot see it."""
-    run = runs_of(request).get(response_id, caller_key(request))
+    runs = runs_of(request)
+    run = runs.get(response_id, caller_key(request))
     if run is not None:
         return run, run.current()
-    return None, (await _stored(request, response_id)).response
+    stored = await _stored(request, response_id)
+    if runs.orphans is None:
+        return None, stored.response
+    return None, await runs.orphans.current(stored)  # run elsewhere: with its output so far
 
 
 @router.get("/responses/{response_id}", summary="A stored response (or its events, with stream=true)")
@@ -192,7 +216,13 @@ async def get_response(
         raise StatusError(
             409, ErrorCode.INVALID_REQUEST, f"the events of response {response_id!r} are no longer kept"
         )
-    return event_stream(_sse_of(shared.events(response_id, after)), settings)
+    orphans, key_id = runs_of(request).orphans, caller_key(request)
+
+    async def check() -> None:  # nothing new for a while: is its node still alive?
+        if orphans is not None:
+            await orphans.check(response_id, key_id)
+
+    return event_stream(_sse_of(shared.events(response_id, after, on_quiet=check)), settings)
 
 
 @router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
@@ -207,6 +237,8 @@ async def cancel_response(request: Request, response_id: ResponseId) -> Response
         return json_response(await run.cancel())
     for _ in range(2):  # running on another node: sent there; ended meanwhile: as it is now
         stored = await _stored(request, response_id)
+        if runs.orphans is not None:  # its node died: settled (failed) here
+            stored.response = await runs.orphans.current(stored)
         if stored.response["status"] not in ("queued", "in_progress"):
             return json_response(stored.response)
         cluster = services_of(request).cluster

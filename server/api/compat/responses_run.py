@@ -32,7 +32,7 @@ from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
 from server.api import calls
 from server.api.compat.openai_chat import refuse
-from server.api.compat.responses_log import EventMirror, SharedEventLog
+from server.api.compat.responses_log import EventMirror, Orphans, SharedEventLog
 from server.api.compat.responses_model import (
     Plan,
     ResponsesRequest,
@@ -359,6 +359,7 @@ class ResponseRuns:
     ) -> None:
         self.store, self.shared = store, shared  # shared: the event logs in Redis (cluster mode)
         self.node_id = ""  # this node's id in cluster mode: where other nodes send cancels
+        self.orphans: Orphans | None = None  # settles dead nodes' responses (cluster mode)
         self.ttl_s, self.max_count, self._clock = ttl_s, max_count, clock
         self._running: dict[str, ResponseRun] = {}
         self._background = 0  # of the running ones
@@ -449,7 +450,8 @@ async def start_run(
     draft = _Draft(body, planned, key_id, [*earlier_items, *planned.input_items])
     mirror = None
     if runs.shared is not None and draft.background:
-        mirror, draft.node = runs.shared.mirror(draft.id), runs.node_id
+        tracked = await runs.shared.track(runs.node_id, draft.id, key_id)  # for `Orphans`
+        mirror, draft.node = runs.shared.mirror(draft.id, tracked), runs.node_id
     run = ResponseRun(draft, runs.store, runs.finished, mirror)
     opening: calls.Generation | Opening
     if draft.background:

@@ -139,6 +139,11 @@ async def test_a_cancel_on_one_node_closes_the_upstream_on_the_node_running_it(
         created = await on_a.responses.create(model=MODEL, input="A very long story", background=True)
         assert await emu.until(lambda: bool(emu.generations()) and emu.generations()[-1].pieces_sent > 2)
         record = emu.generations()[-1]
+        async with asyncio.timeout(10):  # node A has taken some of it in (B shows its text so far)
+            while True:
+                if (await on_b.responses.retrieve(created.id)).output_text:
+                    break
+                await asyncio.sleep(0.02)
         with pytest.raises(openai.NotFoundError):
             await other.responses.cancel(created.id)
         cancelled = await on_b.responses.cancel(created.id)

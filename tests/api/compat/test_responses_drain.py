@@ -20,8 +20,8 @@ import openai
 import pytest
 import websockets
 
-from tests.support.ollama_emulator import Emulator, start_emulator
-from tests.support.redis_server import RedisServer, run_redis
+from tests.api.compat.conftest import Cluster, cluster_env, reading_cluster
+from tests.support.ollama_emulator import Emulator
 from tests.support.server import ServerProcess, start_server
 
 pytestmark = pytest.mark.timeout(150)
@@ -29,28 +29,13 @@ pytestmark = pytest.mark.timeout(150)
 MODEL = "llama3.2:1b"
 KEY = "drain-responses"
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
-Cluster = tuple[RedisServer, Emulator, ServerProcess]
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Redis, the emulator and node ``b``, which outlives the drained nodes and reads after them."""
-    with run_redis() as redis, start_emulator(token_rate=0.0, tokens=20) as emu:
-        node = start_server({**_env(redis, emu), "SLUICE_NODE_ID": "b"})
-        try:
-            yield redis, emu, node
-        finally:
-            node.stop()
-
-
-def _env(redis: RedisServer, emu: Emulator) -> dict[str, str]:
-    return {
-        "SLUICE_OLLAMA_URLS": emu.url,
-        "SLUICE_LOAD_LOCAL_GENERATION": "false",
-        "SLUICE_REDIS_URL": redis.url,
-        "SLUICE_API_KEYS": KEY,
-        "SLUICE_LOG_LEVEL": "warning",
-    }
+    with reading_cluster(KEY, token_rate=0.0, tokens=20) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -61,7 +46,11 @@ async def reader(cluster: Cluster) -> AsyncIterator[openai.AsyncOpenAI]:
 
 def _node(cluster: Cluster, name: str, drain_timeout_s: float) -> ServerProcess:
     redis, emu, _ = cluster
-    env = {**_env(redis, emu), "SLUICE_NODE_ID": name, "SLUICE_DRAIN_TIMEOUT_S": str(drain_timeout_s)}
+    env = {
+        **cluster_env(redis, emu, KEY),
+        "SLUICE_NODE_ID": name,
+        "SLUICE_DRAIN_TIMEOUT_S": str(drain_timeout_s),
+    }
     return start_server(env)
 
 
@@ -152,7 +141,9 @@ async def test_sigterm_lets_running_responses_finish_and_refuses_new_ones(
     assert [event.sequence_number for event in sse_events] == list(range(len(sse_events)))
     after = await reader.responses.retrieve(background.id)  # stored in Redis, read on node b
     assert after.status == "completed" and after.output_text == _expected(emu, "Drain bg")
-    assert not any(r.body.get("messages", [{}])[-1].get("content", "").startswith("Too late") for r in emu.generations())
+    assert not any(
+        r.body.get("messages", [{}])[-1].get("content", "").startswith("Too late") for r in emu.generations()
+    )
 
 
 async def test_responses_still_running_at_the_deadline_end_failed_and_stored(
@@ -168,7 +159,9 @@ async def test_responses_still_running_at_the_deadline_end_failed_and_stored(
             async with socket_cm as connection:
                 sock = _Socket(connection)
                 await connection.response.create(model=MODEL, input="Cut ws", stream_id="s")
-                await sock.until(lambda events: sum(e.type == "response.output_text.delta" for e in events) >= 3)
+                await sock.until(
+                    lambda events: sum(e.type == "response.output_text.delta" for e in events) >= 3
+                )
                 node.signal(signal.SIGTERM)
                 await sock.to_end()
             assert await asyncio.to_thread(node.wait, 30) == 0
@@ -189,7 +182,10 @@ async def test_responses_still_running_at_the_deadline_end_failed_and_stored(
     after = await reader.responses.retrieve(background.id)  # never stuck in_progress
     assert after.status == "failed" and after.error is not None and after.error.code == "server_error"
     assert after.output_text and _expected(emu, "Cut bg").startswith(after.output_text)
-    replay = [event async for event in await reader.responses.retrieve(background.id, stream=True, starting_after=-1)]
+    replay = [
+        event
+        async for event in await reader.responses.retrieve(background.id, stream=True, starting_after=-1)
+    ]
     assert replay[-1].type == "response.failed" and replay[-1].response.status == "failed"
     assert _text(replay) == after.output_text
     assert [event.sequence_number for event in replay] == list(range(len(replay)))
