@@ -12,7 +12,7 @@ import orjson
 from redis.asyncio import Redis
 
 from protocol.codec import encode
-from protocol.messages import Limits, Models, ServerInfo, Welcome
+from protocol.messages import Limits, Welcome
 from protocol.session import SessionLimits
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore
@@ -22,21 +22,18 @@ from server.metrics import Metrics
 from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.settings import Settings
+from tests.server import fakes
 from tests.server.fakes import FakeRegistry
 from tests.support.server import free_port
 
 Event = dict[str, Any]
 
 
+_LIMITS = Limits(max_message_bytes=1 << 20, max_inflight=8, replay_events=4096, session_ttl_s=60)
+
+
 def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
-    return Welcome(
-        session=session_id,
-        resumed=resumed,
-        last_seq=last_seq,
-        server=ServerInfo(version="test"),
-        limits=Limits(max_message_bytes=1 << 20, max_inflight=8, replay_events=4096, session_ttl_s=60),
-        models=Models(generate=[], embed=[], classify=[]),
-    )
+    return fakes.welcome(session_id, resumed, last_seq, _LIMITS)
 
 
 def outbox() -> Outbox:

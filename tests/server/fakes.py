@@ -151,13 +151,16 @@ class Clock:
         return self.now
 
 
-def welcome(session_id: str, resumed: bool, last_seq: int) -> Welcome:
+TEST_LIMITS = Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10)
+
+
+def welcome(session_id: str, resumed: bool, last_seq: int, limits: Limits = TEST_LIMITS) -> Welcome:
     """The first message a registry test's connections get."""
     return Welcome(
         session=session_id,
         resumed=resumed,
         last_seq=last_seq,
         server=ServerInfo(version="test"),
-        limits=Limits(max_message_bytes=1024, max_inflight=8, replay_events=16, session_ttl_s=10),
+        limits=limits,
         models=Models(generate=[], embed=[], classify=[]),
     )

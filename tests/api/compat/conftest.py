@@ -31,6 +31,21 @@ def replies(emulator: Emulator) -> Iterator[Emulator]:
     )
 
 
+def text_response_events(deltas: int) -> list[str]:
+    """The event types of a streamed Responses reply of one message with ``deltas`` text deltas."""
+    return [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+
+
 def upstream_body(emulator: Emulator) -> dict[str, Any]:
     """The JSON body of the last generation request the emulator received."""
     body = emulator.generations()[-1].body
