@@ -4,9 +4,11 @@ read back exactly or not at all, refused when the store lost the session or anot
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from protocol.errors import ErrorCode
@@ -256,16 +258,24 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
     await _create(store)
     writer = _writer(store)
     event_log = _log(writer)
+    real = store.round_trip
+    answered: list[list[Any]] = []
+
+    async def lose_the_first_reply(commands: list[bytes]) -> list[Any]:
+        replies = await real(commands)  # Redis ran it...
+        answered.append(replies)
+        if len(answered) == 1:
+            raise RedisConnectionError("connection lost")  # ...but the reply never came back
+        return replies
+
+    store.round_trip = lose_the_first_reply  # type: ignore[method-assign]
     for event in _deltas(1, 3):
         event_log.append(event)
-    batch = event_log.take_batch()
-    assert batch is not None
-    _, args = batch
-    meta, stream, subs, epoch, first, keep_from, *rest = args
-    again = [NODE, epoch, first, keep_from, 60_000, *rest]
-    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
-    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
+    await asyncio.wait_for(writer.flush(), 10)
+    assert answered == [[[3]], [[3]]]  # the retry found the batch applied
+    assert not event_log.lost and event_log.written_seq == 3
     assert await store.client.xlen(log_key(SESSION)) == 3
+    assert await read_after(store, SESSION, 0) == _deltas(1, 3)
 
 
 def test_packed_commands_are_what_redis_py_would_send() -> None:
