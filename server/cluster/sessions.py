@@ -11,6 +11,11 @@ node whose lease expired); otherwise the transport attaches here and the home st
 is a new session (``resumed: false``): the store lost the session, or the log no longer holds
 every event after ``last_seq``.
 
+The logs of the sessions homed here share one `protocol.eventlog.LogBudget` (``max_log_bytes``)
+for their in-memory copies, shed as on one node: detached sessions' first (longest detached
+first), then the largest of the others. A shed event is still in Redis, within the session's
+window, so a resume that needs it reads it from there (exactly, or not at all).
+
 The home alone decides when a session expires (no transport attached anywhere for the TTL: the
 transports' nodes tell it on attach and detach) and refreshes its keys' TTL in Redis. While Redis
 cannot be reached nothing new starts here: `connect` and friends raise ``upstream_unavailable``.
@@ -28,6 +33,7 @@ from typing import Any
 
 from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
+from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import ClientMessage, LoggedMessage, Welcome
 from protocol.session import Outcome, Session, SessionLimits
 from server.cluster import forwarded, homes
@@ -42,7 +48,7 @@ from server.metrics import Metrics
 from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.runtime import SessionRuntime
-from server.sessions import NotAttached, new_session_id
+from server.sessions import NotAttached, new_session_id, shedding_order
 
 __all__ = ["ClusterConnected", "ClusterSessionRegistry"]
 
@@ -80,6 +86,7 @@ class ClusterSessionRegistry:
         store: RedisStore,
         node: Node,
         clock: Callable[[], float] = time.monotonic,
+        log_budget_bytes: int = 0,
     ) -> None:
         self._limits = limits
         self._ttl_s = ttl_s
@@ -96,6 +103,7 @@ class ClusterSessionRegistry:
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.log_budget = LogBudget(log_budget_bytes, self._shedding_order) if log_budget_bytes else None
         node.on_control = self._on_control
         node.on_dead = self.recover_node
         node.on_reconnect = self._resync
@@ -226,16 +234,7 @@ class ClusterSessionRegistry:
         elif isinstance(claimed, str):
             session.home = claimed
         else:
-            capacity = self._limits.replay_events
-            event_log = RedisEventLog(
-                session.id,
-                claimed.epoch,
-                capacity=capacity,
-                max_bytes=self._limits.replay_bytes,
-                writer=self.writer,
-                past=claimed.past,
-                last_seq=claimed.last_seq,
-            )
+            event_log = self._new_log(session.id, claimed.epoch, past=claimed.past, last_seq=claimed.last_seq)
             self._make_home(session, event_log)
             log.info("claimed session", extra={"session": session.id})
 
@@ -250,13 +249,33 @@ class ClusterSessionRegistry:
             self._limiter.release_session(key_id)
             raise
         session = self._sessions[session_id] = ClusterSession(self, session_id, key_id, self._node.id)
-        capacity = self._limits.replay_events
-        event_log = RedisEventLog(
-            session_id, epoch, capacity=capacity, max_bytes=self._limits.replay_bytes, writer=self.writer
-        )
-        self._make_home(session, event_log)
+        self._make_home(session, self._new_log(session_id, epoch))
         self._metrics.session_opened()
         return session
+
+    def _new_log(
+        self, session_id: str, epoch: str, *, past: list[LoggedMessage] | None = None, last_seq: int = 0
+    ) -> RedisEventLog:
+        limits = self._limits
+        return RedisEventLog(
+            session_id,
+            epoch,
+            capacity=limits.replay_events,
+            max_bytes=limits.replay_bytes,
+            writer=self.writer,
+            past=past or (),
+            last_seq=last_seq,
+            budget=self.log_budget,
+        )
+
+    def _shedding_order(self) -> list[MemoryEventLog]:
+        """The `LogBudget`'s order, as on one node (`shedding_order`), over the in-memory logs of
+        the sessions homed here; their events stay in Redis, within each session's window."""
+        return shedding_order(
+            (session.detached_since, session.event_log.memory)
+            for session in self._sessions.values()
+            if session.event_log is not None and session.runtime is not None
+        )
 
     def _make_home(self, session: ClusterSession, event_log: RedisEventLog) -> None:
         runtime = SessionRuntime(
@@ -444,6 +463,8 @@ class ClusterSessionRegistry:
         self._metrics.session_closed()
         await runtime.close()
         await self.writer.flush()
+        if session.event_log is not None:
+            session.event_log.memory.release()  # after close: nothing is logged any more
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
         self._feeds.dropped(session.id)  # the delete takes every node off its feed
@@ -461,7 +482,7 @@ class ClusterSessionRegistry:
         if runtime is not None:
             self._limiter.release_session(session.key_id)
             self._metrics.session_closed()
-            self._spawn(runtime.close())
+            self._spawn(_close_and_release(runtime, session.event_log))
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session lost by the session store")
 
@@ -570,6 +591,12 @@ class ClusterSessionRegistry:
             exc = task.exception()
             if not isinstance(exc, SluiceError):
                 log.error("cluster task failed", exc_info=exc)
+
+
+async def _close_and_release(runtime: SessionRuntime, event_log: RedisEventLog | None) -> None:
+    await runtime.close()
+    if event_log is not None:
+        event_log.memory.release()
 
 
 def _written_after(session: ClusterSession, last_seq: int) -> list[LoggedMessage] | None:
