@@ -60,6 +60,8 @@ RETRY_AFTER_S = 0.25
 WRITE_WINDOW_S = 0.001
 # The least time from the start of one write to the start of the next.
 WRITE_INTERVAL_S = 0.002
+# How long past that interval a write waits for an event to start it before a timer does.
+WRITE_LATE_S = 0.001
 
 _ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
 _EVALSHA = bulk(b"EVALSHA")
@@ -304,6 +306,11 @@ class RedisEventLog:
             self.on_lost(self)
 
 
+def _settle(due: asyncio.Future[None]) -> None:
+    if not due.done():
+        due.set_result(None)
+
+
 class LogWriter:
     """Writes every dirty `RedisEventLog` of this node: one `scripts.APPEND` call per round trip."""
 
@@ -314,6 +321,9 @@ class LogWriter:
         self._scheduled = False
         self._task: asyncio.Task[None] | None = None
         self._last_start = 0.0
+        # While the write burst waits out the interval: what starts its next write.
+        self._due: asyncio.Future[None] | None = None
+
         self.round_trips = 0
         # The call's arguments that never change: this node and the keys' ttl.
         self._node_args = bulk(node_id.encode()) + bulk(b"%d" % ttl_ms)
@@ -322,7 +332,13 @@ class LogWriter:
         if event_log.lost:
             return
         self._dirty[id(event_log)] = event_log
-        if not self._scheduled and self._task is None:
+        due = self._due
+        if due is not None:
+            # The burst waits out the interval: once it is over, this event starts the write
+            # (no timer of its own to wake the loop for, under load).
+            if not due.done() and due.get_loop().time() >= self._last_start + WRITE_INTERVAL_S:
+                due.set_result(None)
+        elif not self._scheduled and self._task is None:
             self._scheduled = True
             asyncio.get_running_loop().call_later(WRITE_WINDOW_S, self._start)
 
@@ -336,10 +352,18 @@ class LogWriter:
         try:
             while self._dirty:
                 # Back-to-back writes start at least WRITE_INTERVAL_S apart, so a busy node
-                # sends fewer, larger batches (and its sessions merge more tokens per event).
+                # sends fewer, larger batches (and its sessions merge more tokens per event):
+                # the first event appended after the interval starts the next one, or, when none
+                # comes, a timer WRITE_LATE_S after it.
                 wait = self._last_start + WRITE_INTERVAL_S - loop.time()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    due = self._due = loop.create_future()
+                    timer = loop.call_later(wait + WRITE_LATE_S, _settle, due)
+                    try:
+                        await due
+                    finally:
+                        self._due = None
+                        timer.cancel()
                 self._last_start = loop.time()
                 logs = list(self._dirty.values())
                 self._dirty.clear()

@@ -102,6 +102,9 @@ end
 # release (1: the home lets go of the session after this batch), then a count and that many
 # request ids that started, a count and that many that ended, a count and that many events' JSON.
 #
+# The keys' ttl is set as a log begins (first seq 1) and as the home lets go; while a session is
+# homed, its home refreshes them (`server.cluster.homes.refresh`), not every write.
+#
 # Returns one integer per session: its new last seq (a batch already applied, a retry after a
 # lost reply, returns it too, and publishes nothing again); -1: no such session or another epoch
 # (the store lost it), -2: seqs do not follow, -3: the node is not the session's home. Every
@@ -152,9 +155,11 @@ local function append(meta, log, subs, a)
       if target ~= node or release == '1' then feed(target, lines) end
     end
   end
-  redis.call('PEXPIRE', meta, ARGV[2])
-  redis.call('PEXPIRE', log, ARGV[2])
-  redis.call('PEXPIRE', subs, ARGV[2])
+  if first == 1 or release == '1' then
+    redis.call('PEXPIRE', meta, ARGV[2])
+    redis.call('PEXPIRE', log, ARGV[2])
+    redis.call('PEXPIRE', subs, ARGV[2])
+  end
   return first + n - 1, v0 + n
 end
 local replies = {}

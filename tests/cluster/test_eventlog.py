@@ -76,6 +76,47 @@ async def test_a_burst_of_events_is_one_round_trip_and_lands_with_seq_ids(
     assert await store.client.hget(meta_key(SESSION), "seq") == b"300"
     assert await read_after(store, SESSION, 250) == events[250:]
     assert await read_after(store, SESSION, 300) == []
+    assert 0 < await store.client.pttl(log_key(SESSION)) <= 60_000  # the log began: it expires
+
+
+async def test_every_session_that_changed_is_written_by_one_call_and_refused_alone(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    sessions = [f"s_{n}" for n in range(5)]
+    for session in sessions:
+        await _create(store, session)
+    await store.client.hset(meta_key(sessions[2]), "home", "n_b")  # another node took this one
+    writer = _writer(store)
+    logs = [_log(writer, session) for session in sessions]
+    lost: list[RedisEventLog] = []
+    for event_log in logs:
+        event_log.on_lost = lost.append
+        for event in _deltas(1, 4):
+            event_log.append(event)
+    await writer.flush()
+    assert writer.round_trips == 1 and _calls(redis_server, "evalsha") == 1
+    assert lost == [logs[2]]
+    for n, session in enumerate(sessions):
+        assert await read_after(store, session, 0) == ([] if n == 2 else _deltas(1, 4))
+
+
+async def test_an_ack_trims_the_stream_exactly_with_the_next_write(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 10):
+        event_log.append(event)
+    await writer.flush()
+    event_log.trim(6)
+    assert event_log.after(5) is None and event_log.after(6) == _deltas(7, 4)
+    await writer.flush()
+    assert [entry_id for entry_id, _ in await store.client.xrange(log_key(SESSION))][0] == b"7-0"
+    assert await read_after(store, SESSION, 5) is None  # as the memory answers
+    assert await read_after(store, SESSION, 6) == _deltas(7, 4)
+    rounds = writer.round_trips
+    event_log.trim(3)  # older than what was trimmed already: nothing to write
+    await writer.flush()
+    assert writer.round_trips == rounds
 
 
 async def test_events_appended_while_a_write_is_in_flight_go_in_the_next_batch(store: RedisStore) -> None:
