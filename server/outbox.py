@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeAlias
 
 from protocol.close import CloseCode
+from protocol.codec import encode
 from protocol.messages import Delta, LoggedMessage, Pong, Welcome
 
 __all__ = ["Frame", "OutboundMessage", "Outbox"]
@@ -145,21 +146,35 @@ class Outbox:
 
     # -- producer side (never awaits) --------------------------------------------------------
 
+    @property
+    def sends_json(self) -> bool:
+        """Whether a message's frame here is its JSON as `protocol.codec.encode` writes it (so a
+        delta already in that form can be `push_frame`d as it is)."""
+        return self._encode is encode
+
     def push(self, message: OutboundMessage) -> None:
         """Queue one message behind everything queued so far; past the hard bound, fail 4008."""
         if self._close_code is not None or self._finishing is not None:
             return
+        if isinstance(message, Delta | Welcome | Pong):
+            self.push_frame(self._encode(message))
+            return
         if self.write_now is not None and self._sender_idle() and self.write_now(self._encode(message)):
             return
-        if not isinstance(message, Delta | Welcome | Pong):
-            self._frames.append(message)
-            self._refs += 1
-            if self._refs > self._max_refs:
-                self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
-            else:
-                self._wake()
+        self._frames.append(message)
+        self._refs += 1
+        if self._refs > self._max_refs:
+            self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
+        else:
+            self._wake()
+
+    def push_frame(self, frame: Frame) -> None:
+        """`push` of a delta (or welcome, pong) already encoded as this outbox's ``encode`` would:
+        the same order, bounds and write-at-once."""
+        if self._close_code is not None or self._finishing is not None:
             return
-        frame = self._encode(message)
+        if self.write_now is not None and self._sender_idle() and self.write_now(frame):
+            return
         size = len(frame)
         self._frames.append((frame, size))
         self._bytes += size

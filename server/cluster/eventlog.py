@@ -50,7 +50,16 @@ from protocol.messages import Classification, Delta, Done, Embedding, Error, Log
 from server.cluster.redis import RedisStore, bulk
 from server.cluster.scripts import log_key, meta_key, subs_key
 
-__all__ = ["WRITE_INTERVAL_S", "WRITE_WINDOW_S", "LogWriter", "RedisEventLog", "decode_event", "read_after"]
+__all__ = [
+    "WRITE_INTERVAL_S",
+    "WRITE_WINDOW_S",
+    "Framed",
+    "LogWriter",
+    "RedisEventLog",
+    "decode_event",
+    "framed",
+    "read_after",
+]
 
 log = logging.getLogger("sluice.cluster.eventlog")
 
@@ -78,6 +87,31 @@ def decode_event(data: bytes | str) -> LoggedMessage:
     if fields.get("type") == "delta":
         return Delta(id=fields["id"], seq=fields["seq"], text=fields["text"])
     return _ADAPTER.validate_python(fields)
+
+
+class Framed(NamedTuple):
+    """A delta as the JSON `protocol.codec.encode` wrote, which is the text frame a WebSocket
+    client is sent, with its seq read off it: what a relay need not decode (`framed`)."""
+
+    seq: int
+    frame: bytes
+
+    def event(self) -> LoggedMessage:
+        return decode_event(self.frame)
+
+
+_DELTA_HEAD = b'{"type":"delta",'
+_SEQ = b',"seq":'
+
+
+def framed(line: bytes) -> LoggedMessage | Framed:
+    """A logged event's JSON: a delta as it is (`Framed`), anything else decoded. A delta's seq
+    follows its id, a JSON string, which cannot hold an unescaped quote: the first ``,"seq":`` is
+    the field."""
+    if line.startswith(_DELTA_HEAD):
+        at = line.find(_SEQ) + len(_SEQ)
+        return Framed(int(line[at : line.index(b",", at)]), line)
+    return decode_event(line)
 
 
 def _terminal_id(event: LoggedMessage) -> str | None:

@@ -11,15 +11,18 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.eventlog import LogBudget
 from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
 from server.cluster.eventlog import (
     WRITE_INTERVAL_S,
     WRITE_WINDOW_S,
+    Framed,
     LogWriter,
     RedisEventLog,
     decode_event,
+    framed,
     read_after,
 )
 from server.cluster.redis import RedisStore, bulk, pack
@@ -110,7 +113,7 @@ async def test_an_ack_trims_the_stream_exactly_with_the_next_write(store: RedisS
     event_log.trim(6)
     assert event_log.after(5) is None and event_log.after(6) == _deltas(7, 4)
     await writer.flush()
-    assert [entry_id for entry_id, _ in await store.client.xrange(log_key(SESSION))][0] == b"7-0"
+    assert (await store.client.xrange(log_key(SESSION)))[0][0] == b"7-0"
     assert await read_after(store, SESSION, 5) is None  # as the memory answers
     assert await read_after(store, SESSION, 6) == _deltas(7, 4)
     rounds = writer.round_trips
@@ -378,3 +381,14 @@ async def test_a_burst_of_commands_past_the_pool_size_waits_for_connections(stor
     replies = await asyncio.gather(*(store.run(store.client.ping()) for _ in range(300)))
     assert replies == [True] * 300
     assert store.healthy
+
+
+@pytest.mark.parametrize("request_id", ["r1", 'a,"seq":9,', '"\\', "é\u2028", ""])
+def test_a_delta_from_the_feed_keeps_its_json_and_the_right_seq(request_id: str) -> None:
+    delta = Delta(id=request_id, seq=1234, text=',"seq":5, "text"')
+    line = encode(delta).encode()
+    got = framed(line)
+    assert got == Framed(1234, line) and isinstance(got, Framed) and got.event() == delta
+    usage, timings = Usage(prompt_tokens=1, completion_tokens=2), Timings(queue_ms=0, ttft_ms=1, total_ms=2)
+    done = Done(id=request_id, seq=7, model="m", finish_reason="stop", usage=usage, timings=timings)
+    assert framed(encode(done).encode()) == done  # anything else is decoded
