@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -250,6 +252,7 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
     """Each shape measured alone (its rounds back to back), then all of them in interleaved
     rounds; medians per phase, with the ratio of each cluster shape to the single node."""
     streams = config.streams
+    load_before = os.getloadavg()
     with (
         run_redis() as redis,
         start_emulator(
@@ -286,6 +289,10 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
         "rounds": config.rounds,
         "cpu": cpu_model(),
         "baseline": config.baseline,
+        "baseline_commit": _commit(config.baseline) if config.baseline else "",
+        "commit": _commit("."),
+        # 1, 5 and 15 minute load averages before and after the run (the machine may be shared).
+        "load_average": [[round(x, 2) for x in load] for load in (load_before, os.getloadavg())],
     }
     for phase, results in phases.items():
         section = summary[phase] = {name: _summary(rows) for name, rows in results.items()}
@@ -294,6 +301,20 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
             section[name]["ratio_to_single"] = section[name]["node_us_per_token"] / base
     summary["resume_on_other_node"] = resume
     return summary
+
+
+def _commit(tree: str) -> str:
+    """The short commit id checked out in ``tree`` (with ``+`` when it has changes), or ""."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", tree, "status", "--porcelain", "-uno"], capture_output=True, text=True
+        )
+    except OSError:
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def cpu_model() -> str:
