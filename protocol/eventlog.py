@@ -151,7 +151,10 @@ class MemoryEventLog:
 
     __slots__ = ("_budget", "_bytes", "_capacity", "_cost", "_events", "_last", "_max_bytes", "_sizes")
 
-    def __init__(self, capacity: int, *, max_bytes: int = 0, budget: LogBudget | None = None) -> None:
+    def __init__(
+        self, capacity: int, *, max_bytes: int = 0, budget: LogBudget | None = None, last_seq: int = 0
+    ) -> None:
+        """``last_seq``: the seq the log starts after (a copy of a log kept elsewhere, joined late)."""
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         if max_bytes < 0:
@@ -167,7 +170,7 @@ class MemoryEventLog:
         self._bytes = 0
         # What this log has charged to its budget (its events' `memory_cost`).
         self._cost = 0
-        self._last = 0
+        self._last = last_seq
 
     @property
     def capacity(self) -> int:

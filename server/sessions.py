@@ -30,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -43,7 +43,7 @@ from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.runtime import SessionRuntime
 
-__all__ = ["Connected", "NotAttached", "SessionRegistry", "new_session_id"]
+__all__ = ["Connected", "NotAttached", "SessionRegistry", "new_session_id", "shedding_order"]
 
 log = logging.getLogger("sluice.sessions")
 
@@ -54,6 +54,25 @@ _SWEEP_EVERY_S = 5.0
 def new_session_id() -> str:
     """An unguessable session id (it is what a client resumes with)."""
     return "s_" + secrets.token_urlsafe(18)
+
+
+def shedding_order(logs: Iterable[tuple[float | None, MemoryEventLog]]) -> list[MemoryEventLog]:
+    """A `LogBudget`'s order over (detached since, or None while attached; log) pairs: detached
+    sessions' logs (longest detached first), then attached ones (largest first)."""
+    detached: list[tuple[float, MemoryEventLog]] = []
+    attached: list[tuple[int, MemoryEventLog]] = []
+    for since, session_log in logs:
+        if since is not None:
+            detached.append((since, session_log))
+        else:
+            attached.append((-session_log.held_cost, session_log))
+    detached.sort(key=lambda item: item[0])
+    attached.sort(key=lambda item: item[0])
+    log.warning(
+        "event logs past max_log_bytes: shedding the oldest events",
+        extra={"detached": len(detached), "attached": len(attached)},
+    )
+    return [item[1] for item in detached] + [item[1] for item in attached]
 
 
 class NotAttached(Enum):
@@ -185,25 +204,12 @@ class SessionRegistry:
         return MemoryEventLog(limits.replay_events, max_bytes=limits.replay_bytes, budget=self.log_budget)
 
     def _shedding_order(self) -> list[MemoryEventLog]:
-        """The `LogBudget`'s order: detached sessions' logs (longest detached first), then attached
-        ones (largest first)."""
-        detached: list[tuple[float, MemoryEventLog]] = []
-        attached: list[tuple[int, MemoryEventLog]] = []
-        for runtime in self._sessions.values():
-            session_log = runtime.session.log
-            if not isinstance(session_log, MemoryEventLog):
-                continue
-            if runtime.detached_since is not None and not runtime.attached:
-                detached.append((runtime.detached_since, session_log))
-            else:
-                attached.append((-session_log.held_cost, session_log))
-        detached.sort(key=lambda item: item[0])
-        attached.sort(key=lambda item: item[0])
-        log.warning(
-            "event logs past max_log_bytes: shedding the oldest events",
-            extra={"detached": len(detached), "attached": len(attached)},
+        """The `LogBudget`'s order: see `shedding_order`."""
+        return shedding_order(
+            (runtime.detached_since if not runtime.attached else None, runtime.session.log)
+            for runtime in self._sessions.values()
+            if isinstance(runtime.session.log, MemoryEventLog)
         )
-        return [item[1] for item in detached] + [item[1] for item in attached]
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The Redis-backed event log: what a session's home node logs, written through to Redis.
 
 `RedisEventLog` is the `protocol.eventlog.EventLog` a cluster-mode session is built with. It
-keeps the events in memory, exactly like `MemoryEventLog` (the home replays from there, with no
-await), and hands each appended event to the node's `LogWriter`, which writes every session's new
+keeps the events in memory, in a `MemoryEventLog` (the home replays from there, with no await)
+that shares the node's `LogBudget` with every other session homed there, so that the budget may
+shed it (it tracks Redis's window apart, so a shed copy never shortens what Redis keeps; a replay
+it can no longer serve reads Redis), and hands each appended event to the node's `LogWriter`, which writes every session's new
 events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
 `scripts.APPEND` per session that changed goes out, all in one round trip, never one per token
 (packed here, what never changes for a session packed once, and written with one call on the
@@ -31,7 +33,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from itertools import islice
 from typing import Any, NamedTuple
 
 import orjson
@@ -39,6 +40,7 @@ from pydantic import TypeAdapter
 from redis.exceptions import NoScriptError, RedisError
 
 from protocol.codec import encode
+from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
 from server.cluster.redis import RedisStore, bulk, pack
 from server.cluster.scripts import log_key, meta_key, node_feed_channel, subs_key
@@ -95,7 +97,6 @@ class RedisEventLog:
         "_bytes",
         "_capacity",
         "_ended",
-        "_events",
         "_last",
         "_max_bytes",
         "_pending",
@@ -106,6 +107,7 @@ class RedisEventLog:
         "epoch",
         "feed_head",
         "lost",
+        "memory",
         "on_idle",
         "on_lost",
         "on_written",
@@ -125,21 +127,32 @@ class RedisEventLog:
         writer: LogWriter,
         past: Iterable[LoggedMessage] = (),
         last_seq: int = 0,
+        budget: LogBudget | None = None,
     ) -> None:
         self.session_id = session_id
         self.epoch = epoch
         self.writer = writer
         self._capacity = capacity
         self._max_bytes = max_bytes
-        # Held: at least `capacity` events and at least `max_bytes` of their JSON, whichever is
-        # more (PROTOCOL.md §2); Redis keeps the same window (each write trims below it).
-        self._events: deque[LoggedMessage] = deque(past)
-        self._sizes: deque[int] = deque(len(encode(event)) for event in self._events)
+        # The window Redis keeps (each write trims below it): at least `capacity` events and at
+        # least `max_bytes` of their JSON, whichever is more (PROTOCOL.md §2); here the size of
+        # each of its events, oldest first, tracked apart from what memory holds.
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
+        past = list(past)
+        if past and past[-1].seq != last_seq:
+            raise ValueError("the past events must end at last_seq")
+        # The home's copy of the window, replayed with no Redis read; the node's `LogBudget`
+        # may shed it (detached sessions' first), then a replay reads Redis (`read_after`).
+        self.memory = MemoryEventLog(
+            capacity, max_bytes=max_bytes, budget=budget, last_seq=last_seq - len(past)
+        )
+        for event in past:
+            self.memory.append(event)
+            self._sizes.append(len(encode(event)))
         self._bytes = sum(self._sizes)
         self._evict()
         self._last = last_seq
-        if self._events and self._events[-1].seq != last_seq:
-            raise ValueError("the past events must end at last_seq")
         # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended.
         self._pending: list[bytes] = []
         self._pending_events: list[LoggedMessage] = []
@@ -166,22 +179,20 @@ class RedisEventLog:
 
     @property
     def oldest_seq(self) -> int:
-        return self._last - len(self._events) + 1
+        return self.memory.oldest_seq
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self.memory)
 
     def append(self, event: LoggedMessage) -> None:
-        if event.seq != self._last + 1:
-            raise ValueError(f"event seq {event.seq} does not follow {self._last}")
+        self.memory.append(event)  # first: it refuses a seq that does not follow
         frame = encode(event)
-        self._events.append(event)
         self._sizes.append(len(frame))
         self._bytes += len(frame)
         self._last = event.seq
         self._pending.append(frame.encode())
         self._pending_events.append(event)
-        if len(self._events) > self._capacity:
+        if len(self._sizes) > self._capacity:
             self._evict()
         terminal = _terminal_id(event)
         if terminal is not None:
@@ -189,25 +200,20 @@ class RedisEventLog:
         self.writer.dirty(self)
 
     def _evict(self) -> None:
-        events, sizes = self._events, self._sizes
-        while len(events) > self._capacity and self._bytes - sizes[0] >= self._max_bytes:
-            events.popleft()
+        sizes = self._sizes
+        while len(sizes) > self._capacity and self._bytes - sizes[0] >= self._max_bytes:
             self._bytes -= sizes.popleft()
 
     def after(self, seq: int) -> list[LoggedMessage] | None:
-        if seq >= self._last:
-            return [] if seq == self._last else None
-        oldest = self.oldest_seq
-        if seq < oldest - 1:
-            return None
-        return list(islice(self._events, seq - oldest + 1, None))
+        return self.memory.after(seq)
 
     def trim(self, upto: int) -> None:
-        # Only the memory copy: Redis keeps them (holding more than the client needs is harmless).
-        drop = min(upto, self._last) - self.oldest_seq + 1
-        for _ in range(min(drop, len(self._events))):
-            self._events.popleft()
-            self._bytes -= self._sizes.popleft()
+        # The memory copy; Redis keeps at least `capacity` (more than the client needs is harmless).
+        self.memory.trim(upto)
+        sizes = self._sizes
+        drop = min(upto, self._last) - (self._last - len(sizes))
+        for _ in range(min(drop, len(sizes))):
+            self._bytes -= sizes.popleft()
 
     # -- what the writer needs ---------------------------------------------------------------
 
@@ -230,7 +236,7 @@ class RedisEventLog:
         sid = self.session_id
         # Redis trims below the oldest event this window holds (after an `ack`, the oldest
         # the window would hold, since Redis keeps what the client acknowledged).
-        keep_from = self._last - max(len(self._events), self._capacity) + 1
+        keep_from = self._last - max(len(self._sizes), self._capacity) + 1
         args: list[Any] = [meta_key(sid), log_key(sid), subs_key(sid), self.epoch, self._pending_first]
         args += [max(0, keep_from), sid, "1" if self.release else "0"]
         args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]

@@ -7,7 +7,8 @@ can build the `Session` from it; `attach_token` numbers a transport attaching to
 generation, which orders takeovers across nodes) and announces it; `listen` and `unlisten` add
 this node to the nodes a session's feed reaches and take it off again; `recover` ends, in the session's log, every request a stopped
 home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
-a home, fenced by that home's id so that it happens once; `delete` forgets a session.
+a home, fenced by that home's id so that it happens once; `refresh` keeps a live session's keys;
+`delete` forgets a session.
 
 Nothing here keeps state or decides anything: `server.cluster.sessions` does.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "listen",
     "recover",
     "recover_node",
+    "refresh",
     "unlisten",
 ]
 
@@ -143,6 +145,18 @@ async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
     for raw in await store.run(store.client.smembers(node_sessions_key(dead))):
         await recover(store, _text(raw), dead, ttl_ms=ttl_ms)
     await store.run(store.client.delete(node_sessions_key(dead)))
+
+
+async def refresh(store: RedisStore, session_ids: list[str], *, ttl_ms: int) -> None:
+    """Keep the keys of ``session_ids`` (homed here, alive) for another ``ttl_ms``."""
+    if not session_ids:
+        return
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        for session_id in session_ids:
+            for key in (meta_key(session_id), log_key(session_id), subs_key(session_id)):
+                pipe.pexpire(key, ttl_ms)
+        await pipe.execute()
 
 
 async def delete(store: RedisStore, session_id: str, node_id: str) -> None:

@@ -47,6 +47,7 @@ class ClusterMode:
             metrics=metrics,
             store=self.store,
             node=self.node,
+            log_budget_bytes=settings.max_log_bytes,
         )
 
     async def start(self) -> None:

@@ -42,7 +42,7 @@ from protocol.close import CloseCode
 from protocol.errors import SluiceError
 from protocol.messages import ClientMessage, Goaway, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
-from server.cluster import forwarded
+from server.cluster import forwarded, forwarding
 from server.cluster.eventlog import RedisEventLog, decode_event
 from server.cluster.homes import attach_generation
 from server.outbox import Outbox
@@ -151,6 +151,19 @@ class ClusterSession:
     @property
     def last_seq(self) -> int:
         return self._delivered
+
+    def written_after(self, last_seq: int) -> list[LoggedMessage] | None:
+        """On the home, from memory: the events after ``last_seq`` that are already in Redis (the
+        rest reach the transport as their writes complete); None when memory cannot tell (the
+        window or the node's log budget let them go: then Redis can)."""
+        event_log = self.event_log
+        if event_log is None or last_seq > event_log.written_seq:
+            return None
+        events = event_log.after(last_seq)
+        if events is None:
+            return None
+        written = event_log.written_seq
+        return [event for event in events if event.seq <= written]
 
     # -- attaching (the registry joined the feed and reads the log) ---------------------------
 
@@ -315,7 +328,7 @@ class ClusterSession:
         """`handle` each message and say what became of it, asking the home when it is elsewhere."""
         if self.runtime is not None and not self._forward:
             return [self.handle(message) for message in messages]
-        return await self._registry.submit(self, messages)
+        return await forwarding.submit(self._registry, self, messages)
 
     def handle_here(self, message: ClientMessage) -> Outcome:
         """On the home: give ``message`` to the runtime and record an accepted request."""
@@ -355,7 +368,7 @@ class ClusterSession:
     async def _send_forward(self) -> None:
         try:
             while self._forward and not self.ended:
-                if not await self._registry.forward(self, self._forward[0]):
+                if not await forwarding.forward(self._registry, self, self._forward[0]):
                     continue  # the registry found the home again (or became it): try once more
                 self._forward.popleft()
         except Exception:

@@ -11,6 +11,11 @@ node whose lease expired); otherwise the transport attaches here and the home st
 is a new session (``resumed: false``): the store lost the session, or the log no longer holds
 every event after ``last_seq``.
 
+The logs of the sessions homed here share one `protocol.eventlog.LogBudget` (``max_log_bytes``)
+for their in-memory copies, shed as on one node: detached sessions' first (longest detached
+first), then the largest of the others. A shed event is still in Redis, within the session's
+window, so a resume that needs it reads it from there (exactly, or not at all).
+
 The home alone decides when a session expires (no transport attached anywhere for the TTL: the
 transports' nodes tell it on attach and detach) and refreshes its keys' TTL in Redis. While Redis
 cannot be reached nothing new starts here: `connect` and friends raise ``upstream_unavailable``.
@@ -22,36 +27,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from protocol.close import CloseCode
 from protocol.errors import ErrorCode, SluiceError
-from protocol.messages import ClientMessage, LoggedMessage, Welcome
-from protocol.session import Outcome, Session, SessionLimits
-from server.cluster import forwarded, homes
+from protocol.eventlog import LogBudget, MemoryEventLog
+from protocol.messages import LoggedMessage, Welcome
+from protocol.session import Session, SessionLimits
+from server.cluster import forwarded, forwarding, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.feeds import Feeds
 from server.cluster.node import Node
-from server.cluster.redis import RedisStore, store_unavailable
-from server.cluster.scripts import ATTACH, log_key, meta_key, subs_key
+from server.cluster.redis import RedisStore
+from server.cluster.scripts import ATTACH, meta_key
 from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
 from server.outbox import Outbox
 from server.ratelimit import RateLimiter
 from server.runtime import SessionRuntime
-from server.sessions import NotAttached, new_session_id
+from server.sessions import NotAttached, new_session_id, shedding_order
 
 __all__ = ["ClusterConnected", "ClusterSessionRegistry"]
 
 log = logging.getLogger("sluice.cluster.sessions")
 
 _SWEEP_EVERY_S = 5.0
-# A forwarded message whose home does not answer waits this long before looking again.
-_SETTLE_RETRY_S = 0.25
-_SUBMIT_TRIES = 40
+# A gap in a transport's feed that the log could not fill yet is read again after this long.
+_GAP_RETRY_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,7 @@ class ClusterSessionRegistry:
         store: RedisStore,
         node: Node,
         clock: Callable[[], float] = time.monotonic,
+        log_budget_bytes: int = 0,
     ) -> None:
         self._limits = limits
         self._ttl_s = ttl_s
@@ -96,6 +102,7 @@ class ClusterSessionRegistry:
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.log_budget = LogBudget(log_budget_bytes, self._shedding_order) if log_budget_bytes else None
         node.on_control = self._on_control
         node.on_dead = self.recover_node
         node.on_reconnect = self._resync
@@ -199,10 +206,10 @@ class ClusterSessionRegistry:
         elif session.runtime is None:
             session.home = home
         if session.runtime is None and (home in ("", self._node.id) or not await self._node.alive(home)):
-            await self._settle(session)
+            await self.settle(session)
         return session
 
-    async def _settle(self, session: ClusterSession) -> None:
+    async def settle(self, session: ClusterSession) -> None:
         """Make sure ``session.home`` names a live node, claiming the session when it has none."""
         async with session.lock:
             if session.runtime is not None:
@@ -226,16 +233,7 @@ class ClusterSessionRegistry:
         elif isinstance(claimed, str):
             session.home = claimed
         else:
-            capacity = self._limits.replay_events
-            event_log = RedisEventLog(
-                session.id,
-                claimed.epoch,
-                capacity=capacity,
-                max_bytes=self._limits.replay_bytes,
-                writer=self.writer,
-                past=claimed.past,
-                last_seq=claimed.last_seq,
-            )
+            event_log = self._new_log(session.id, claimed.epoch, past=claimed.past, last_seq=claimed.last_seq)
             self._make_home(session, event_log)
             log.info("claimed session", extra={"session": session.id})
 
@@ -250,13 +248,33 @@ class ClusterSessionRegistry:
             self._limiter.release_session(key_id)
             raise
         session = self._sessions[session_id] = ClusterSession(self, session_id, key_id, self._node.id)
-        capacity = self._limits.replay_events
-        event_log = RedisEventLog(
-            session_id, epoch, capacity=capacity, max_bytes=self._limits.replay_bytes, writer=self.writer
-        )
-        self._make_home(session, event_log)
+        self._make_home(session, self._new_log(session_id, epoch))
         self._metrics.session_opened()
         return session
+
+    def _new_log(
+        self, session_id: str, epoch: str, *, past: list[LoggedMessage] | None = None, last_seq: int = 0
+    ) -> RedisEventLog:
+        limits = self._limits
+        return RedisEventLog(
+            session_id,
+            epoch,
+            capacity=limits.replay_events,
+            max_bytes=limits.replay_bytes,
+            writer=self.writer,
+            past=past or (),
+            last_seq=last_seq,
+            budget=self.log_budget,
+        )
+
+    def _shedding_order(self) -> list[MemoryEventLog]:
+        """The `LogBudget`'s order, as on one node (`shedding_order`), over the in-memory logs of
+        the sessions homed here; their events stay in Redis, within each session's window."""
+        return shedding_order(
+            (session.detached_since, session.event_log.memory)
+            for session in self._sessions.values()
+            if session.event_log is not None and session.runtime is not None
+        )
 
     def _make_home(self, session: ClusterSession, event_log: RedisEventLog) -> None:
         runtime = SessionRuntime(
@@ -286,7 +304,7 @@ class ClusterSessionRegistry:
         try:
             # The home sends what its writes confirmed; elsewhere the feed, after the log.
             home_here = session.runtime is not None
-            replay = _written_after(session, last_seq) if home_here else None
+            replay = session.written_after(last_seq) if home_here else None
             if replay is None:
                 if not home_here:
                     await self._feeds.join(session.id)
@@ -350,7 +368,7 @@ class ClusterSessionRegistry:
                 with contextlib.suppress(SluiceError):
                     session.gap_filled(await read_after(self._store, session.id, after))
                     return
-                await asyncio.sleep(_SETTLE_RETRY_S)
+                await asyncio.sleep(_GAP_RETRY_S)
             session.gap_filled(None)
 
         self._spawn(fill())
@@ -361,56 +379,7 @@ class ClusterSessionRegistry:
 
     def adopt(self, session: ClusterSession) -> None:
         """The home let go of a session whose transport is here: become its home."""
-        self._spawn(self._settle(session))
-
-    # -- forwarding client messages to the home ----------------------------------------------
-
-    async def forward(self, session: ClusterSession, message: dict[str, Any]) -> bool:
-        """Deliver one queued client message to the session's home; False: try it again."""
-        if session.runtime is not None:
-            self._apply(session, message)
-            return True
-        if session.home:
-            try:
-                if await self._node.call(session.home, {**message, "s": session.id, "k": session.key_id}):
-                    return True
-            except SluiceError:
-                pass  # not listening or not answering: find out whether it is still the home
-        await asyncio.sleep(_SETTLE_RETRY_S)
-        with contextlib.suppress(SluiceError):
-            session.home = ""
-            await self._settle(session)
-        return False
-
-    async def submit(self, session: ClusterSession, messages: Sequence[ClientMessage]) -> list[Outcome]:
-        """`ClusterSession.handle_all` for a session homed elsewhere: one call to the home."""
-        dumped = [forwarded.dump(message) for message in messages]
-        for _ in range(_SUBMIT_TRIES):
-            if session.runtime is not None:
-                return [session.handle(message) for message in messages]
-            if session.home:
-                request = {"op": "submit", "s": session.id, "k": session.key_id, "m": dumped}
-                with contextlib.suppress(SluiceError):
-                    answer = await self._node.call(session.home, request)
-                    if isinstance(answer, list):
-                        return [
-                            forwarded.outcome_of(message, item)
-                            for message, item in zip(messages, answer, strict=True)
-                        ]
-            await asyncio.sleep(_SETTLE_RETRY_S)
-            session.home = ""
-            await self._settle(session)
-        raise store_unavailable()
-
-    def _apply(self, session: ClusterSession, message: dict[str, Any]) -> None:
-        runtime = session.runtime
-        assert runtime is not None
-        if message["op"] == "msg":
-            session.handle_here(forwarded.load(message["m"]))
-        elif message["op"] == "refuse":
-            runtime.refuse(forwarded.refusal_error(message))
-        elif message["op"] == "goaway":
-            runtime.goaway(message["reason"], message["ms"])
+        self._spawn(self.settle(session))
 
     async def _on_control(self, message: dict[str, Any]) -> object:
         session = self._sessions.get(message.get("s", ""))
@@ -419,7 +388,7 @@ class ClusterSessionRegistry:
             case "msg" | "refuse" | "goaway":
                 if not home or session is None or session.key_id != message["k"]:
                     return False  # not (or no longer) the home: the sender looks again
-                self._apply(session, message)
+                forwarding.apply(session, message)
                 return True
             case "submit":
                 if not home or session is None or session.key_id != message["k"]:
@@ -444,6 +413,8 @@ class ClusterSessionRegistry:
         self._metrics.session_closed()
         await runtime.close()
         await self.writer.flush()
+        if session.event_log is not None:
+            session.event_log.memory.release()  # after close: nothing is logged any more
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
         self._feeds.dropped(session.id)  # the delete takes every node off its feed
@@ -461,7 +432,7 @@ class ClusterSessionRegistry:
         if runtime is not None:
             self._limiter.release_session(session.key_id)
             self._metrics.session_closed()
-            self._spawn(runtime.close())
+            self._spawn(_close_and_release(runtime, session.event_log))
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session lost by the session store")
 
@@ -493,15 +464,8 @@ class ClusterSessionRegistry:
             log.info("session expired", extra={"session": session.id})
             await self._end_here(session)
             ended += 1
-        homes = [s.id for s in self._sessions.values() if s.runtime is not None]
-        if homes:
-            async with self._store.translated():
-                pipe = self._store.client.pipeline(transaction=False)
-                for session_id in homes:
-                    pipe.pexpire(meta_key(session_id), self._key_ttl_ms)
-                    pipe.pexpire(log_key(session_id), self._key_ttl_ms)
-                    pipe.pexpire(subs_key(session_id), self._key_ttl_ms)
-                await pipe.execute()
+        here = [s.id for s in self._sessions.values() if s.runtime is not None]
+        await homes.refresh(self._store, here, ttl_ms=self._key_ttl_ms)
         return ended
 
     async def _detach_the_dead(self) -> None:
@@ -572,14 +536,7 @@ class ClusterSessionRegistry:
                 log.error("cluster task failed", exc_info=exc)
 
 
-def _written_after(session: ClusterSession, last_seq: int) -> list[LoggedMessage] | None:
-    """On the home, from memory: the events after ``last_seq`` that are already in Redis (the
-    rest reach the transport as their writes complete); None when memory cannot tell."""
-    event_log = session.event_log
-    if event_log is None or last_seq > event_log.written_seq:
-        return None
-    events = event_log.after(last_seq)
-    if events is None:
-        return None
-    written = event_log.written_seq
-    return [event for event in events if event.seq <= written]
+async def _close_and_release(runtime: SessionRuntime, event_log: RedisEventLog | None) -> None:
+    await runtime.close()
+    if event_log is not None:
+        event_log.memory.release()

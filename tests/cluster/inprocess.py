@@ -54,7 +54,13 @@ class InProcessNode:
 
 
 async def start_node(
-    url: str, node_id: str, backends: FakeRegistry, *, lease_s: float = 1.0, ttl_s: float = 60.0
+    url: str,
+    node_id: str,
+    backends: FakeRegistry,
+    *,
+    lease_s: float = 1.0,
+    ttl_s: float = 60.0,
+    log_budget_bytes: int = 0,
 ) -> InProcessNode:
     store = RedisStore(url)
     await store.start()
@@ -70,6 +76,7 @@ async def start_node(
         metrics=metrics,
         store=store,
         node=node,
+        log_budget_bytes=log_budget_bytes,
     )
     await node.start()
     sessions.start_sweeper()

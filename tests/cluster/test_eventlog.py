@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from protocol.errors import ErrorCode
+from protocol.eventlog import LogBudget
 from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
 from server.cluster.eventlog import (
     WRITE_INTERVAL_S,
@@ -204,6 +205,42 @@ async def test_the_window_also_keeps_at_least_max_bytes_of_events(store: RedisSt
     held = event_log.after(event_log.oldest_seq - 1)
     assert held is not None and 20 <= len(held) <= 22
     assert await read_after(store, SESSION, 100 - 20) == big[-20:]
+
+
+async def test_a_budget_sheds_the_memory_copy_never_the_window_redis_keeps(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    logs: list[RedisEventLog] = []
+    budget = LogBudget(4_000, lambda: [event_log.memory for event_log in logs])
+    # The window by size: 15 kB of ~50 B events, about 300 of them (the count alone keeps 10).
+    event_log = RedisEventLog(SESSION, "e1", capacity=10, max_bytes=15_000, writer=writer, budget=budget)
+    logs.append(event_log)
+    for event in _deltas(1, 250):
+        event_log.append(event)
+    await writer.flush()
+    # ~130 B each in memory: the budget shed the oldest, Redis still has the whole window.
+    assert budget.reclaims > 0 and budget.held <= budget.max_bytes
+    assert event_log.memory.held_cost == budget.held and 0 < len(event_log) < 250
+    assert event_log.after(0) is None and event_log.after(249) == _deltas(250, 1)
+    assert await read_after(store, SESSION, 0) == _deltas(1, 250)
+    for event in _deltas(251, 100):
+        event_log.append(event)
+    await writer.flush()
+    assert await read_after(store, SESSION, 50) == _deltas(51, 300)  # trimmed below the window only
+    event_log.memory.release()
+    assert budget.held == 0
+
+
+async def test_a_claimed_past_is_the_memory_copy_and_charged_to_the_budget(store: RedisStore) -> None:
+    budget = LogBudget(1 << 20, lambda: [])
+    past = _deltas(41, 10)
+    event_log = RedisEventLog(
+        SESSION, "e1", capacity=100, writer=_writer(store), past=past, last_seq=50, budget=budget
+    )
+    assert event_log.oldest_seq == 41 and event_log.after(40) == past and event_log.after(39) is None
+    assert budget.held == event_log.memory.held_cost > 0
+    with pytest.raises(ValueError):
+        RedisEventLog(SESSION, "e1", capacity=100, writer=_writer(store), past=past, last_seq=51)
 
 
 @pytest.mark.parametrize("change", ["epoch", "home", "deleted"])

@@ -80,6 +80,16 @@ def test_append_refuses_gaps_and_repeats() -> None:
     assert log.last_seq == 2
 
 
+def test_a_log_may_start_after_a_seq_and_holds_nothing_before_it() -> None:
+    log = MemoryEventLog(4, last_seq=40)
+    assert (log.last_seq, log.oldest_seq, len(log)) == (40, 41, 0)
+    assert log.after(40) == [] and log.after(39) is None
+    with pytest.raises(ValueError):
+        log.append(delta(1))
+    log.append(delta(41))
+    assert seqs(log.after(40)) == [41] and log.after(39) is None
+
+
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         MemoryEventLog(0)
