@@ -5,7 +5,8 @@ Each function is one step on the store, atomic where it must be (the scripts of
 `claim` makes this node the home of a session that has none and reads back its log and its
 conversation, so the node can build the `Session` from them; `attach_token` numbers a transport attaching to it (the attach
 generation, which orders takeovers across nodes) and announces it; `listen` and `unlisten` add
-this node to the nodes a session's feed reaches and take it off again; `recover` ends, in the session's log, every request a stopped
+this node to the nodes a session's feed reaches and take it off again (`unlisten_node`: a dead
+node off all of them); `recover` ends, in the session's log, every request a stopped
 home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
 a home, fenced by that home's id so that it happens once; `refresh` keeps a live session's keys;
 `delete` forgets a session.
@@ -27,7 +28,7 @@ from protocol.messages import Error, LoggedMessage
 from server.cluster import histories
 from server.cluster.eventlog import decode_event
 from server.cluster.redis import RedisStore
-from server.cluster.scripts import history_key, log_key, meta_key, node_sessions_key, subs_key
+from server.cluster.scripts import history_key, log_key, meta_key, node_sessions_key, node_subs_key, subs_key
 
 __all__ = [
     "NODE_STOPPED",
@@ -111,12 +112,30 @@ async def listen(store: RedisStore, session_id: str, node_id: str, *, ttl_ms: in
         pipe = store.client.pipeline(transaction=False)
         pipe.sadd(subs_key(session_id), node_id)
         pipe.pexpire(subs_key(session_id), ttl_ms)
+        pipe.sadd(node_subs_key(node_id), session_id)
+        pipe.pexpire(node_subs_key(node_id), ttl_ms)
         await pipe.execute()
 
 
 async def unlisten(store: RedisStore, session_id: str, node_id: str) -> None:
     """``node_id`` holds no transport of the session any more: its feed need not reach it."""
-    await store.run(store.client.srem(subs_key(session_id), node_id))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.srem(subs_key(session_id), node_id)
+        pipe.srem(node_subs_key(node_id), session_id)
+        await pipe.execute()
+
+
+async def unlisten_node(store: RedisStore, dead: str) -> None:
+    """Take ``dead`` (its lease expired) off the ``subs`` of every session it listened to, so no
+    home publishes to it any more."""
+    sessions = await store.run(store.client.smembers(node_subs_key(dead)))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        for raw in sessions:
+            pipe.srem(subs_key(_text(raw)), dead)
+        pipe.delete(node_subs_key(dead))
+        await pipe.execute()
 
 
 def attach_generation(token: str | None) -> int:
@@ -144,18 +163,20 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int)
 
 
 async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
-    """`recover` every session whose home was ``dead``."""
+    """`recover` every session whose home was ``dead``, and `unlisten_node` it."""
     for raw in await store.run(store.client.smembers(node_sessions_key(dead))):
         await recover(store, _text(raw), dead, ttl_ms=ttl_ms)
     await store.run(store.client.delete(node_sessions_key(dead)))
+    await unlisten_node(store, dead)
 
 
-async def refresh(store: RedisStore, session_ids: list[str], *, ttl_ms: int) -> None:
-    """Keep the keys of ``session_ids`` (homed here, alive) for another ``ttl_ms``."""
-    if not session_ids:
-        return
+async def refresh(store: RedisStore, node_id: str, session_ids: list[str], *, ttl_ms: int) -> bool:
+    """Keep the keys of ``session_ids`` (homed at ``node_id``, alive) and the node's list of the
+    sessions it listens to for another ``ttl_ms``; whether that list was there (False, while the
+    node listens to some: it was taken for dead, and off their ``subs``: `unlisten_node`)."""
     async with store.translated():
         pipe = store.client.pipeline(transaction=False)
+        pipe.pexpire(node_subs_key(node_id), ttl_ms)
         for session_id in session_ids:
             for key in (
                 meta_key(session_id),
@@ -164,7 +185,8 @@ async def refresh(store: RedisStore, session_ids: list[str], *, ttl_ms: int) -> 
                 history_key(session_id),
             ):
                 pipe.pexpire(key, ttl_ms)
-        await pipe.execute()
+        replies = await pipe.execute()
+    return bool(replies[0])
 
 
 async def delete(store: RedisStore, session_id: str, node_id: str) -> None:

@@ -17,8 +17,9 @@ unchanged on Redis Cluster. Per session:
 - ``hist`` (string): the session's ``history: true`` conversation as its home last wrote it
   (`server.cluster.histories`), for the next home.
 
-Per node: ``sluice:node:<id>`` (heartbeat, with a TTL) and ``sluice:node:<id>:sessions`` (the
-sessions it is home of), its control channel ``sluice:node:<id>:ctl``, its feed channel
+Per node: ``sluice:node:<id>`` (heartbeat, with a TTL), ``sluice:node:<id>:sessions`` (the
+sessions it is home of) and ``sluice:node:<id>:subs`` (the sessions whose ``subs`` name it, so
+that a survivor takes a dead node off them), its control channel ``sluice:node:<id>:ctl``, its feed channel
 ``sluice:node:<id>:feed``, and ``sluice:nodes`` (sorted set of every node by last heartbeat, so
 survivors find the dead).
 
@@ -46,6 +47,7 @@ __all__ = [
     "node_feed_channel",
     "node_key",
     "node_sessions_key",
+    "node_subs_key",
     "subs_key",
 ]
 
@@ -74,6 +76,10 @@ def node_key(node_id: str) -> str:
 
 def node_sessions_key(node_id: str) -> str:
     return f"sluice:node:{node_id}:sessions"
+
+
+def node_subs_key(node_id: str) -> str:
+    return f"sluice:node:{node_id}:subs"
 
 
 def control_channel(node_id: str) -> str:

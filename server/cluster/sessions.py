@@ -19,6 +19,10 @@ window, so a resume that needs it reads it from there (exactly, or not at all).
 A session's ``history: true`` conversation goes to Redis as each turn completes
 (`server.cluster.histories`) and comes back with the log when a node claims the session.
 
+A node whose lease lapsed is taken off the ``subs`` of every session it held a transport of, by
+the node that reaps it (`homes.recover_node`); a node that was only stalled finds out in its next
+sweep (its list of those sessions is gone) and listens to them again, reading what it missed.
+
 The home alone decides when a session expires (no transport attached anywhere for the TTL: the
 transports' nodes tell it on attach and detach) and refreshes its keys' TTL in Redis. While Redis
 cannot be reached nothing new starts here: `connect` and friends raise ``upstream_unavailable``.
@@ -473,8 +477,17 @@ class ClusterSessionRegistry:
             await self._end_here(session)
             ended += 1
         here = [s.id for s in self._sessions.values() if s.runtime is not None]
-        await homes.refresh(self._store, here, ttl_ms=self._key_ttl_ms)
+        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self._key_ttl_ms):
+            await self._listen_again()
         return ended
+
+    async def _listen_again(self) -> None:
+        """Other nodes took this one for dead (it stalled past its lease) and off every session's
+        ``subs``: join them again for the transports held here, and read what was missed."""
+        for session in [s for s in self._sessions.values() if s.runtime is None and s.attached]:
+            log.warning("taken for dead: listening again", extra={"session": session.id})
+            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
+            session.resync()
 
     async def _detach_the_dead(self) -> None:
         """A transport whose node stopped never says it left: count it gone from now."""

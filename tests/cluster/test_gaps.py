@@ -1,7 +1,8 @@
 """Cluster mode in-process where one node alone used to differ: two nodes, one real redis-server,
 fake backends. The home's log memory within the node's budget (detached sessions' copies shed
 first, their resumes read from Redis, exactly); a new home's ``history: true`` conversation,
-exactly the turns whose ``done`` the log holds."""
+exactly the turns whose ``done`` the log holds; a node taken for dead that comes back joins the
+subs of its transports' sessions again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import asyncio
 import orjson
 
 from protocol.messages import ChatMessage, Delta, Done, Error, Generate, Timings, Usage
+from server.cluster import homes
 from server.cluster.histories import load
-from server.cluster.scripts import history_key
+from server.cluster.scripts import history_key, subs_key
 from tests.cluster.inprocess import collect, kill, outbox, start_node, terminal, welcome
 from tests.server.fakes import FakeRegistry, ScriptedGenerator
 from tests.support.redis_server import RedisServer
@@ -145,3 +147,34 @@ def test_a_stored_conversation_keeps_the_turns_whose_done_is_logged_or_older_tha
     assert [(seq, m.content) for seq, m in turns] == [(3, "old"), (3, "ok"), (9, "kept"), (9, "ok")]
     assert all(isinstance(m, ChatMessage) for _, m in turns)
     assert load(None, past, 12) == [] and load(b"not json", past, 12) == []
+
+
+async def test_a_node_taken_for_dead_that_comes_back_listens_again_and_misses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    _fresh(redis_server)
+    generator = ScriptedGenerator(pieces=PIECES, delay_s=0.002)
+    a = await start_node(redis_server.url, "n_a", FakeRegistry(generator))
+    b = await start_node(redis_server.url, "n_b", FakeRegistry(generator))
+    try:
+        session = (await a.sessions.connect(outbox(), key_id="k", welcome=welcome)).runtime
+        box = outbox()
+        view = (
+            await b.sessions.connect(box, key_id="k", welcome=welcome, resume=session.id, last_seq=0)
+        ).runtime
+        subs = subs_key(session.id)
+        assert await a.store.client.smembers(subs) == {b"n_b"}
+        # b stalled past its lease: a survivor took it off every subs (as `recover_node` does).
+        await homes.unlisten_node(a.store, "n_b")
+        assert await a.store.client.smembers(subs) == set()
+        session.handle(Generate(type="generate", id="g1", prompt="hi"))
+        await asyncio.sleep(0.05)  # some of it is logged while nothing reaches b
+        await b.sessions.sweep()  # b, back, finds out and listens again
+        assert await a.store.client.smembers(subs) == {b"n_b"}
+        events = await collect(box, terminal("g1"))
+        assert [e["seq"] for e in events[1:]] == list(range(1, len(events)))
+        assert "".join(e["text"] for e in events if e["type"] == "delta") == "".join(PIECES)
+        assert view.last_seq == events[-1]["seq"]
+    finally:
+        await a.close()
+        await b.close()

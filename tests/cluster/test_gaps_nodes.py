@@ -2,11 +2,13 @@
 on loopback, one real redis-server, the Ollama emulator. A node's memory for logs bounded by
 ``SLUICE_MAX_LOG_BYTES`` (detached sessions' copies shed first) while every resume, on the same
 node or the other, stays exact; ``history: true`` turns going on at a new home after the old one
-was SIGKILLed."""
+was SIGKILLed; a SIGKILLed node taken off the subs of the sessions whose transports it held."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -160,3 +162,39 @@ async def test_history_turns_go_on_at_a_new_home_after_the_old_one_was_killed(cl
         ("assistant", _reply(second, "h2")),
         ("user", "the third question"),
     ]
+
+
+async def test_a_killed_node_is_taken_off_the_subs_of_the_sessions_it_held_transports_of(
+    cluster: Cluster,
+) -> None:
+    redis, emu, (a, _) = cluster
+    victim = start_server(node_env(redis, emu, SLUICE_NODE_ID="gdead"))
+    try:
+        ws = await _open(a.ws_url)
+        session = (await _hello(ws))["session"]
+        await ws.close()
+        held = await _open(victim.ws_url)  # homed on a, its transport on the victim
+        assert (await _hello(held, session, 0))["resumed"] is True
+        subs = f"sluice:{{{session}}}:subs"
+        assert b"gdead" in _members(redis, subs)
+        victim.signal(signal.SIGKILL)
+        held.transport.abort()
+        deadline = time.monotonic() + 20
+        while b"gdead" in _members(redis, subs):
+            assert time.monotonic() < deadline, "the dead node is still in the session's subs"
+            await asyncio.sleep(0.2)
+        assert redis.command("EXISTS", "sluice:node:gdead:subs") == 0
+        # The session lives on: a transport on its home streams as ever.
+        ws = await _open(a.ws_url)
+        assert (await _hello(ws, session, 0))["resumed"] is True
+        prompts = {"after": "after the listener died"}
+        _check(emu, await _generate(ws, "after", prompts["after"]), prompts)
+        await ws.close()
+    finally:
+        victim.stop()
+
+
+def _members(redis: RedisServer, key: str) -> list[bytes]:
+    members = redis.command("SMEMBERS", key)
+    assert isinstance(members, list)
+    return [m for m in members if isinstance(m, bytes)]
