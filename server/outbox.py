@@ -25,6 +25,10 @@ queued, `push` hands the new frame to it at once (no wake-up of the sender per t
 the frame only when it refuses, as it must whenever the write could not complete without waiting
 (the peer's buffer is full), so backpressure reaches the bounds above exactly as before.
 
+A live delta may be pushed as its fields (`push_delta`: request id, seq, text) with the
+transport's ``encode_delta``, so that no message model is built per token; it is queued, bounded
+and written exactly as the `Delta` it stands for would be.
+
 The outbox never times anything and never numbers a message. Whoever drains it must
 bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
 write takes longer: a peer that stops reading blocks the write, not the outbox.
@@ -54,6 +58,7 @@ class Outbox:
         "_close_code",
         "_close_reason",
         "_encode",
+        "_encode_delta",
         "_finishing",
         "_frames",
         "_full",
@@ -76,10 +81,13 @@ class Outbox:
         soft_bytes: int,
         hard_bytes: int,
         max_refs: int = 4096,
+        encode_delta: Callable[[str, int, str], Frame] | None = None,
     ) -> None:
         if not 0 < soft_bytes <= hard_bytes:
             raise ValueError("need 0 < soft_bytes <= hard_bytes")
         self._encode = encode
+        # `encode` of a delta from its fields (request id, seq, text), when the transport has one.
+        self._encode_delta = encode_delta
         self._soft = soft_bytes
         self._hard = hard_bytes
         self._max_refs = max_refs
@@ -159,7 +167,23 @@ class Outbox:
             else:
                 self._wake()
             return
-        frame = self._encode(message)
+        self._queue_frame(self._encode(message))
+
+    def push_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`push` of ``Delta(id=request_id, seq=seq, text=text)`` (already logged), from its fields:
+        with an ``encode_delta`` no model is built (the runtime's path for every live token)."""
+        encode_delta = self._encode_delta
+        if encode_delta is None:
+            self.push(Delta(id=request_id, seq=seq, text=text))
+            return
+        if self._close_code is not None or self._finishing is not None:
+            return
+        frame = encode_delta(request_id, seq, text)
+        if self.write_now is not None and self._sender_idle() and self.write_now(frame):
+            return
+        self._queue_frame(frame)
+
+    def _queue_frame(self, frame: Frame) -> None:
         size = len(frame)
         self._frames.append((frame, size))
         self._bytes += size
