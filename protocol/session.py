@@ -21,7 +21,7 @@ the dispatcher starts and stops work when told to (`Accepted`, `CancelRequested`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar, assert_never
 
@@ -147,7 +147,13 @@ class Session:
 
     __slots__ = ("_append_delta", "_history", "_inflight", "_log", "_seq", "id", "limits")
 
-    def __init__(self, session_id: str, limits: SessionLimits, log: EventLog | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        limits: SessionLimits,
+        log: EventLog | None = None,
+        history: Sequence[ChatMessage] = (),
+    ) -> None:
         self.id = session_id
         self.limits = limits
         if log is None:
@@ -157,7 +163,8 @@ class Session:
         # A log handed in may already hold this session's past (a store that outlived a node).
         self._seq = self._log.last_seq
         self._inflight: dict[str, InflightRequest] = {}
-        self._history: list[ChatMessage] | None = None
+        # A history handed in is the session's conversation as a store kept it (a new home).
+        self._history: list[ChatMessage] | None = list(history) or None
 
     # -- state -----------------------------------------------------------------------------
 

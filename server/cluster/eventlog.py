@@ -97,6 +97,7 @@ class RedisEventLog:
         "_bytes",
         "_capacity",
         "_ended",
+        "_holds",
         "_last",
         "_max_bytes",
         "_pending",
@@ -161,6 +162,7 @@ class RedisEventLog:
         self._ended: list[str] = []
         self.release = False
         self.lost = False
+        self._holds = 0
         self.on_lost: Callable[[RedisEventLog], None] | None = None
         # Events now in Redis, in seq order: what the home may send to a transport it holds.
         self.on_written: Callable[[list[LoggedMessage]], None] | None = None
@@ -227,9 +229,20 @@ class RedisEventLog:
         self.release = True
         self.writer.dirty(self)
 
+    def hold(self) -> None:
+        """Write nothing more until as many `unhold` (the home writes something else first)."""
+        self._holds += 1
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        if not self._holds:
+            self.writer.dirty(self)
+
     def take_batch(self) -> tuple[_Taken, list[Any]] | None:
         """What is pending, and the `scripts.APPEND` keys and arguments that write it (all but the
-        node's own: node id, ttl); None when nothing is pending."""
+        node's own: node id, ttl); None when nothing is pending (or while held)."""
+        if self._holds:
+            return None
         if not (self._pending or self._started or self._ended or self.release):
             return None
         taken = _Taken(len(self._pending), len(self._started), len(self._ended), self.release)

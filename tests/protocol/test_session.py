@@ -450,6 +450,15 @@ def test_history_keeps_finished_turns_in_order() -> None:
     assert s.conversation(gen("4", prompt="alone")) == [user("alone")]
 
 
+def test_a_session_handed_a_history_goes_on_from_it() -> None:
+    kept = [user("I am Ada"), assistant("Hello Ada")]
+    s = Session("s1", SessionLimits(history_messages=3), None, kept)
+    assert s.history == tuple(kept)
+    run_turn(s, gen("1", prompt="who am I?", history=True), ["Ada"])
+    # Bounded as any history: the oldest turn goes first.
+    assert s.history == (assistant("Hello Ada"), user("who am I?"), assistant("Ada"))
+
+
 def test_history_takes_message_turns_but_not_their_system_messages() -> None:
     s = session()
     run_turn(s, gen("1", prompt=None, messages=[system("s"), user("q1")], history=True), ["a1"])
