@@ -31,7 +31,7 @@ from protocol.messages import (
     ServerMessage,
 )
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "encode_delta"]
 
 _CLIENT_MODELS: Final[dict[str, type[BaseModel]]] = {
     "hello": Hello,
@@ -158,8 +158,11 @@ def _dumps(value: object) -> str:
 def encode(message: ServerMessage | LoggedMessage) -> str:
     """Compact JSON for one server message."""
     if type(message) is Delta:
-        # The hot path (once per token): one orjson call on the four fields, no model walk.
-        return orjson.dumps(
-            {"type": "delta", "id": message.id, "seq": message.seq, "text": message.text}
-        ).decode()
+        return encode_delta(message.id, message.seq, message.text)
     return _dumps(_plain(message))
+
+
+def encode_delta(request_id: str, seq: int, text: str) -> str:
+    """`encode` of ``Delta(id=request_id, seq=seq, text=text)``, from its fields (the hot path,
+    once per token: one orjson call, no model)."""
+    return orjson.dumps({"type": "delta", "id": request_id, "seq": seq, "text": text}).decode()

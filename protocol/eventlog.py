@@ -21,7 +21,7 @@ shed event returns ``None``, as for any evicted event, and the client gets a new
 
 `append` runs once per streamed token, so `MemoryEventLog` keeps it to a few attribute operations,
 and holds a delta as a plain ``(id, text)`` tuple (its seq is its place in the run), rebuilt as a
-`Delta` only when read (`after`): a tuple of strings is a few dozen bytes, and one the garbage
+`Delta` only when read (`after`; `append_delta` takes those fields without a model at all): a tuple of strings is a few dozen bytes, and one the garbage
 collector stops tracking, where a logged model kept a few tracked objects per token that every
 full collection walked, for as long as the session lived.
 """
@@ -205,21 +205,36 @@ class MemoryEventLog:
     def append(self, event: LoggedMessage) -> None:
         if event.seq != self._last + 1:
             raise ValueError(f"event seq {event.seq} does not follow {self._last}")
+        if type(event) is Delta:
+            self.append_delta(event.id, event.seq, event.text)
+            return
+        events, sizes = self._events, self._sizes
+        if events is None or sizes is None:
+            events, sizes = self._events, self._sizes = deque(), deque()
+        size = encoded_size(event)
+        events.append(event)
+        self._add(events, sizes, size, _model_cost(size), event.seq)
+
+    def append_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`append` of the delta ``Delta(id=request_id, seq=seq, text=text)``, from its fields (the
+        session's hot path: no model is built for a token that only needs to be held)."""
+        if seq != self._last + 1:
+            raise ValueError(f"event seq {seq} does not follow {self._last}")
         events, sizes = self._events, self._sizes
         if events is None or sizes is None:
             events, sizes = self._events, self._sizes = deque(), deque()
         # `encoded_size` and `memory_cost`, inlined for the one-per-token case.
-        if type(event) is Delta:
-            size = _DELTA_FRAME + len(event.id) + len(event.text)
-            cost = size + _DELTA_OVERHEAD
-            events.append((event.id, event.text))
-        else:
-            size = encoded_size(event)
-            cost = _model_cost(size)
-            events.append(event)
+        size = _DELTA_FRAME + len(request_id) + len(text)
+        events.append((request_id, text))
+        self._add(events, sizes, size, size + _DELTA_OVERHEAD, seq)
+
+    def _add(
+        self, events: deque[LoggedMessage | _HeldDelta], sizes: deque[int], size: int, cost: int, seq: int
+    ) -> None:
+        """Account for the event just appended to ``events``: window, then budget."""
         sizes.append(size)
         self._bytes += size
-        self._last = event.seq
+        self._last = seq
         if len(events) > self._capacity and self._bytes - sizes[0] >= self._max_bytes:
             self._evict_window(events, sizes)
         budget = self._budget

@@ -21,7 +21,7 @@ the dispatcher starts and stops work when told to (`Accepted`, `CancelRequested`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar, assert_never
 
@@ -128,11 +128,12 @@ _IGNORED = Ignored()
 class InflightRequest(Lifecycle):
     """A request between `Accepted` and its terminal message."""
 
-    __slots__ = ("_calls", "_reply", "call_count", "request")
+    __slots__ = ("_calls", "_reply", "call_count", "kind", "request")
 
     def __init__(self, request: Request) -> None:
         super().__init__()
         self.request = request
+        self.kind: RequestKind = request.type
         # Tool calls made so far (the next call's index).
         self.call_count = 0
         # Pieces of generated text and the calls, kept only for ``history: true`` generations.
@@ -140,26 +141,30 @@ class InflightRequest(Lifecycle):
         self._reply: list[str] | None = [] if keep else None
         self._calls: list[MessageToolCall] | None = [] if keep else None
 
-    @property
-    def kind(self) -> RequestKind:
-        return self.request.type
-
 
 class Session:
     """One session's protocol state. See the module docstring for the rules it keeps."""
 
-    __slots__ = ("_history", "_inflight", "_log", "_seq", "id", "limits")
+    __slots__ = ("_append_delta", "_history", "_inflight", "_log", "_seq", "id", "limits")
 
-    def __init__(self, session_id: str, limits: SessionLimits, log: EventLog | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        limits: SessionLimits,
+        log: EventLog | None = None,
+        history: Sequence[ChatMessage] = (),
+    ) -> None:
         self.id = session_id
         self.limits = limits
         if log is None:
             log = MemoryEventLog(limits.replay_events, max_bytes=limits.replay_bytes)
         self._log: EventLog = log
+        self._append_delta = log.append_delta if isinstance(log, MemoryEventLog) else None
         # A log handed in may already hold this session's past (a store that outlived a node).
         self._seq = self._log.last_seq
         self._inflight: dict[str, InflightRequest] = {}
-        self._history: list[ChatMessage] | None = None
+        # A history handed in is the session's conversation as a store kept it (a new home).
+        self._history: list[ChatMessage] | None = list(history) or None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -239,12 +244,37 @@ class Session:
 
     def delta(self, request_id: str, text: str) -> Delta | None:
         """The next piece of a generation; ``None`` when the request already ended."""
-        entry = self._running(request_id, "generate")
-        if entry is None:
+        if not self._piece(request_id, text):
             return None
+        return self._log_event(Delta(id=request_id, seq=self._seq + 1, text=text))
+
+    def numbered_delta(self, request_id: str, text: str) -> int | None:
+        """`delta` for the hot path: the piece is logged as that delta and its seq returned (the
+        caller builds the frame from ``request_id``, the seq and ``text``); ``None`` when the
+        request already ended. A `MemoryEventLog` takes the fields as they are, so no model is
+        built; any other log is given the `Delta`."""
+        if not self._piece(request_id, text):
+            return None
+        seq = self._seq + 1
+        append_delta = self._append_delta
+        if append_delta is not None:
+            append_delta(request_id, seq, text)
+        else:
+            self._log.append(Delta(id=request_id, seq=seq, text=text))
+        self._seq = seq
+        return seq
+
+    def _piece(self, request_id: str, text: str) -> bool:
+        """Whether the generation `request_id` is still running (starting it if it was queued), its
+        reply kept for history; what `delta` and `numbered_delta` check before numbering."""
+        entry = self._inflight.get(request_id)
+        if entry is None:
+            return False
+        if entry.state is not State.RUNNING or entry.kind != "generate":
+            self._running(request_id, "generate")  # once per request: start it, or raise
         if entry._reply is not None:
             entry._reply.append(text)
-        return self._log_event(Delta(id=request_id, seq=self._seq + 1, text=text))
+        return True
 
     def tool_call(self, request_id: str, *, call_id: str, name: str, arguments: str) -> ToolCall | None:
         """One complete tool call of a generation, ``index`` counting from 0 within the request;

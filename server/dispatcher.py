@@ -170,7 +170,11 @@ class Dispatcher:
             stream = backend.generate(request)
             try:
                 async for item in stream:
-                    if isinstance(item, GenerationResult):
+                    if type(item) is str:  # the common case, once per token
+                        if item:
+                            self._piece(trace, key_id, name)
+                            yield item
+                    elif isinstance(item, GenerationResult):
                         result = item
                     elif isinstance(item, ToolCall):
                         yield ToolCall(name=item.name, arguments=item.arguments, id=new_call_id())

@@ -25,6 +25,10 @@ queued, `push` hands the new frame to it at once (no wake-up of the sender per t
 the frame only when it refuses, as it must whenever the write could not complete without waiting
 (the peer's buffer is full), so backpressure reaches the bounds above exactly as before.
 
+A live delta may be pushed as its fields (`push_delta`: request id, seq, text) with the
+transport's ``encode_delta``, so that no message model is built per token; it is queued, bounded
+and written exactly as the `Delta` it stands for would be.
+
 The outbox never times anything and never numbers a message. Whoever drains it must
 bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
 write takes longer: a peer that stops reading blocks the write, not the outbox.
@@ -55,6 +59,7 @@ class Outbox:
         "_close_code",
         "_close_reason",
         "_encode",
+        "_encode_delta",
         "_finishing",
         "_frames",
         "_full",
@@ -77,10 +82,13 @@ class Outbox:
         soft_bytes: int,
         hard_bytes: int,
         max_refs: int = 4096,
+        encode_delta: Callable[[str, int, str], Frame] | None = None,
     ) -> None:
         if not 0 < soft_bytes <= hard_bytes:
             raise ValueError("need 0 < soft_bytes <= hard_bytes")
         self._encode = encode
+        # `encode` of a delta from its fields (request id, seq, text), when the transport has one.
+        self._encode_delta = encode_delta
         self._soft = soft_bytes
         self._hard = hard_bytes
         self._max_refs = max_refs
@@ -144,37 +152,54 @@ class Outbox:
             self._full = True
         return room
 
-    # -- producer side (never awaits) --------------------------------------------------------
-
     @property
     def sends_json(self) -> bool:
         """Whether a message's frame here is its JSON as `protocol.codec.encode` writes it (so a
         delta already in that form can be `push_frame`d as it is)."""
         return self._encode is encode
 
+    # -- producer side (never awaits) --------------------------------------------------------
+
     def push(self, message: OutboundMessage) -> None:
         """Queue one message behind everything queued so far; past the hard bound, fail 4008."""
         if self._close_code is not None or self._finishing is not None:
             return
-        if isinstance(message, Delta | Welcome | Pong):
-            self.push_frame(self._encode(message))
-            return
         if self.write_now is not None and self._sender_idle() and self.write_now(self._encode(message)):
             return
-        self._frames.append(message)
-        self._refs += 1
-        if self._refs > self._max_refs:
-            self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
-        else:
-            self._wake()
+        if not isinstance(message, Delta | Welcome | Pong):
+            self._frames.append(message)
+            self._refs += 1
+            if self._refs > self._max_refs:
+                self.fail(CloseCode.SLOW_CONSUMER, "outbound buffer limit reached")
+            else:
+                self._wake()
+            return
+        self._queue_frame(self._encode(message))
+
+    def push_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`push` of ``Delta(id=request_id, seq=seq, text=text)`` (already logged), from its fields:
+        with an ``encode_delta`` no model is built (the runtime's path for every live token)."""
+        encode_delta = self._encode_delta
+        if encode_delta is None:
+            self.push(Delta(id=request_id, seq=seq, text=text))
+            return
+        if self._close_code is not None or self._finishing is not None:
+            return
+        frame = encode_delta(request_id, seq, text)
+        if self.write_now is not None and self._sender_idle() and self.write_now(frame):
+            return
+        self._queue_frame(frame)
 
     def push_frame(self, frame: Frame) -> None:
-        """`push` of a delta (or welcome, pong) already encoded as this outbox's ``encode`` would:
-        the same order, bounds and write-at-once."""
+        """`push` of a delta already encoded as this outbox's ``encode`` would (a cluster relay's
+        feed carries them so): the same order, bounds and write-at-once."""
         if self._close_code is not None or self._finishing is not None:
             return
         if self.write_now is not None and self._sender_idle() and self.write_now(frame):
             return
+        self._queue_frame(frame)
+
+    def _queue_frame(self, frame: Frame) -> None:
         size = len(frame)
         self._frames.append((frame, size))
         self._bytes += size

@@ -300,7 +300,9 @@ class SessionRuntime:
         )
         async with aclosing(stream):
             async for item in stream:
-                if isinstance(item, Finished):
+                if type(item) is str:  # the common case, once per token
+                    self._delta(request_id, item)
+                elif isinstance(item, Finished):
                     # Pending text of this request is numbered before its terminal message.
                     self._flush_one(request_id)
                     self._send(
@@ -355,10 +357,11 @@ class SessionRuntime:
         if outbox is not None and outbox.has_room:
             if self._pending:
                 self._flush_pending()
-            # Once per token: straight to the outbox just checked (`_send` would look it up again).
-            event = self.session.delta(request_id, text)
-            if event is not None:
-                outbox.push(event)
+            # Once per token: straight to the outbox just checked (`_send` would look it up again),
+            # as fields: no message model is built for it.
+            seq = self.session.numbered_delta(request_id, text)
+            if seq is not None:
+                outbox.push_delta(request_id, seq, text)
             return
         parts = self._pending.get(request_id)
         if parts is None:

@@ -138,6 +138,7 @@ class RedisEventLog:
         "_bytes",
         "_capacity",
         "_ended",
+        "_holds",
         "_last",
         "_max_bytes",
         "_pending",
@@ -207,6 +208,7 @@ class RedisEventLog:
         self._trimmed = 0
         self.release = False
         self.lost = False
+        self._holds = 0
         self.on_lost: Callable[[RedisEventLog], None] | None = None
         # Events now in Redis, in seq order: what the home may send to a transport it holds.
         self.on_written: Callable[[list[LoggedMessage]], None] | None = None
@@ -277,9 +279,20 @@ class RedisEventLog:
         self.release = True
         self.writer.dirty(self)
 
+    def hold(self) -> None:
+        """Write nothing more until as many `unhold` (the home writes something else first)."""
+        self._holds += 1
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        if not self._holds:
+            self.writer.dirty(self)
+
     def take_batch(self) -> tuple[_Taken, int, bytes] | None:
         """What is pending, and this log's arguments to `scripts.APPEND` in RESP (how many, and
-        their bulk strings; its keys are `keys`); None when nothing is pending."""
+        their bulk strings; its keys are `keys`); None when nothing is pending (or while held)."""
+        if self._holds:
+            return None
         pending, started, ended = self._pending, self._started, self._ended
         if not (pending or started or ended or self.release or self._acked):
             return None

@@ -2,10 +2,11 @@
 
 Each function is one step on the store, atomic where it must be (the scripts of
 `server.cluster.scripts`): `create` writes a new session's meta with this node as its home;
-`claim` makes this node the home of a session that has none and reads back its log, so the node
-can build the `Session` from it; `attach_token` numbers a transport attaching to it (the attach
+`claim` makes this node the home of a session that has none and reads back its log and its
+conversation, so the node can build the `Session` from them; `attach_token` numbers a transport attaching to it (the attach
 generation, which orders takeovers across nodes) and announces it; `listen` and `unlisten` add
-this node to the nodes a session's feed reaches and take it off again; `recover` ends, in the session's log, every request a stopped
+this node to the nodes a session's feed reaches and take it off again (`unlisten_node`: a dead
+node off all of them); `recover` ends, in the session's log, every request a stopped
 home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
 a home, fenced by that home's id so that it happens once; `refresh` keeps a live session's keys;
 `delete` forgets a session.
@@ -24,9 +25,10 @@ from redis.commands.core import AsyncScript
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.messages import Error, LoggedMessage
+from server.cluster import histories
 from server.cluster.eventlog import decode_event
 from server.cluster.redis import RedisStore
-from server.cluster.scripts import log_key, meta_key, node_sessions_key, subs_key
+from server.cluster.scripts import history_key, log_key, meta_key, node_sessions_key, node_subs_key, subs_key
 
 __all__ = [
     "NODE_STOPPED",
@@ -53,6 +55,7 @@ class Claimed:
     epoch: str
     last_seq: int
     past: list[LoggedMessage]  # the newest events the log holds, contiguous, ending at last_seq
+    history: histories.Turns  # its conversation, the turns the log completed (`histories.load`)
 
 
 def _text(raw: bytes | str | None) -> str:
@@ -74,8 +77,8 @@ async def create(store: RedisStore, session_id: str, *, key_id: str, node_id: st
 
 
 async def claim(store: RedisStore, session_id: str, node_id: str) -> Claimed | str | None:
-    """Become the home of ``session_id`` if it has none: what it holds, or the node that is its
-    home, or None when there is no such session."""
+    """Become the home of ``session_id`` if it has none: what it holds (its log and its
+    conversation), or the node that is its home, or None when there is no such session."""
     keys = [meta_key(session_id)]
     reply = await store.run(store.claim_script(keys=keys, args=[node_id, ""], client=store.client))
     if reply is None or isinstance(reply, bytes | str):
@@ -85,9 +88,10 @@ async def claim(store: RedisStore, session_id: str, node_id: str) -> Claimed | s
         pipe = store.client.pipeline(transaction=False)
         pipe.xrange(log_key(session_id), max=f"{last_seq}-0")
         pipe.sadd(node_sessions_key(node_id), session_id)
-        entries, _ = await pipe.execute()
-    events = [decode_event(fields[b"m"]) for _, fields in entries]
-    return Claimed(epoch, last_seq, _contiguous(events, last_seq))
+        pipe.get(history_key(session_id))
+        entries, _, history = await pipe.execute()
+    past = _contiguous([decode_event(fields[b"m"]) for _, fields in entries], last_seq)
+    return Claimed(epoch, last_seq, past, histories.load(history, past, last_seq))
 
 
 async def attach_token(store: RedisStore, script: AsyncScript, session_id: str, node_id: str) -> str | None:
@@ -108,12 +112,30 @@ async def listen(store: RedisStore, session_id: str, node_id: str, *, ttl_ms: in
         pipe = store.client.pipeline(transaction=False)
         pipe.sadd(subs_key(session_id), node_id)
         pipe.pexpire(subs_key(session_id), ttl_ms)
+        pipe.sadd(node_subs_key(node_id), session_id)
+        pipe.pexpire(node_subs_key(node_id), ttl_ms)
         await pipe.execute()
 
 
 async def unlisten(store: RedisStore, session_id: str, node_id: str) -> None:
     """``node_id`` holds no transport of the session any more: its feed need not reach it."""
-    await store.run(store.client.srem(subs_key(session_id), node_id))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.srem(subs_key(session_id), node_id)
+        pipe.srem(node_subs_key(node_id), session_id)
+        await pipe.execute()
+
+
+async def unlisten_node(store: RedisStore, dead: str) -> None:
+    """Take ``dead`` (its lease expired) off the ``subs`` of every session it listened to, so no
+    home publishes to it any more."""
+    sessions = await store.run(store.client.smembers(node_subs_key(dead)))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        for raw in sessions:
+            pipe.srem(subs_key(_text(raw)), dead)
+        pipe.delete(node_subs_key(dead))
+        await pipe.execute()
 
 
 def attach_generation(token: str | None) -> int:
@@ -141,29 +163,41 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int)
 
 
 async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
-    """`recover` every session whose home was ``dead``."""
+    """`recover` every session whose home was ``dead``, and `unlisten_node` it."""
     for raw in await store.run(store.client.smembers(node_sessions_key(dead))):
         await recover(store, _text(raw), dead, ttl_ms=ttl_ms)
     await store.run(store.client.delete(node_sessions_key(dead)))
+    await unlisten_node(store, dead)
 
 
-async def refresh(store: RedisStore, session_ids: list[str], *, ttl_ms: int) -> None:
-    """Keep the keys of ``session_ids`` (homed here, alive) for another ``ttl_ms``."""
-    if not session_ids:
-        return
+async def refresh(store: RedisStore, node_id: str, session_ids: list[str], *, ttl_ms: int) -> bool:
+    """Keep the keys of ``session_ids`` (homed at ``node_id``, alive) and the node's list of the
+    sessions it listens to for another ``ttl_ms``; whether that list was there (False, while the
+    node listens to some: it was taken for dead, and off their ``subs``: `unlisten_node`)."""
     async with store.translated():
         pipe = store.client.pipeline(transaction=False)
+        pipe.pexpire(node_subs_key(node_id), ttl_ms)
         for session_id in session_ids:
-            for key in (meta_key(session_id), log_key(session_id), subs_key(session_id)):
+            for key in (
+                meta_key(session_id),
+                log_key(session_id),
+                subs_key(session_id),
+                history_key(session_id),
+            ):
                 pipe.pexpire(key, ttl_ms)
-        await pipe.execute()
+        replies = await pipe.execute()
+    return bool(replies[0])
 
 
 async def delete(store: RedisStore, session_id: str, node_id: str) -> None:
     """Forget ``session_id``; its transports hear ``!E`` and close."""
     keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
     await store.run(store.end_script(keys=keys, args=[session_id], client=store.client))
-    await store.run(store.client.srem(node_sessions_key(node_id), session_id))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.delete(history_key(session_id))
+        pipe.srem(node_sessions_key(node_id), session_id)
+        await pipe.execute()
 
 
 def _stopped(request_id: str, seq: int) -> Error:

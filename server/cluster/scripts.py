@@ -14,10 +14,13 @@ call per slot). Per session:
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
   least that window), and exactly below the oldest event the client has not acknowledged;
 - ``subs`` (set): the nodes that hold (or are attaching) a transport of the session, so the
-  session's live events and notices reach them.
+  session's live events and notices reach them;
+- ``hist`` (string): the session's ``history: true`` conversation as its home last wrote it
+  (`server.cluster.histories`), for the next home.
 
-Per node: ``sluice:node:<id>`` (heartbeat, with a TTL) and ``sluice:node:<id>:sessions`` (the
-sessions it is home of), its control channel ``sluice:node:<id>:ctl``, its feed channel
+Per node: ``sluice:node:<id>`` (heartbeat, with a TTL), ``sluice:node:<id>:sessions`` (the
+sessions it is home of) and ``sluice:node:<id>:subs`` (the sessions whose ``subs`` name it, so
+that a survivor takes a dead node off them), its control channel ``sluice:node:<id>:ctl``, its feed channel
 ``sluice:node:<id>:feed``, and ``sluice:nodes`` (sorted set of every node by last heartbeat, so
 survivors find the dead).
 
@@ -37,13 +40,16 @@ __all__ = [
     "ATTACH",
     "CLAIM",
     "END",
+    "HISTORY",
     "NODES",
     "control_channel",
+    "history_key",
     "log_key",
     "meta_key",
     "node_feed_channel",
     "node_key",
     "node_sessions_key",
+    "node_subs_key",
     "subs_key",
 ]
 
@@ -62,12 +68,20 @@ def subs_key(session_id: str) -> str:
     return f"sluice:{{{session_id}}}:subs"
 
 
+def history_key(session_id: str) -> str:
+    return f"sluice:{{{session_id}}}:hist"
+
+
 def node_key(node_id: str) -> str:
     return f"sluice:node:{node_id}"
 
 
 def node_sessions_key(node_id: str) -> str:
     return f"sluice:node:{node_id}:sessions"
+
+
+def node_subs_key(node_id: str) -> str:
+    return f"sluice:node:{node_id}:subs"
 
 
 def control_channel(node_id: str) -> str:
@@ -214,3 +228,15 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 )
+
+# The home writes the session's conversation (`server.cluster.histories`): only while it is still
+# the home of the same epoch, so a node that lost the session never overwrites a newer home's.
+#
+# KEYS: meta, hist.  ARGV: node, epoch, the conversation's JSON, ttl ms.
+# Returns 1 when written, 0 when this node is not (or no longer) the session's home.
+HISTORY = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'home')
+if meta[1] ~= ARGV[2] or meta[2] ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return 1
+"""

@@ -27,6 +27,9 @@ stays, and an older one never closes it. Other feed notices: ``!E`` the session 
 the home let go of it (then the log is read again: what the old home wrote last may not have
 been published before it went).
 
+On the home, a ``done`` that completed a ``history: true`` turn is held back from the log until
+the conversation is in Redis (`ClusterSession.done_logged`, `server.cluster.histories`).
+
 This module never talks to Redis itself: the registry (`server.cluster.sessions`) does.
 """
 
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.close import CloseCode
 from protocol.errors import SluiceError
-from protocol.messages import ClientMessage, Goaway, LoggedMessage, Ping, Pong, Welcome
+from protocol.messages import ChatMessage, ClientMessage, Done, Goaway, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
 from server.cluster import forwarded, forwarding
 from server.cluster.eventlog import Framed, RedisEventLog, framed
@@ -67,11 +70,13 @@ class FeedSink(Outbox):
     under load a session costs Redis about one event per request per round trip, not per token,
     and a token waits no longer than it waits anyway for the write before any transport has it."""
 
-    __slots__ = ("_log",)
+    __slots__ = ("_log", "_on_done")
 
-    def __init__(self, event_log: RedisEventLog) -> None:
+    def __init__(self, event_log: RedisEventLog, on_done: Callable[[Done], None]) -> None:
         super().__init__(encode=lambda message: b"", soft_bytes=1, hard_bytes=1)
         self._log = event_log
+        # Each done, as it is logged (before it is written: see `ClusterSession.done_logged`).
+        self._on_done = on_done
         event_log.on_idle = self._idle
 
     @property
@@ -86,7 +91,8 @@ class FeedSink(Outbox):
             self.on_room()
 
     def push(self, message: object) -> None:
-        return None
+        if type(message) is Done:
+            self._on_done(message)
 
     def push_replay(self, messages: object) -> None:
         return None
@@ -119,6 +125,9 @@ class ClusterSession:
         self.ended = False
         # A goaway asked of the home that has not reached the transport here yet.
         self._goaway_due = False
+        # On the home: the conversation as last saved to Redis, each message with the seq of the
+        # done that completed its turn (`server.cluster.histories`).
+        self.turns: list[tuple[int, ChatMessage]] = []
         # Held while this node claims the session or settles where its home is.
         self.lock = asyncio.Lock()
 
@@ -218,6 +227,21 @@ class ClusterSession:
         """On the home: ``events`` are in Redis now, so a transport here may have them."""
         if self._outbox is not None or self._held is not None:
             self._deliver(events)
+
+    def done_logged(self, done: Done) -> None:
+        """On the home, as ``done`` is logged: when it completed a turn of the conversation, the
+        conversation goes to Redis first, and the log holds ``done`` back until it is there (so
+        whoever sees the ``done`` anywhere finds its turn at any later home)."""
+        runtime, event_log = self.runtime, self.event_log
+        if runtime is None or event_log is None:
+            return
+        history = runtime.session.history
+        seqs = {id(turn): seq for seq, turn in self.turns}
+        if not history or id(history[-1]) in seqs:
+            return  # no turn kept (a generation without history, or another request)
+        self.turns = [(seqs.get(id(turn), done.seq), turn) for turn in history]
+        event_log.hold()
+        self._registry.histories.save(self.id, event_log.epoch, self.turns, event_log.unhold)
 
     def on_feed(self, payload: bytes) -> None:
         self.on_lines(payload.split(b"\n"))

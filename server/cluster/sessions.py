@@ -16,6 +16,13 @@ for their in-memory copies, shed as on one node: detached sessions' first (longe
 first), then the largest of the others. A shed event is still in Redis, within the session's
 window, so a resume that needs it reads it from there (exactly, or not at all).
 
+A session's ``history: true`` conversation goes to Redis as each turn completes
+(`server.cluster.histories`) and comes back with the log when a node claims the session.
+
+A node whose lease lapsed is taken off the ``subs`` of every session it held a transport of, by
+the node that reaps it (`homes.recover_node`); a node that was only stalled finds out in its next
+sweep (its list of those sessions is gone) and listens to them again, reading what it missed.
+
 The home alone decides when a session expires (no transport attached anywhere for the TTL: the
 transports' nodes tell it on attach and detach) and refreshes its keys' TTL in Redis. While Redis
 cannot be reached nothing new starts here: `connect` and friends raise ``upstream_unavailable``.
@@ -39,6 +46,7 @@ from protocol.session import Session, SessionLimits
 from server.cluster import forwarded, forwarding, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.feeds import Feeds
+from server.cluster.histories import Histories, Turns
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore
 from server.cluster.scripts import ATTACH, meta_key
@@ -98,6 +106,7 @@ class ClusterSessionRegistry:
         self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
         self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
         self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
+        self.histories = Histories(store, node.id, ttl_ms=self._key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -234,7 +243,7 @@ class ClusterSessionRegistry:
             session.home = claimed
         else:
             event_log = self._new_log(session.id, claimed.epoch, past=claimed.past, last_seq=claimed.last_seq)
-            self._make_home(session, event_log)
+            self._make_home(session, event_log, claimed.history)
             log.info("claimed session", extra={"session": session.id})
 
     async def _create(self, key_id: str) -> ClusterSession:
@@ -276,15 +285,18 @@ class ClusterSessionRegistry:
             if session.event_log is not None and session.runtime is not None
         )
 
-    def _make_home(self, session: ClusterSession, event_log: RedisEventLog) -> None:
+    def _make_home(
+        self, session: ClusterSession, event_log: RedisEventLog, turns: Turns | None = None
+    ) -> None:
+        session.turns = turns or []
         runtime = SessionRuntime(
-            Session(session.id, self._limits, event_log),
+            Session(session.id, self._limits, event_log, [turn for _, turn in session.turns]),
             dispatcher=self._dispatcher,
             metrics=self._metrics,
             key_id=session.key_id,
             clock=self._clock,
         )
-        runtime.attach(FeedSink(event_log), runtime.last_seq)
+        runtime.attach(FeedSink(event_log, session.done_logged), runtime.last_seq)
         event_log.on_lost = lambda _: self._lost(session)
         event_log.on_written = session.on_written
         session.runtime, session.event_log, session.home = runtime, event_log, self._node.id
@@ -465,8 +477,17 @@ class ClusterSessionRegistry:
             await self._end_here(session)
             ended += 1
         here = [s.id for s in self._sessions.values() if s.runtime is not None]
-        await homes.refresh(self._store, here, ttl_ms=self._key_ttl_ms)
+        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self._key_ttl_ms):
+            await self._listen_again()
         return ended
+
+    async def _listen_again(self) -> None:
+        """Other nodes took this one for dead (it stalled past its lease) and off every session's
+        ``subs``: join them again for the transports held here, and read what was missed."""
+        for session in [s for s in self._sessions.values() if s.runtime is None and s.attached]:
+            log.warning("taken for dead: listening again", extra={"session": session.id})
+            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
+            session.resync()
 
     async def _detach_the_dead(self) -> None:
         """A transport whose node stopped never says it left: count it gone from now."""
@@ -518,6 +539,7 @@ class ClusterSessionRegistry:
                 session.outbox.fail(CloseCode.GOING_AWAY, "server shutting down")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
+                await self.histories.flush()  # first: a log may hold its done until it is written
                 await self.writer.flush()
         for task in list(self._tasks):
             task.cancel()

@@ -49,7 +49,7 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from protocol.close import CloseCode
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, encode_delta
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -69,7 +69,7 @@ from protocol.sse import encode_event, encode_message
 from server.admission import admit
 from server.api.errors import Family, StatusError, error_response, json_response
 from server.api.routing import api_router, error_model
-from server.api.streams import SSE_HEADERS, keepalive
+from server.api.streams import SSE_HEADERS, EventStream, keepalive
 from server.outbox import Frame, OutboundMessage, Outbox
 from server.seam import SessionHandle
 from server.services import Services, services_of
@@ -227,6 +227,12 @@ def _frame(message: OutboundMessage) -> bytes:
             assert_never(message)
 
 
+def _delta_frame(request_id: str, seq: int, text: str) -> bytes:
+    """`_frame` of ``Delta(id=request_id, seq=seq, text=text)``, from its fields (the runtime's
+    path for every live token: no model)."""
+    return encode_event(encode_delta(request_id, seq, text), id=seq, event="delta")
+
+
 def _bytes(frame: Frame) -> bytes:
     return frame if isinstance(frame, bytes) else frame.encode()
 
@@ -243,6 +249,7 @@ class _SessionStream:
         self.runtime: SessionHandle | None = None
         self.outbox = Outbox(
             encode=_frame,
+            encode_delta=_delta_frame,
             soft_bytes=settings.outbound_soft_bytes,
             hard_bytes=settings.outbound_hard_bytes,
             max_refs=settings.replay_events,
@@ -299,7 +306,7 @@ class _SessionStream:
         self._services.metrics.connection_closed("sse")
 
 
-class _EventStreamResponse(EventSourceResponse):
+class _EventStreamResponse(EventStream):
     """sse-starlette's response, ending the stream's attachment however the response ends
     (disconnect, stall, a disconnect before the first chunk) and quietly for a stall."""
 
@@ -311,7 +318,7 @@ class _EventStreamResponse(EventSourceResponse):
             ping=settings.sse_keepalive_s,
             ping_message_factory=keepalive,
             sep="\n",
-            send_timeout=settings.outbound_stall_s,
+            stall_s=settings.outbound_stall_s,
             # On SIGTERM the drain ends the stream itself (goaway, then close 1012).
             shutdown_grace_period=settings.drain_timeout_s + 5.0,
         )

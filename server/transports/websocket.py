@@ -39,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol.close import CloseCode
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, encode_delta
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import ClientMessage, Hello
 from server.admission import Admission, admit
@@ -138,6 +138,7 @@ class WebSocketConnection:
         resume = hello.session if hello is not None else None
         outbox = Outbox(
             encode=encode,
+            encode_delta=encode_delta,
             soft_bytes=self._settings.outbound_soft_bytes,
             hard_bytes=self._settings.outbound_hard_bytes,
             max_refs=self._settings.replay_events,

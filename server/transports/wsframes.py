@@ -48,11 +48,15 @@ _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
 
 
+# The two-byte headers of the frames with a payload under 126 bytes (most tokens' frames).
+_HEAD_SHORT = tuple(bytes((_FIN_TEXT, size)) for size in range(126))
+
+
 def text_frame(payload: bytes) -> bytes:
     """One unfragmented, unmasked text frame carrying ``payload`` (UTF-8), with no extension."""
     size = len(payload)
     if size < 126:
-        return bytes((_FIN_TEXT, size)) + payload
+        return _HEAD_SHORT[size] + payload
     if size < 1 << 16:
         return _HEAD_16.pack(_FIN_TEXT, 126, size) + payload
     return _HEAD_64.pack(_FIN_TEXT, 127, size) + payload
@@ -71,17 +75,16 @@ class FramesProtocol(WebSocketsSansIOProtocol):
     def write_frames(self, frames: Sequence[str]) -> bool:
         """Write ``frames`` now, one text frame each, in one ``transport.write``; False (nothing
         written) when the connection cannot take them without waiting."""
+        conn = self.conn
         if (
-            not self.handshake_complete
+            self.disconnected
             or self.close_sent
-            or self.disconnected
+            or not self.handshake_complete
             or self.initial_response is not None
             or not self.writable.is_set()
+            or conn.state is not State.OPEN
             or self.transport.is_closing()
         ):
-            return False
-        conn = self.conn
-        if conn.state is not State.OPEN:
             return False
         if conn.extensions:
             try:
@@ -92,8 +95,12 @@ class FramesProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(conn.data_to_send()))
             return True
         # Whatever the protocol object still holds to send goes first (normally nothing).
-        data = [*conn.data_to_send(), *(text_frame(frame.encode()) for frame in frames)]
-        self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        pending = conn.data_to_send()
+        if not pending and len(frames) == 1:  # one token's frame: no list, no join
+            self.transport.write(text_frame(frames[0].encode()))
+            return True
+        pending.extend(text_frame(frame.encode()) for frame in frames)
+        self.transport.write(b"".join(pending))
         return True
 
     async def send(self, message: Any) -> None:

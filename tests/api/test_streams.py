@@ -45,3 +45,49 @@ async def test_with_a_send_timeout_a_stuck_send_still_times_out() -> None:
 
 def test_sse_starlette_sends_its_chunks_through_the_overridden_method() -> None:
     assert "_send_with_timeout" in inspect.getsource(EventSourceResponse._stream_response)
+
+
+async def test_with_stall_s_a_send_blocked_that_long_times_out_as_send_timeout_would() -> None:
+    async def stuck(message: Any) -> None:
+        await asyncio.sleep(10)
+
+    response = EventStream(_body(), stall_s=0.05)
+    assert response.send_timeout is None
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(SendTimeoutError):
+        await asyncio.wait_for(response._send_with_timeout(stuck, {"type": "http.response.body"}), 5)
+    assert 0.04 <= asyncio.get_running_loop().time() - started < 2
+
+
+async def test_with_stall_s_only_the_blocked_send_is_cut_and_an_idle_stream_holds_no_timer() -> None:
+    sent: list[Any] = []
+
+    async def slow(message: Any) -> None:  # slower than nothing, faster than the limit
+        await asyncio.sleep(0.02)
+        sent.append(message)
+
+    async def stuck(message: Any) -> None:
+        await asyncio.sleep(10)
+
+    response = EventStream(_body(), stall_s=0.15)
+    blocked = asyncio.create_task(response._send_with_timeout(stuck, {"n": 0}))
+    for n in range(1, 11):  # sends go on beside the blocked one, for longer than the limit
+        await response._send_with_timeout(slow, {"n": n})
+    with pytest.raises(SendTimeoutError):
+        await asyncio.wait_for(blocked, 5)
+    assert [m["n"] for m in sent] == list(range(1, 11))
+    await asyncio.sleep(0.2)  # the watchdog looks once more, finds no send, and stays off
+    assert response._watchdog is None and not response._sending
+
+
+async def test_with_stall_s_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    async def stuck(message: Any) -> None:
+        await asyncio.sleep(10)
+
+    response = EventStream(_body(), stall_s=5.0)
+    task = asyncio.create_task(response._send_with_timeout(stuck, {"type": "http.response.body"}))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not response._sending

@@ -1,10 +1,14 @@
 """Cluster mode from the outside, where one node alone used to differ: real ``sluice serve`` nodes
 on loopback, one real redis-server, the Ollama emulator. A node's memory for logs bounded by
 ``SLUICE_MAX_LOG_BYTES`` (detached sessions' copies shed first) while every resume, on the same
-node or the other, stays exact."""
+node or the other, stays exact; ``history: true`` turns going on at a new home after the old one
+was SIGKILLed; a SIGKILLed node taken off the subs of the sessions whose transports it held."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,9 +47,16 @@ async def _until_done(ws: ClientConnection, request_id: str) -> list[Event]:
     return events
 
 
-async def _generate(ws: ClientConnection, request_id: str, prompt: str) -> list[Event]:
-    await _send(ws, {"type": "generate", "id": request_id, "model": MODEL, "prompt": prompt})
+async def _generate(
+    ws: ClientConnection, request_id: str, prompt: str, *, history: bool = False
+) -> list[Event]:
+    message = {"type": "generate", "id": request_id, "model": MODEL, "prompt": prompt, "history": history}
+    await _send(ws, message)
     return await _until_done(ws, request_id)
+
+
+def _reply(events: list[Event], request_id: str) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta" and e["id"] == request_id)
 
 
 def _expected(emu: Emulator, prompt: str) -> str:
@@ -57,8 +68,7 @@ def _check(emu: Emulator, events: list[Event], prompts: dict[str, str]) -> None:
     """``events`` are a session's whole log: seqs 1.., each request's exact text, then done."""
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     for request_id, prompt in prompts.items():
-        text = "".join(e["text"] for e in events if e["type"] == "delta" and e["id"] == request_id)
-        assert text == _expected(emu, prompt), request_id
+        assert _reply(events, request_id) == _expected(emu, prompt), request_id
         assert [e["finish_reason"] for e in events if e["type"] == "done" and e["id"] == request_id] == [
             "stop"
         ]
@@ -119,3 +129,72 @@ async def _resumed_exactly(
     assert replayed == events, node.port
     _check(emu, replayed, prompts)
     await ws.close()
+
+
+async def test_history_turns_go_on_at_a_new_home_after_the_old_one_was_killed(cluster: Cluster) -> None:
+    redis, emu, (a, _) = cluster
+    victim = start_server(node_env(redis, emu, SLUICE_NODE_ID="gvictim"))
+    try:
+        ws = await _open(victim.ws_url)
+        session = (await _hello(ws))["session"]
+        first = await _generate(ws, "h1", "the first question", history=True)
+        second = await _generate(ws, "h2", "the second question", history=True)
+        victim.signal(signal.SIGKILL)
+        ws.transport.abort()
+        ws = await _open(a.ws_url)
+        again = await _hello(ws, session, second[-1]["seq"])
+        assert again["resumed"] is True
+        third = await _generate(ws, "h3", "the third question", history=True)
+        assert third[-1]["type"] == "done" and third[0]["seq"] == second[-1]["seq"] + 1
+        await ws.close()
+    finally:
+        victim.stop()
+    record = next(
+        r
+        for r in emu.generations()
+        if (r.body.get("messages") or [{}])[-1].get("content") == "the third question"
+    )
+    turns = [(turn["role"], turn["content"]) for turn in record.body["messages"]]
+    assert turns == [
+        ("user", "the first question"),
+        ("assistant", _reply(first, "h1")),
+        ("user", "the second question"),
+        ("assistant", _reply(second, "h2")),
+        ("user", "the third question"),
+    ]
+
+
+async def test_a_killed_node_is_taken_off_the_subs_of_the_sessions_it_held_transports_of(
+    cluster: Cluster,
+) -> None:
+    redis, emu, (a, _) = cluster
+    victim = start_server(node_env(redis, emu, SLUICE_NODE_ID="gdead"))
+    try:
+        ws = await _open(a.ws_url)
+        session = (await _hello(ws))["session"]
+        await ws.close()
+        held = await _open(victim.ws_url)  # homed on a, its transport on the victim
+        assert (await _hello(held, session, 0))["resumed"] is True
+        subs = f"sluice:{{{session}}}:subs"
+        assert b"gdead" in _members(redis, subs)
+        victim.signal(signal.SIGKILL)
+        held.transport.abort()
+        deadline = time.monotonic() + 20
+        while b"gdead" in _members(redis, subs):
+            assert time.monotonic() < deadline, "the dead node is still in the session's subs"
+            await asyncio.sleep(0.2)
+        assert redis.command("EXISTS", "sluice:node:gdead:subs") == 0
+        # The session lives on: a transport on its home streams as ever.
+        ws = await _open(a.ws_url)
+        assert (await _hello(ws, session, 0))["resumed"] is True
+        prompts = {"after": "after the listener died"}
+        _check(emu, await _generate(ws, "after", prompts["after"]), prompts)
+        await ws.close()
+    finally:
+        victim.stop()
+
+
+def _members(redis: RedisServer, key: str) -> list[bytes]:
+    members = redis.command("SMEMBERS", key)
+    assert isinstance(members, list)
+    return [m for m in members if isinstance(m, bytes)]

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, encode_delta
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
     Ack,
@@ -484,3 +484,8 @@ def test_encode_delta_is_fast() -> None:
         encode(message)
     per_call = (time.perf_counter() - start) / rounds
     assert per_call < 25e-6, f"{per_call * 1e6:.1f} µs per Delta"
+
+
+def test_encode_delta_from_fields_is_the_delta_encoding() -> None:
+    for text in ["", " river", "\\", '"}{"', "\u2028", "é" * 300]:
+        assert encode_delta("g-1", 42, text) == encode(Delta(id="g-1", seq=42, text=text))

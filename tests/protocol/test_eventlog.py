@@ -282,3 +282,21 @@ def test_the_memory_estimate_is_close_to_what_the_events_really_hold(kind: str) 
     finally:
         tracemalloc.stop()
     assert 0.75 <= budget.held / real <= 1.35, (budget.held / count, real / count)
+
+
+def test_append_delta_holds_what_append_of_the_delta_holds() -> None:
+    budget_a = LogBudget(1 << 30, order=list)
+    budget_b = LogBudget(1 << 30, order=list)
+    by_model = MemoryEventLog(3, max_bytes=40, budget=budget_a)
+    by_fields = MemoryEventLog(3, max_bytes=40, budget=budget_b)
+    for seq in range(1, 9):
+        text = " t" * seq
+        by_model.append(Delta(id="g", seq=seq, text=text))
+        by_fields.append_delta("g", seq, text)
+    assert by_fields.after(0) is None and by_model.after(0) is None
+    first = by_model.oldest_seq
+    assert by_fields.oldest_seq == first and by_fields.after(first - 1) == by_model.after(first - 1)
+    assert (by_fields.held_bytes, by_fields.held_cost) == (by_model.held_bytes, by_model.held_cost)
+    assert budget_b.held == budget_a.held
+    with pytest.raises(ValueError, match="does not follow"):
+        by_fields.append_delta("g", 8, "again")

@@ -21,7 +21,7 @@ PUBLIC = {
         "tools",
     ],
     "protocol.close": ["CloseCode"],
-    "protocol.codec": ["decode", "encode"],
+    "protocol.codec": ["decode", "encode", "encode_delta"],
     "protocol.conversation": ["conversation", "own_turns"],
     "protocol.errors": ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"],
     "protocol.eventlog": ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"],

@@ -22,6 +22,7 @@ from protocol.messages import (
     Generate,
     Hello,
     LabelScore,
+    LoggedMessage,
     Ping,
     Pong,
     Timings,
@@ -449,6 +450,15 @@ def test_history_keeps_finished_turns_in_order() -> None:
     assert s.conversation(gen("4", prompt="alone")) == [user("alone")]
 
 
+def test_a_session_handed_a_history_goes_on_from_it() -> None:
+    kept = [user("I am Ada"), assistant("Hello Ada")]
+    s = Session("s1", SessionLimits(history_messages=3), None, kept)
+    assert s.history == tuple(kept)
+    run_turn(s, gen("1", prompt="who am I?", history=True), ["Ada"])
+    # Bounded as any history: the oldest turn goes first.
+    assert s.history == (assistant("Hello Ada"), user("who am I?"), assistant("Ada"))
+
+
 def test_history_takes_message_turns_but_not_their_system_messages() -> None:
     s = session()
     run_turn(s, gen("1", prompt=None, messages=[system("s"), user("q1")], history=True), ["a1"])
@@ -495,3 +505,55 @@ def test_delta_after_terminal_does_not_grow_the_log() -> None:
     for _ in range(100):
         assert s.delta("g", "x") is None
     assert s.replay(0) == [final]
+
+
+class _ListLog:
+    """An `EventLog` that is not a `MemoryEventLog` (as a store elsewhere is): it gets models."""
+
+    def __init__(self) -> None:
+        self.events: list[LoggedMessage] = []
+
+    def append(self, event: LoggedMessage) -> None:
+        self.events.append(event)
+
+    def after(self, seq: int) -> list[LoggedMessage] | None:
+        return [e for e in self.events if e.seq > seq]
+
+    def trim(self, upto: int) -> None:
+        pass
+
+    @property
+    def oldest_seq(self) -> int:
+        return 1
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else 0
+
+
+@pytest.mark.parametrize("log", [None, "list"])
+def test_numbered_delta_logs_exactly_what_delta_logs(log: str | None) -> None:
+    by_model = Session("a", SessionLimits(), _ListLog() if log else None)
+    by_fields = Session("b", SessionLimits(), _ListLog() if log else None)
+    for s in (by_model, by_fields):
+        accept(s, gen("g", history=True))
+    events = [by_model.delta("g", text) for text in ("x", "y", "z")]
+    seqs = [by_fields.numbered_delta("g", text) for text in ("x", "y", "z")]
+    assert seqs == [e.seq for e in events if e is not None] == [1, 2, 3]
+    assert by_fields.replay(0) == by_model.replay(0) == events
+    assert by_fields.last_seq == 3
+    done(by_model, "g")
+    done(by_fields, "g")
+    assert by_fields.history == by_model.history  # the reply is kept for history alike
+    assert by_fields.numbered_delta("g", "late") is None  # ended: nothing is numbered
+
+
+def test_numbered_delta_starts_a_queued_request_and_refuses_another_kind() -> None:
+    s = session()
+    accept(s, gen("g"))
+    accept(s, emb("e"))
+    assert s.inflight["g"].state is State.QUEUED
+    assert s.numbered_delta("g", "x") == 1
+    assert s.inflight["g"].state is State.RUNNING
+    with pytest.raises(ValueError, match="embed request"):
+        s.numbered_delta("e", "x")

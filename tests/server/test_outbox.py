@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from protocol.close import CloseCode
-from protocol.codec import encode
+from protocol.codec import encode, encode_delta
 from protocol.messages import Delta, Embedding, Pong
 from server.outbox import Outbox
 
@@ -193,3 +193,45 @@ async def test_a_pushed_frame_counts_and_queues_as_the_pushed_delta_would() -> N
     for seq in range(4, 9):  # past the hard bound: 4008, as a pushed delta
         framed.push_frame(encode(delta(seq)))
     assert framed.close_code == CloseCode.SLOW_CONSUMER
+
+
+async def test_push_delta_from_fields_queues_writes_and_bounds_what_the_delta_would() -> None:
+    by_model, by_fields = (
+        make(soft=250, hard=1000),
+        Outbox(encode=encode, encode_delta=encode_delta, soft_bytes=250, hard_bytes=1000),
+    )
+    for seq in range(1, 4):
+        by_model.push(delta(seq))
+        by_fields.push_delta("r", seq, "x" * 90)
+    assert by_fields.queued_bytes == by_model.queued_bytes and not by_fields.has_room
+    assert [await by_fields.next_frame() for _ in range(3)] == [encode(delta(s)) for s in (1, 2, 3)]
+    written: list[object] = []
+    by_fields.write_now = lambda frame: written.append(frame) is None
+    waiter = asyncio.create_task(by_fields.next_frame())
+    await asyncio.sleep(0)  # the sender waits with nothing queued: the frame is written at once
+    by_fields.push_delta("r", 4, "y")
+    assert written == [encode(Delta(id="r", seq=4, text="y"))] and not by_fields.backlog
+    waiter.cancel()
+    by_fields.write_now = None
+    seq = 4
+    while not by_fields.closed:  # past the hard bound: 4008, as for pushed deltas
+        seq += 1
+        by_fields.push_delta("r", seq, "x" * 90)
+        assert seq < 100
+    assert by_fields.close_code is CloseCode.SLOW_CONSUMER
+    by_fields.push_delta("r", seq + 1, "late")  # closed: dropped
+    assert by_fields.queued_bytes == 0
+
+
+def test_push_delta_without_encode_delta_pushes_the_delta() -> None:
+    class Recording(Outbox):
+        def __init__(self) -> None:
+            super().__init__(encode=encode, soft_bytes=1000, hard_bytes=3000)
+            self.pushed: list[object] = []
+
+        def push(self, message: object) -> None:  # type: ignore[override]
+            self.pushed.append(message)
+
+    box = Recording()
+    box.push_delta("r", 7, "text")
+    assert box.pushed == [Delta(id="r", seq=7, text="text")]

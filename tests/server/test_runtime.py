@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from protocol.close import CloseCode
-from protocol.codec import encode
+from protocol.codec import encode, encode_delta
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import (
     Cancel,
@@ -64,7 +64,7 @@ def make_runtime(
 
 
 def outbox(soft: int = 64 * 1024, hard: int = 1024 * 1024) -> Outbox:
-    return Outbox(encode=encode, soft_bytes=soft, hard_bytes=hard)
+    return Outbox(encode=encode, encode_delta=encode_delta, soft_bytes=soft, hard_bytes=hard)
 
 
 async def collect(box: Outbox, until: Callable[[list[Event]], bool], within: float = 5.0) -> list[Event]:

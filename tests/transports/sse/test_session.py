@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
+from protocol.messages import Delta
+from server.transports.sse import _delta_frame, _frame
 from tests.api.conftest import MODEL
 from tests.support.ollama_emulator import Emulator
 from tests.transports.sse.session_helpers import EventStream, open_session, post
@@ -258,3 +260,8 @@ async def test_open_session_body_is_validated(client: httpx.AsyncClient) -> None
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_protocol"
     async with EventStream(client, "s_x", headers={"Last-Event-ID": "abc"}) as stream:
         assert await stream.opened() == 422
+
+
+def test_a_delta_framed_from_its_fields_is_the_delta_event() -> None:
+    for text in ["", " river", "two\nlines", "é\r\n"]:
+        assert _delta_frame("g-1", 7, text) == _frame(Delta(id="g-1", seq=7, text=text))

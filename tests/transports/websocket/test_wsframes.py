@@ -39,6 +39,7 @@ async def test_frames_written_at_once_and_in_batches_arrive_as_separate_messages
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         write = scope["extensions"][FRAMES]["write"]
+        seen["single"] = write(["zero"])  # one token's frame: the path without a join
         seen["direct"] = write(["one", "two"])
         await send({"type": FRAMES_SEND, "frames": ["three", "four", "é" * 200]})
         await send({"type": "websocket.send", "text": "five"})
@@ -60,9 +61,9 @@ async def test_frames_written_at_once_and_in_batches_arrive_as_separate_messages
                 break
             await asyncio.sleep(0.01)
         async with connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
-            got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(6)]
+            got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(7)]
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
-    assert got == ["one", "two", "three", "four", "é" * 200, "five"]
-    assert seen == {"direct": True, "after_close": False}
+    assert got == ["zero", "one", "two", "three", "four", "é" * 200, "five"]
+    assert seen == {"single": True, "direct": True, "after_close": False}
