@@ -201,6 +201,16 @@ class ClusterSessionRegistry:
     # -- finding and making homes ------------------------------------------------------------
 
     async def _lookup(self, session_id: str, key_id: str) -> ClusterSession | None:
+        """This node's view of session ``session_id`` if it exists and belongs to ``key_id``: the
+        view this node's feed reaches. A view that `_forget` dropped while this awaited Redis (its
+        last transport went away meanwhile) is put back, or the one that replaced it looked up."""
+        for _ in range(3):
+            session = await self._lookup_once(session_id, key_id)
+            if session is None or self._sessions.setdefault(session_id, session) is session:
+                return session
+        raise SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "the session moved while it was looked up; retry")
+
+    async def _lookup_once(self, session_id: str, key_id: str) -> ClusterSession | None:
         meta = await self._store.run(self._store.client.hgetall(meta_key(session_id)))
         session = self._sessions.get(session_id)
         epoch = _text(meta.get(b"epoch"))

@@ -142,6 +142,39 @@ async def test_a_late_announcement_of_an_older_transport_never_closes_a_newer_on
     assert back.runtime.current == back.runtime.token and back.runtime.detached_since is None
 
 
+async def test_a_view_dropped_while_a_reattach_looked_it_up_still_gets_the_feed(
+    pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
+) -> None:
+    a, b, _ = pair
+    connected = await a.sessions.connect(outbox(), key_id="k", welcome=welcome)
+    session = connected.runtime.id
+    first = outbox()
+    moved = await b.sessions.connect(first, key_id="k", welcome=welcome, resume=session, last_seq=0)
+    # b's next attach is held inside its lookup (asking whether the home lives) while the transport
+    # it replaces goes away and b forgets its view of the session, as a fast SSE reconnect does.
+    release = asyncio.Event()
+    alive = b.node.alive
+
+    async def held(node_id: str) -> bool:
+        await release.wait()
+        return await alive(node_id)
+
+    b.node.alive = held  # type: ignore[method-assign]
+    second = outbox()
+    reattach = asyncio.create_task(
+        b.sessions.connect(second, key_id="k", welcome=welcome, resume=session, last_seq=0)
+    )
+    await asyncio.sleep(0.05)
+    moved.runtime.detach(first)
+    await asyncio.sleep(0.2)
+    b.node.alive = alive  # type: ignore[method-assign]
+    release.set()
+    assert (await reattach).resumed
+    connected.runtime.handle(Generate(type="generate", id="g1", prompt="hi"))
+    events = await collect(second, terminal("g1"), within=5.0)
+    assert _text(events, "g1") == "".join(PIECES)
+
+
 async def test_a_transport_closes_for_a_newer_notice_only_and_one_that_lost_never_goes_live(
     pair: tuple[InProcessNode, InProcessNode, ScriptedGenerator],
 ) -> None:
