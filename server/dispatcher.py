@@ -197,29 +197,22 @@ class Dispatcher:
         """What `generate` yields, handed on as it comes: each text piece to ``on_text``, each tool
         call (with its ``id``) to ``on_call``; returns the `Finished`. Raises `SluiceError` only.
 
-        For a consumer that acts on each piece at once (the session runtime): one loop per token
-        instead of a second async generator resumed around the backend's."""
+        For a consumer that acts on each piece at once (the session runtime): the backend's
+        `relay` calls it, with no async generator resumed per token around the backend's."""
         trace = trace if trace is not None else RequestTrace("generate", request=message.id)
         with self._accounting(trace) as outcome:
             name, backend, request = self._generation(message, conversation, trace)
-            result: GenerationResult | None = None
             piece = self._piece
-            stream = backend.generate(request)
-            try:
-                async for item in stream:
-                    if type(item) is str:  # the common case, once per token
-                        if item:
-                            piece(trace, key_id, name)
-                            on_text(item)
-                    elif isinstance(item, GenerationResult):
-                        result = item
-                    elif isinstance(item, ToolCall):
-                        on_call(ToolCall(name=item.name, arguments=item.arguments, id=new_call_id()))
-                    elif item:
-                        piece(trace, key_id, name)
-                        on_text(item)
-            finally:
-                await _aclose(stream)
+
+            def text(item: str) -> None:
+                if item:
+                    piece(trace, key_id, name)
+                    on_text(item)
+
+            def call(item: ToolCall) -> None:
+                on_call(ToolCall(name=item.name, arguments=item.arguments, id=new_call_id()))
+
+            result = await backend.relay(request, text, call)
             finished = _finished(result, trace, name)
             outcome.append("done")
             return finished
