@@ -1,7 +1,8 @@
 """The Ollama backend: streams tokens from one or more Ollama servers over one pooled httpx client.
 
 `OllamaBackend` is a `Generator` (``/api/chat`` for messages, ``/api/generate`` for a prompt,
-NDJSON streamed and decoded by `StreamDecoder`) and also lists models (``/api/tags``), embeds
+NDJSON streamed and decoded by `StreamDecoder`; `relay` hands each piece on from the connection's
+read callback instead of yielding it) and also lists models (``/api/tags``), embeds
 (``/api/embed``), probes (``/api/version``) and relays model metadata (``/api/show``,
 ``/api/ps``). Each request goes to the least busy healthy base URL (`UpstreamPool`); a connect failure before any output moves on to the next one. A consumer
 that closes the generator or cancels its task closes the upstream response at once, never

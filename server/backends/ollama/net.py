@@ -3,7 +3,9 @@
 `Connection` is fed by the event loop's callbacks: every read is parsed at once inside
 ``data_received`` (llhttp, through ``httptools``, in C: no Python event per chunk as with h11),
 and the body pieces wait in a buffer until the reading task takes them (`take`, or `body` when
-it has to wait); pieces that arrived while the reader was busy come out joined, in one take. Reading pauses past `HIGH_WATER`
+it has to wait); pieces that arrived while the reader was busy come out joined, in one take.
+Or the reader `pipe`s the body: each piece goes to its callback from ``data_received`` itself,
+and the reading task is woken only when the body ends. Reading pauses past `HIGH_WATER`
 buffered bytes and resumes below `LOW_WATER`. A read arms a timer only when it is given a
 timeout *and* has to wait: streamed generations pass none (`StallGuard` bounds them, one timer
 per stream), so a token costs no timer.
