@@ -7,8 +7,9 @@ budget, and maps every exception to a `SluiceError` in one place (`_accounting`)
 one is logged with its session and request id and leaves as ``internal``, with no text of it.
 
 It knows nothing of sessions, seq or transports, so every transport uses it as it is: the
-WebSocket and SSE session runtime (`server.runtime`) and the plain HTTP APIs, which call
-`admit` and then `generate` / `embed` / `classify` directly. Cancelling is the caller's: cancel
+WebSocket and SSE session runtime (`server.runtime`, which takes each piece through `relay`'s
+callbacks) and the plain HTTP APIs, which call `admit` and then `generate` / `embed` /
+`classify` directly. Cancelling is the caller's: cancel
 the task awaiting it, or ``aclose()`` the `generate` iterator (use ``contextlib.aclosing``), and
 the backend stops at once (Ollama's stream is closed, local decoding stops within a token,
 queued batch items are dropped).
