@@ -6,9 +6,12 @@ run at the same time and are measured first each alone (its rounds back to back)
 interleaved rounds (single, cluster, single, ...), so a busy machine slows all of them alike.
 Per round and target: N concurrent WebSocket streams of T pieces each; CPU is each server
 process's user + system time (psutil) over the round, divided by the tokens the clients
-received; beside it Redis's own CPU per token, the APPEND scripts Redis ran per token, the reads
-Redis made from its clients' sockets per token (about one per round trip) and the time from a
-request to its first delta. Shapes:
+received; beside it Redis's own CPU per token, the APPEND calls Redis ran per token (one per
+round trip of a home's log writer), the reads Redis made from its clients' sockets per token
+(about one per round trip), the time from a request to its first delta, and each delta's lag in
+the second half of its stream: when it came, less the emulator's pace from that half's
+best-placed delta (what batching and the relay hold tokens back, beside the emulator's own
+jitter), p50 and p99. Shapes:
 
 - ``single``: one node, no Redis (today's in-memory path);
 - ``cluster-local``: two nodes, every stream on the node that opened its session (its home);
@@ -30,7 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -48,6 +53,8 @@ from tests.support.server import ServerProcess, start_server
 GENERATOR = "1 Python asyncio process: websockets clients, one session per stream"
 
 MODEL = "llama3.2:1b"
+TOKEN_RATE = 200.0
+_PIECE_MS = 1000 / TOKEN_RATE
 
 
 def _env(emu_url: str, redis_url: str = "", node: str = "", tree: str = "") -> dict[str, str]:
@@ -74,9 +81,10 @@ async def _recv(ws: ClientConnection) -> dict[str, Any]:
     return event
 
 
-async def _stream(open_url: str, read_url: str, n: int) -> tuple[int, float]:
-    """One generation: session opened at ``open_url``, read at ``read_url``; the tokens received
-    and the milliseconds from sending the request to its first delta."""
+async def _stream(open_url: str, read_url: str, n: int, lag: bool) -> tuple[int, float, list[float]]:
+    """One generation: session opened at ``open_url``, read at ``read_url``; the tokens received,
+    the milliseconds from sending the request to its first delta, and (with ``lag``) each delta's
+    lag (below)."""
     ws = await connect(open_url, subprotocols=["sluice.v1"])  # type: ignore[list-item]
     await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
     session = (await _recv(ws))["session"]
@@ -91,20 +99,35 @@ async def _stream(open_url: str, read_url: str, n: int) -> tuple[int, float]:
             orjson.dumps({"type": "hello", "protocol": 1, "session": session, "last_seq": 0}).decode()
         )
         assert (await _recv(ws))["resumed"] is True
+    # Per delta: when it came, less the time the emulator's pacing puts its last token after
+    # the first (pieces are words, every one after the first starting with a space); kept for
+    # the second half of the stream only, well past a reconnect and the replay after it.
+    lags: list[tuple[int, float]] = []
+    pieces = 0
     while True:
         event = await _recv(ws)
-        if not first and event["type"] == "delta":
-            first = (time.perf_counter() - sent) * 1000
+        if event["type"] == "delta" and (lag or not first):
+            now = time.perf_counter()
+            if not first:
+                first = (now - sent) * 1000
+            pieces += event["text"].count(" ") + (0 if pieces else 1)
+            lags.append((pieces, (now - sent) * 1000 - (pieces - 1) * _PIECE_MS))
         if event["type"] == "done":
             await ws.close()
             tokens: int = event["usage"]["completion_tokens"]
-            return tokens, first
+            steady = [lag for piece, lag in lags if piece > tokens // 2]
+            best = min(steady, default=0.0)
+            return tokens, first, [lag - best for lag in steady]
 
 
-async def stream_round(pairs: list[tuple[str, str]]) -> tuple[int, list[float]]:
-    """Every pair's stream at once: the tokens received, and each stream's first-delta time."""
-    done = await asyncio.gather(*(_stream(o, r, n) for n, (o, r) in enumerate(pairs)))
-    return sum(tokens for tokens, _ in done), sorted(first for _, first in done)
+async def stream_round(
+    pairs: list[tuple[str, str]], *, lag: bool = False
+) -> tuple[int, list[float], list[float]]:
+    """Every pair's stream at once: the tokens received, each stream's first-delta time, and
+    (with ``lag``: paced streams) every delta's lag behind the pace of its stream's best one."""
+    done = await asyncio.gather(*(_stream(o, r, n, lag) for n, (o, r) in enumerate(pairs)))
+    lags = sorted(lag for _, _, stream in done for lag in stream)
+    return sum(tokens for tokens, _, _ in done), sorted(first for _, first, _ in done), lags
 
 
 async def _resumes(a: ServerProcess, b: ServerProcess, count: int) -> dict[str, float]:
@@ -168,7 +191,7 @@ def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, 
     before = [_cpu(pid) for pid in pids]
     redis_before = _cpu(redis_pid) if redis_pid else 0.0
     calls_before = _calls(redis)
-    tokens, firsts = asyncio.run(stream_round(pairs))
+    tokens, firsts, lags = asyncio.run(stream_round(pairs, lag=True))
     node_cpu = sum(_cpu(pid) - b for pid, b in zip(pids, before, strict=True))
     redis_cpu = (_cpu(redis_pid) - redis_before) if redis_pid else 0.0
     calls = _calls(redis)
@@ -181,6 +204,10 @@ def _measure(pids: list[int], redis: RedisServer | None, pairs: list[tuple[str, 
         "redis_reads_per_token": (calls.get("reads", 0) - calls_before.get("reads", 0)) / tokens,
         "first_delta_p50_ms": firsts[len(firsts) // 2],
         "first_delta_p99_ms": firsts[-1] if len(firsts) < 100 else firsts[int(len(firsts) * 0.99) - 1],
+        # How long a delta came after the pace of its stream's best-placed one: what batching
+        # (merging, the write interval, the relay) holds tokens back, beside the emulator's jitter.
+        "token_lag_p50_ms": lags[len(lags) // 2] if lags else 0.0,
+        "token_lag_p99_ms": lags[int(len(lags) * 0.99)] if lags else 0.0,
     }
 
 
@@ -225,9 +252,12 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
     """Each shape measured alone (its rounds back to back), then all of them in interleaved
     rounds; medians per phase, with the ratio of each cluster shape to the single node."""
     streams = config.streams
+    load_before = os.getloadavg()
     with (
         run_redis() as redis,
-        start_emulator(token_rate=200.0, tokens=config.tokens, lines_per_write=1, split_lines=False) as emu,
+        start_emulator(
+            token_rate=TOKEN_RATE, tokens=config.tokens, lines_per_write=1, split_lines=False
+        ) as emu,
     ):
         with _servers(emu.url, redis, config.baseline) as servers:
             single, a, b = servers[:3]
@@ -259,6 +289,10 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
         "rounds": config.rounds,
         "cpu": cpu_model(),
         "baseline": config.baseline,
+        "baseline_commit": _commit(config.baseline) if config.baseline else "",
+        "commit": _commit("."),
+        # 1, 5 and 15 minute load averages before and after the run (the machine may be shared).
+        "load_average": [[round(x, 2) for x in load] for load in (load_before, os.getloadavg())],
     }
     for phase, results in phases.items():
         section = summary[phase] = {name: _summary(rows) for name, rows in results.items()}
@@ -267,6 +301,20 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
             section[name]["ratio_to_single"] = section[name]["node_us_per_token"] / base
     summary["resume_on_other_node"] = resume
     return summary
+
+
+def _commit(tree: str) -> str:
+    """The short commit id checked out in ``tree`` (with ``+`` when it has changes), or ""."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", tree, "status", "--porcelain", "-uno"], capture_output=True, text=True
+        )
+    except OSError:
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def cpu_model() -> str:

@@ -102,7 +102,7 @@ def _servers(emu_url: str, redis_url: str) -> Iterator[dict[str, ServerProcess]]
 def _measure(server: ServerProcess, redis_pid: int, streams: int) -> dict[str, float]:
     cpu_before, redis_before = _tree_cpu(server.process.pid), _tree_cpu(redis_pid)
     started = time.perf_counter()
-    tokens, _ = asyncio.run(stream_round([(server.ws_url, server.ws_url)] * streams))
+    tokens, _, _ = asyncio.run(stream_round([(server.ws_url, server.ws_url)] * streams))
     wall = time.perf_counter() - started
     cpu = _tree_cpu(server.process.pid) - cpu_before
     return {

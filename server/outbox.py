@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeAlias
 
 from protocol.close import CloseCode
+from protocol.codec import encode
 from protocol.messages import Delta, LoggedMessage, Pong, Welcome
 
 __all__ = ["Frame", "OutboundMessage", "Outbox"]
@@ -151,6 +152,12 @@ class Outbox:
             self._full = True
         return room
 
+    @property
+    def sends_json(self) -> bool:
+        """Whether a message's frame here is its JSON as `protocol.codec.encode` writes it (so a
+        delta already in that form can be `push_frame`d as it is)."""
+        return self._encode is encode
+
     # -- producer side (never awaits) --------------------------------------------------------
 
     def push(self, message: OutboundMessage) -> None:
@@ -179,6 +186,15 @@ class Outbox:
         if self._close_code is not None or self._finishing is not None:
             return
         frame = encode_delta(request_id, seq, text)
+        if self.write_now is not None and self._sender_idle() and self.write_now(frame):
+            return
+        self._queue_frame(frame)
+
+    def push_frame(self, frame: Frame) -> None:
+        """`push` of a delta already encoded as this outbox's ``encode`` would (a cluster relay's
+        feed carries them so): the same order, bounds and write-at-once."""
+        if self._close_code is not None or self._finishing is not None:
+            return
         if self.write_now is not None and self._sender_idle() and self.write_now(frame):
             return
         self._queue_frame(frame)

@@ -6,17 +6,20 @@ that shares the node's `LogBudget` with every other session homed there, so that
 shed it (it tracks Redis's window apart, so a shed copy never shortens what Redis keeps; a replay
 it can no longer serve reads Redis), and hands each appended event to the node's `LogWriter`, which writes every session's new
 events together: the first event of a quiet moment waits `WRITE_WINDOW_S` for others, then one
-`scripts.APPEND` per session that changed goes out, all in one round trip, never one per token
-(packed here, what never changes for a session packed once, and written with one call on the
-store's own connection: `RedisStore.round_trip`). What a write confirmed is published in the next
-one, once per node that holds a transport of any of those sessions (one payload per node, every
-session's events in it: `server.cluster.scripts`), never before Redis logged it. While a write is in flight the next events
+`scripts.APPEND` call carries every session that changed, one command and one reply per round
+trip, never one per token or per session (packed here, what never changes for a session packed
+once, and written on the store's own connection: `RedisStore.round_trip`). The same call
+publishes what it logged, once per node that holds a transport of any of those sessions (one
+payload per node, every session's events in it: `server.cluster.scripts`), never before Redis
+logged it. Each event is encoded once, as it is appended: that JSON is what Redis logs, what the
+feed carries and the text frame a transport sends. While a write is in flight the next events
 gather, and the next write starts no sooner than `WRITE_INTERVAL_S` after the last one started,
-so a slow Redis or a busy node means larger batches, not more round trips. The home sends a transport
-only what a write confirmed (`RedisEventLog.on_written`), so no client ever has an event that a
-node's death could lose. The append script numbers nothing (the session did), it checks: same
-epoch, still the home, seqs that follow; a refusal means the store lost the session or another
-node took it, and the log reports it `lost`.
+so a slow Redis or a busy node means larger batches, not more round trips. The home sends a
+transport only what a write confirmed (`RedisEventLog.on_written`), so no client ever has an
+event that a node's death could lose. The append script numbers nothing (the session did), it
+checks: same epoch, still the home, seqs that follow; a refusal means the store lost the session
+or another node took it, and the log reports it `lost`. An ``ack`` (`RedisEventLog.trim`) trims
+the memory at once and Redis with the next write.
 
 `read_after` is the other side: any node reads a session's events after a seq straight from
 Redis, exactly or not at all (``None``: the stream no longer holds all of them, the session is
@@ -30,22 +33,33 @@ means for the client: `server.cluster.sessions` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import orjson
 from pydantic import TypeAdapter
 from redis.exceptions import NoScriptError, RedisError
 
 from protocol.codec import encode
+from protocol.errors import SluiceError
 from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
-from server.cluster.redis import RedisStore, bulk, pack
-from server.cluster.scripts import log_key, meta_key, node_feed_channel, subs_key
+from server.cluster.redis import RedisStore, bulk
+from server.cluster.scripts import log_key, meta_key, subs_key
 
-__all__ = ["WRITE_INTERVAL_S", "WRITE_WINDOW_S", "LogWriter", "RedisEventLog", "decode_event", "read_after"]
+__all__ = [
+    "WRITE_INTERVAL_S",
+    "WRITE_WINDOW_S",
+    "Framed",
+    "LogWriter",
+    "RedisEventLog",
+    "decode_event",
+    "framed",
+    "read_after",
+]
 
 log = logging.getLogger("sluice.cluster.eventlog")
 
@@ -55,15 +69,15 @@ RETRY_AFTER_S = 0.25
 WRITE_WINDOW_S = 0.001
 # The least time from the start of one write to the start of the next.
 WRITE_INTERVAL_S = 0.002
+# How long past that interval a write waits for an event to start it before a timer does.
+WRITE_LATE_S = 0.001
 
 _ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
-_PUBLISH = bulk(b"PUBLISH")
-
-
-def _raw(arg: bytes | str | int) -> bytes:
-    if isinstance(arg, bytes):
-        return arg
-    return arg.encode() if isinstance(arg, str) else b"%d" % arg
+_EVALSHA = bulk(b"EVALSHA")
+_ZERO, _ONE = bulk(b"0"), bulk(b"1")
+# A session's arguments to `scripts.APPEND` besides its requests and events: id, epoch, first,
+# keep, acked, release, and the three counts.
+_FIXED_ARGS = 9
 
 
 def decode_event(data: bytes | str) -> LoggedMessage:
@@ -73,6 +87,31 @@ def decode_event(data: bytes | str) -> LoggedMessage:
     if fields.get("type") == "delta":
         return Delta(id=fields["id"], seq=fields["seq"], text=fields["text"])
     return _ADAPTER.validate_python(fields)
+
+
+class Framed(NamedTuple):
+    """A delta as the JSON `protocol.codec.encode` wrote, which is the text frame a WebSocket
+    client is sent, with its seq read off it: what a relay need not decode (`framed`)."""
+
+    seq: int
+    frame: bytes
+
+    def event(self) -> LoggedMessage:
+        return decode_event(self.frame)
+
+
+_DELTA_HEAD = b'{"type":"delta",'
+_SEQ = b',"seq":'
+
+
+def framed(line: bytes) -> LoggedMessage | Framed:
+    """A logged event's JSON: a delta as it is (`Framed`), anything else decoded. A delta's seq
+    follows its id, a JSON string, which cannot hold an unescaped quote: the first ``,"seq":`` is
+    the field."""
+    if line.startswith(_DELTA_HEAD):
+        at = line.find(_SEQ) + len(_SEQ)
+        return Framed(int(line[at : line.index(b",", at)]), line)
+    return decode_event(line)
 
 
 def _terminal_id(event: LoggedMessage) -> str | None:
@@ -88,12 +127,14 @@ class _Taken(NamedTuple):
     started: int
     ended: int
     release: bool
+    acked: int
 
 
 class RedisEventLog:
     """One session's `EventLog` on its home node: memory for replay, Redis for every other node."""
 
     __slots__ = (
+        "_acked",
         "_bytes",
         "_capacity",
         "_ended",
@@ -105,8 +146,9 @@ class RedisEventLog:
         "_pending_first",
         "_sizes",
         "_started",
+        "_trimmed",
         "epoch",
-        "feed_head",
+        "keys",
         "lost",
         "memory",
         "on_idle",
@@ -154,12 +196,16 @@ class RedisEventLog:
         self._bytes = sum(self._sizes)
         self._evict()
         self._last = last_seq
-        # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended.
-        self._pending: list[bytes] = []
+        # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended,
+        # and the oldest seq not acknowledged (0: no ack to write).
+        self._pending: list[str] = []
         self._pending_events: list[LoggedMessage] = []
         self._pending_first = last_seq + 1
         self._started: list[str] = []
         self._ended: list[str] = []
+        self._acked = 0
+        # The oldest seq not acknowledged, as last handed to the writer.
+        self._trimmed = 0
         self.release = False
         self.lost = False
         self._holds = 0
@@ -168,10 +214,9 @@ class RedisEventLog:
         self.on_written: Callable[[list[LoggedMessage]], None] | None = None
         # Every event appended so far is in Redis (after a write that left nothing pending).
         self.on_idle: Callable[[], None] | None = None
-        # What the writer packed once for this log's writes (see `LogWriter._command`).
-        self.packed: tuple[bytes, bytes] | None = None
-        # What starts this session's run in a node's feed payload.
-        self.feed_head = b"#" + session_id.encode()
+        # What never changes in this log's part of a write: its keys, and its id and epoch.
+        self.keys = b"".join(bulk(key(session_id).encode()) for key in (meta_key, log_key, subs_key))
+        self.packed = bulk(session_id.encode()) + bulk(epoch.encode())
 
     # -- EventLog ----------------------------------------------------------------------------
 
@@ -192,7 +237,7 @@ class RedisEventLog:
         self._sizes.append(len(frame))
         self._bytes += len(frame)
         self._last = event.seq
-        self._pending.append(frame.encode())
+        self._pending.append(frame)
         self._pending_events.append(event)
         if len(self._sizes) > self._capacity:
             self._evict()
@@ -210,12 +255,17 @@ class RedisEventLog:
         return self.memory.after(seq)
 
     def trim(self, upto: int) -> None:
-        # The memory copy; Redis keeps at least `capacity` (more than the client needs is harmless).
+        """The client has every event up to ``upto``: they go from memory now, and from Redis
+        with the next write (so a resume below it is answered as from this memory, on any node)."""
         self.memory.trim(upto)
         sizes = self._sizes
         drop = min(upto, self._last) - (self._last - len(sizes))
         for _ in range(min(drop, len(sizes))):
             self._bytes -= sizes.popleft()
+        keep = min(upto, self._last) + 1
+        if keep > max(self._trimmed, 1):
+            self._trimmed = self._acked = keep
+            self.writer.dirty(self)
 
     # -- what the writer needs ---------------------------------------------------------------
 
@@ -238,22 +288,32 @@ class RedisEventLog:
         if not self._holds:
             self.writer.dirty(self)
 
-    def take_batch(self) -> tuple[_Taken, list[Any]] | None:
-        """What is pending, and the `scripts.APPEND` keys and arguments that write it (all but the
-        node's own: node id, ttl); None when nothing is pending (or while held)."""
+    def take_batch(self) -> tuple[_Taken, int, bytes] | None:
+        """What is pending, and this log's arguments to `scripts.APPEND` in RESP (how many, and
+        their bulk strings; its keys are `keys`); None when nothing is pending (or while held)."""
         if self._holds:
             return None
-        if not (self._pending or self._started or self._ended or self.release):
+        pending, started, ended = self._pending, self._started, self._ended
+        if not (pending or started or ended or self.release or self._acked):
             return None
-        taken = _Taken(len(self._pending), len(self._started), len(self._ended), self.release)
-        sid = self.session_id
-        # Redis trims below the oldest event this window holds (after an `ack`, the oldest
-        # the window would hold, since Redis keeps what the client acknowledged).
-        keep_from = self._last - max(len(self._sizes), self._capacity) + 1
-        args: list[Any] = [meta_key(sid), log_key(sid), subs_key(sid), self.epoch, self._pending_first]
-        args += [max(0, keep_from), sid, "1" if self.release else "0"]
-        args += [taken.started, *self._started, taken.ended, *self._ended, *self._pending]
-        return taken, args
+        taken = _Taken(len(pending), len(started), len(ended), self.release, self._acked)
+        # Redis trims below the oldest event this window holds (after an `ack`, the oldest the
+        # window would hold: what the client acknowledged goes exactly, by `_acked`).
+        keep_from = max(0, self._last - max(len(self._sizes), self._capacity) + 1)
+        parts = [
+            self.packed,
+            bulk(b"%d" % self._pending_first),
+            bulk(b"%d" % keep_from),
+            bulk(b"%d" % self._acked),
+            _ONE if self.release else _ZERO,
+            bulk(b"%d" % len(started)),
+        ]
+        parts += [bulk(request_id.encode()) for request_id in started]
+        parts.append(bulk(b"%d" % len(ended)))
+        parts += [bulk(request_id.encode()) for request_id in ended]
+        parts.append(bulk(b"%d" % len(pending)))
+        parts += [bulk(frame.encode()) for frame in pending]
+        return taken, _FIXED_ARGS + len(started) + len(ended) + len(pending), b"".join(parts)
 
     def written(self, taken: _Taken, last: int) -> None:
         """The batch `take_batch` gave is in Redis, ending at seq ``last``."""
@@ -265,6 +325,8 @@ class RedisEventLog:
         self._pending_first = last + 1
         if taken.release:
             self.release = False
+        if self._acked == taken.acked:
+            self._acked = 0
         if done and self.on_written is not None:
             self.on_written(done)
         if done and not self._pending and self.on_idle is not None:
@@ -286,32 +348,44 @@ class RedisEventLog:
         self._pending_events.clear()
         self._started.clear()
         self._ended.clear()
+        self._acked = 0
         if self.on_lost is not None:
             self.on_lost(self)
 
 
+def _settle(due: asyncio.Future[None]) -> None:
+    if not due.done():
+        due.set_result(None)
+
+
 class LogWriter:
-    """Writes every dirty `RedisEventLog` of this node, one pipeline per event-loop tick."""
+    """Writes every dirty `RedisEventLog` of this node: one `scripts.APPEND` call per round trip."""
 
     def __init__(self, store: RedisStore, node_id: str, *, ttl_ms: int) -> None:
         self._store = store
         self._node_id = node_id
-        self._ttl_ms = ttl_ms
         self._dirty: dict[int, RedisEventLog] = {}
         self._scheduled = False
         self._task: asyncio.Task[None] | None = None
         self._last_start = 0.0
+        # While the write burst waits out the interval: what starts its next write.
+        self._due: asyncio.Future[None] | None = None
+
         self.round_trips = 0
-        # Confirmed events not yet published: per node id, the lines of its next feed payload.
-        self._feed_out: dict[bytes, list[bytes]] = {}
-        self._channels: dict[bytes, bytes] = {}
-        self._self = node_id.encode()
+        # The call's arguments that never change: this node and the keys' ttl.
+        self._node_args = bulk(node_id.encode()) + bulk(b"%d" % ttl_ms)
 
     def dirty(self, event_log: RedisEventLog) -> None:
         if event_log.lost:
             return
         self._dirty[id(event_log)] = event_log
-        if not self._scheduled and self._task is None:
+        due = self._due
+        if due is not None:
+            # The burst waits out the interval: once it is over, this event starts the write
+            # (no timer of its own to wake the loop for, under load).
+            if not due.done() and due.get_loop().time() >= self._last_start + WRITE_INTERVAL_S:
+                due.set_result(None)
+        elif not self._scheduled and self._task is None:
             self._scheduled = True
             asyncio.get_running_loop().call_later(WRITE_WINDOW_S, self._start)
 
@@ -323,12 +397,20 @@ class LogWriter:
     async def _write_all(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._dirty or self._feed_out:
+            while self._dirty:
                 # Back-to-back writes start at least WRITE_INTERVAL_S apart, so a busy node
-                # sends fewer, larger batches (and its sessions merge more tokens per event).
+                # sends fewer, larger batches (and its sessions merge more tokens per event):
+                # the first event appended after the interval starts the next one, or, when none
+                # comes, a timer WRITE_LATE_S after it.
                 wait = self._last_start + WRITE_INTERVAL_S - loop.time()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    due = self._due = loop.create_future()
+                    timer = loop.call_later(wait + WRITE_LATE_S, _settle, due)
+                    try:
+                        await due
+                    finally:
+                        self._due = None
+                        timer.cancel()
                 self._last_start = loop.time()
                 logs = list(self._dirty.values())
                 self._dirty.clear()
@@ -340,86 +422,64 @@ class LogWriter:
             self._task = None
 
     async def _write(self, logs: list[RedisEventLog]) -> bool:
-        """One round trip: the feeds of what the last write confirmed (a PUBLISH per node), then
-        an EVALSHA of `scripts.APPEND` per log of ``logs`` (packed here, all written at once);
-        False when some of it must be tried again."""
+        """One round trip: one `scripts.APPEND` call (packed here) for every log of ``logs`` with
+        something pending; False when it must be tried again."""
         store = self._store
-        feeds = self._feed_out
-        commands = [
-            pack(3, (_PUBLISH, bulk(self._channel(node)), bulk(b"\n".join(lines))))
-            for node, lines in feeds.items()
-        ]
-        published = len(commands)
-        batches: list[tuple[RedisEventLog, _Taken, list[bytes]]] = []
+        batches: list[tuple[RedisEventLog, _Taken]] = []
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        count = 0
         for event_log in logs:
-            batch = event_log.take_batch()
-            if batch is None or event_log.lost:
+            batch = event_log.take_batch() if not event_log.lost else None
+            if batch is None:
                 continue
-            taken, args = batch
-            commands.append(self._command(event_log, args))
-            batches.append((event_log, taken, args[len(args) - taken.events :]))
-        if not commands:
+            taken, argc, packed = batch
+            batches.append((event_log, taken))
+            keys.append(event_log.keys)
+            args.append(packed)
+            count += argc
+        if not batches:
             return True
+        numkeys = 3 * len(batches)
+        sha = store.append_script.sha.encode()
+        # EVALSHA, sha, numkeys, the keys, node, ttl, then each log's arguments.
+        command = b"*%d\r\n%b%b%b%b%b%b" % (
+            5 + numkeys + count,
+            _EVALSHA,
+            bulk(sha),
+            bulk(b"%d" % numkeys),
+            b"".join(keys),
+            self._node_args,
+            b"".join(args),
+        )
         try:
-            replies = await store.round_trip(commands)
+            (reply,) = await store.round_trip([command])
         except (RedisError, OSError, TimeoutError) as exc:  # a lost connection: all tried again
             store.mark_down(type(exc).__name__)
             return False
-        self.round_trips += 1
-        if published:
-            self._feed_out = {}
-        retry = False
-        for (event_log, taken, frames), reply in zip(batches, replies[published:], strict=True):
-            if isinstance(reply, Exception):
-                retry = True
-                if isinstance(reply, NoScriptError):  # Redis restarted: its script cache is empty
+        if isinstance(reply, Exception):
+            if isinstance(reply, NoScriptError):  # Redis restarted: its script cache is empty
+                with contextlib.suppress(SluiceError):  # still down: the next try loads them
                     await store.load_scripts()
-            elif isinstance(reply, int):
+            else:
+                log.warning("session store refused a write: %s", reply)
+            return False
+        self.round_trips += 1
+        for (event_log, taken), last in zip(batches, reply, strict=True):
+            if last < 0:
                 log.warning(
                     "session store refused a write (%d): the session is lost",
-                    reply,
+                    last,
                     extra={"session": event_log.session_id},
                 )
                 event_log.mark_lost()
             else:
-                event_log.written(taken, int(reply[0]))
-                if frames and not taken.release:  # a release published them itself
-                    self._publish_later(event_log.feed_head, frames, reply[1:])
-        return not retry
-
-    def _publish_later(self, head: bytes, frames: list[bytes], nodes: list[bytes]) -> None:
-        for node in nodes:
-            if node != self._self:  # the home sends its own transports what it wrote
-                lines = self._feed_out.setdefault(node, [])
-                lines.append(head)
-                lines += frames
-
-    def _channel(self, node: bytes) -> bytes:
-        channel = self._channels.get(node)
-        if channel is None:
-            channel = self._channels[node] = node_feed_channel(node.decode()).encode()
-        return channel
-
-    def _command(self, event_log: RedisEventLog, args: list[Any]) -> bytes:
-        """The EVALSHA that writes ``args`` (from `take_batch`), in RESP. What never changes for
-        a log (script, keys, node, epoch, ttl, channel) is packed once and kept on it."""
-        meta, stream, subs, epoch, first, keep_from, sid, *rest = args
-        head = event_log.packed
-        if head is None:
-            sha = self._store.append_script.sha
-            fixed = ("EVALSHA", sha, "3", meta, stream, subs, self._node_id, epoch)
-            head = event_log.packed = (
-                b"".join(bulk(str(arg).encode()) for arg in fixed),
-                bulk(str(self._ttl_ms).encode()) + bulk(sid.encode()),
-            )
-        parts = [head[0], bulk(b"%d" % first), bulk(b"%d" % keep_from), head[1]]
-        parts += [bulk(_raw(arg)) for arg in rest]
-        # EVALSHA, sha, 3, meta, log, subs, node, epoch, first, keep_from, ttl, sid, then the rest.
-        return pack(12 + len(rest), parts)
+                event_log.written(taken, last)
+        return True
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (or given up as lost)."""
-        while self._dirty or self._feed_out or self._task is not None or self._scheduled:
+        while self._dirty or self._task is not None or self._scheduled:
             task = self._task
             if task is not None:
                 await asyncio.shield(task)

@@ -153,11 +153,11 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int)
         seq = int(meta[b"seq"])
         ids = sorted(field[2:].decode() for field in meta if field.startswith(b"r:"))
         events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
-        # Trimming nothing (0): a few more events do not overflow the window worth a trim.
-        args: list[Any] = [dead, _text(meta[b"epoch"]), seq + 1, 0, ttl_ms, session_id]
-        args += ["1", 0, len(ids), *ids, *events]
+        # Trimming nothing (0, 0): a few more events do not overflow the window worth a trim.
+        args: list[Any] = [dead, ttl_ms, session_id, _text(meta[b"epoch"]), seq + 1, 0, 0, "1"]
+        args += [0, len(ids), *ids, len(events), *events]
         keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
-        if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != -2:
+        if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != [-2]:
             break  # -2: the seq moved between the read and the script; read again
     await store.run(store.client.srem(node_sessions_key(dead), session_id))
 

@@ -1,8 +1,9 @@
 """The Redis key layout of cluster mode and the Lua scripts that change more than one key at once.
 
 Every key of one session carries the session id as its hash tag (``sluice:{s_…}:meta``,
-``sluice:{s_…}:log``, ``sluice:{s_…}:subs``), so each script touches one hash slot and runs
-unchanged on Redis Cluster. Per session:
+``sluice:{s_…}:log``, ``sluice:{s_…}:subs``), so every script but `APPEND` touches one hash
+slot and runs unchanged on Redis Cluster (`APPEND` writes many sessions in one call: there, one
+call per slot). Per session:
 
 - ``meta`` (hash): ``key`` (the owner key id), ``epoch`` (made when the session is created:
   a writer holding another epoch is writing to a session the store lost), ``seq`` (the newest
@@ -11,7 +12,7 @@ unchanged on Redis Cluster. Per session:
   ``r:<request id>`` field per request in flight on the home;
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
-  least that window);
+  least that window), and exactly below the oldest event the client has not acknowledged;
 - ``subs`` (set): the nodes that hold (or are attaching) a transport of the session, so the
   session's live events and notices reach them;
 - ``hist`` (string): the session's ``history: true`` conversation as its home last wrote it
@@ -24,9 +25,10 @@ that a survivor takes a dead node off them), its control channel ``sluice:node:<
 survivors find the dead).
 
 A feed payload carries any number of sessions' lines: ``#<session id>`` starts a session's run,
-then its events' JSON (never holding a raw newline) and notices (``!…``), newline-joined. A home
-publishes the events a write confirmed once per node per write, for all its sessions together
-(`server.cluster.eventlog`); the scripts publish the notices, each to every node in ``subs``.
+then its events' JSON (never holding a raw newline; each line exactly the text frame a client is
+sent) and notices (``!…``), newline-joined. `APPEND` publishes the events it logged once per node
+per call, for all the call's sessions together; the other scripts publish notices, each to every
+node in ``subs``.
 
 This module only names keys and holds script text: it never talks to Redis.
 """
@@ -99,63 +101,91 @@ end
 """
 
 
-# Append a batch of events numbered first..first+n-1, written by the session's home. The home
-# publishes them once this script confirmed them (never before: a node only ever hears of logged
-# events), to the nodes this returns; a release publishes them here instead, followed by ``!H``
-# (whoever holds the session's transport may claim it), so nothing of the old home's comes after.
+# Append a batch of events to each of any number of sessions, written by their home in one call
+# (one round trip of the home's `LogWriter`: one command, one reply, whatever the number of
+# sessions), and publish what it logged: per node in the sessions' ``subs`` one feed payload with
+# every session's new events (``#<session id>`` then its events' JSON), the writing node itself
+# left out (it sends its own transports what it wrote), so a node only ever hears of logged
+# events. A release publishes its events to every node in ``subs``, followed by ``!H`` (whoever
+# holds the session's transport may claim it), so nothing of the old home's comes after.
 #
-# KEYS: meta, log, subs.  ARGV: node, epoch, first seq, the oldest seq to keep (older entries may
-# go: the replay window, by count and by size, is the home's to compute), ttl ms, session id,
+# KEYS: per session, its meta, log and subs.  ARGV: node, ttl ms, then per session (in the order
+# of KEYS): session id, epoch, first seq, the oldest seq to keep (older entries may go: the
+# replay window, by count and by size, is the home's to compute), the oldest seq the client has
+# not acknowledged (0: no ack since the last write; otherwise every entry below it goes, exactly),
 # release (1: the home lets go of the session after this batch), then a count and that many
-# request ids that started, a count and that many that ended, then the events' JSON.
+# request ids that started, a count and that many that ended, a count and that many events' JSON.
 #
-# Returns {the new last seq, the nodes in subs...}; the batch already applied (a retry after a
-# lost reply) returns it too. -1: no such session or another epoch (the store lost it), -2: seqs
-# do not follow, -3: the node is not the session's home.
-APPEND = (
-    _NOTIFY
-    + """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch or epoch ~= ARGV[2] then return -1 end
-if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return -3 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-local first = tonumber(ARGV[3])
-local i = 8
-local started = tonumber(ARGV[i])
-local starts = {}
-for j = 1, started do starts[j] = ARGV[i + j] end
-i = i + started + 1
-local ended = tonumber(ARGV[i])
-local ends = {}
-for j = 1, ended do ends[j] = ARGV[i + j] end
-i = i + ended + 1
-local n = #ARGV - i + 1
-local subs = redis.call('SMEMBERS', KEYS[3])
-if last == first + n - 1 and n > 0 then
-  table.insert(subs, 1, last)
-  return subs
+# The keys' ttl is set as a log begins (first seq 1) and as the home lets go; while a session is
+# homed, its home refreshes them (`server.cluster.homes.refresh`), not every write.
+#
+# Returns one integer per session: its new last seq (a batch already applied, a retry after a
+# lost reply, returns it too, and publishes nothing again); -1: no such session or another epoch
+# (the store lost it), -2: seqs do not follow, -3: the node is not the session's home. Every
+# session's keys share a hash tag; a call spans several sessions, so on Redis Cluster a write
+# would be one call per slot.
+APPEND = """
+local node = ARGV[1]
+local feeds, order = {}, {}
+local function feed(target, lines)
+  local out = feeds[target]
+  if not out then
+    out = {}
+    feeds[target] = out
+    order[#order + 1] = target
+  end
+  for _, line in ipairs(lines) do out[#out + 1] = line end
 end
-if last ~= first - 1 then return -2 end
-for j = 1, started do redis.call('HSET', KEYS[1], 'r:' .. starts[j], '1') end
-for j = 0, n - 1 do
-  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], (first + j) .. '-0', 'm', ARGV[i + j])
+local function append(meta, log, subs, a)
+  local sid, epoch, first, keep = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local acked, release = tonumber(ARGV[a + 4]), ARGV[a + 5]
+  local started = tonumber(ARGV[a + 6])
+  local s0 = a + 7
+  local ended = tonumber(ARGV[s0 + started])
+  local e0 = s0 + started + 1
+  local n = tonumber(ARGV[e0 + ended])
+  local v0 = e0 + ended + 1
+  local cur = redis.call('HMGET', meta, 'epoch', 'home', 'seq')
+  if not cur[1] or cur[1] ~= epoch then return -1, v0 + n end
+  if cur[2] ~= node then return -3, v0 + n end
+  local last = tonumber(cur[3])
+  if n > 0 and last == first + n - 1 then return last, v0 + n end
+  if last ~= first - 1 then return -2, v0 + n end
+  for j = 0, started - 1 do redis.call('HSET', meta, 'r:' .. ARGV[s0 + j], '1') end
+  for j = 0, n - 1 do
+    redis.call('XADD', log, 'MINID', '~', keep, (first + j) .. '-0', 'm', ARGV[v0 + j])
+  end
+  if acked > 0 then redis.call('XTRIM', log, 'MINID', acked) end
+  for j = 0, ended - 1 do redis.call('HDEL', meta, 'r:' .. ARGV[e0 + j]) end
+  if n > 0 then redis.call('HSET', meta, 'seq', first + n - 1) end
+  if release == '1' or n > 0 then
+    local lines = {'#' .. sid}
+    for j = v0, v0 + n - 1 do lines[#lines + 1] = ARGV[j] end
+    if release == '1' then
+      redis.call('HSET', meta, 'home', '')
+      lines[#lines + 1] = '!H'
+    end
+    for _, target in ipairs(redis.call('SMEMBERS', subs)) do
+      if target ~= node or release == '1' then feed(target, lines) end
+    end
+  end
+  if first == 1 or release == '1' then
+    redis.call('PEXPIRE', meta, ARGV[2])
+    redis.call('PEXPIRE', log, ARGV[2])
+    redis.call('PEXPIRE', subs, ARGV[2])
+  end
+  return first + n - 1, v0 + n
 end
-for j = 1, ended do redis.call('HDEL', KEYS[1], 'r:' .. ends[j]) end
-if n > 0 then redis.call('HSET', KEYS[1], 'seq', first + n - 1) end
-if ARGV[7] == '1' then
-  redis.call('HSET', KEYS[1], 'home', '')
-  local lines = {'#' .. ARGV[6]}
-  for j = i, #ARGV do lines[#lines + 1] = ARGV[j] end
-  lines[#lines + 1] = '!H'
-  notify(subs, table.concat(lines, '\\n'))
+local replies = {}
+local a = 3
+for k = 1, #KEYS, 3 do
+  replies[#replies + 1], a = append(KEYS[k], KEYS[k + 1], KEYS[k + 2], a)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-table.insert(subs, 1, first + n - 1)
-return subs
+for _, target in ipairs(order) do
+  redis.call('PUBLISH', 'sluice:node:' .. target .. ':feed', table.concat(feeds[target], '\\n'))
+end
+return replies
 """
-)
 
 # Become the home of a session that has none (or whose home is ``expected``, a node known dead).
 #

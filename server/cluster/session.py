@@ -46,7 +46,7 @@ from protocol.errors import SluiceError
 from protocol.messages import ChatMessage, ClientMessage, Done, Goaway, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
 from server.cluster import forwarded, forwarding
-from server.cluster.eventlog import RedisEventLog, decode_event
+from server.cluster.eventlog import Framed, RedisEventLog, framed
 from server.cluster.homes import attach_generation
 from server.outbox import Outbox
 from server.runtime import SessionRuntime
@@ -119,7 +119,7 @@ class ClusterSession:
         self._token: str | None = None
         self._delivered = 0
         # Feed events held while the log is being read (attach, or filling a gap).
-        self._held: list[LoggedMessage] | None = None
+        self._held: list[LoggedMessage | Framed] | None = None
         self._forward: deque[dict[str, Any]] = deque()
         self._forwarder: asyncio.Task[None] | None = None
         self.ended = False
@@ -255,7 +255,7 @@ class ClusterSession:
                 if line.startswith(b"!"):
                     self._notice(line)
             return
-        events: list[LoggedMessage] = []
+        events: list[LoggedMessage | Framed] = []
         for line in lines:
             if line.startswith(b"!"):
                 if events:
@@ -263,11 +263,11 @@ class ClusterSession:
                     events = []
                 self._notice(line)
             else:
-                events.append(decode_event(line))
+                events.append(framed(line))
         if events:
             self._deliver(events)
 
-    def _deliver(self, events: list[LoggedMessage]) -> None:
+    def _deliver(self, events: Sequence[LoggedMessage | Framed]) -> None:
         if self._held is not None:
             self._held.extend(events)
             return
@@ -281,7 +281,12 @@ class ClusterSession:
                 self._held = list(events[index:])
                 self._registry.fill_gap(self, self._delivered)
                 return
-            outbox.push(event)
+            if not isinstance(event, Framed):
+                outbox.push(event)
+            elif outbox.sends_json:  # a feed's delta, sent as the feed brought it
+                outbox.push_frame(event.frame.decode())
+            else:
+                outbox.push(event.event())
             self._delivered = event.seq
             if isinstance(event, Goaway):
                 self._goaway_due = False

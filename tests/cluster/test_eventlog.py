@@ -4,20 +4,25 @@ read back exactly or not at all, refused when the store lost the session or anot
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.eventlog import LogBudget
 from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
 from server.cluster.eventlog import (
     WRITE_INTERVAL_S,
     WRITE_WINDOW_S,
+    Framed,
     LogWriter,
     RedisEventLog,
     decode_event,
+    framed,
     read_after,
 )
 from server.cluster.redis import RedisStore, bulk, pack
@@ -74,6 +79,47 @@ async def test_a_burst_of_events_is_one_round_trip_and_lands_with_seq_ids(
     assert await store.client.hget(meta_key(SESSION), "seq") == b"300"
     assert await read_after(store, SESSION, 250) == events[250:]
     assert await read_after(store, SESSION, 300) == []
+    assert 0 < await store.client.pttl(log_key(SESSION)) <= 60_000  # the log began: it expires
+
+
+async def test_every_session_that_changed_is_written_by_one_call_and_refused_alone(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    sessions = [f"s_{n}" for n in range(5)]
+    for session in sessions:
+        await _create(store, session)
+    await store.client.hset(meta_key(sessions[2]), "home", "n_b")  # another node took this one
+    writer = _writer(store)
+    logs = [_log(writer, session) for session in sessions]
+    lost: list[RedisEventLog] = []
+    for event_log in logs:
+        event_log.on_lost = lost.append
+        for event in _deltas(1, 4):
+            event_log.append(event)
+    await writer.flush()
+    assert writer.round_trips == 1 and _calls(redis_server, "evalsha") == 1
+    assert lost == [logs[2]]
+    for n, session in enumerate(sessions):
+        assert await read_after(store, session, 0) == ([] if n == 2 else _deltas(1, 4))
+
+
+async def test_an_ack_trims_the_stream_exactly_with_the_next_write(store: RedisStore) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    for event in _deltas(1, 10):
+        event_log.append(event)
+    await writer.flush()
+    event_log.trim(6)
+    assert event_log.after(5) is None and event_log.after(6) == _deltas(7, 4)
+    await writer.flush()
+    assert (await store.client.xrange(log_key(SESSION)))[0][0] == b"7-0"
+    assert await read_after(store, SESSION, 5) is None  # as the memory answers
+    assert await read_after(store, SESSION, 6) == _deltas(7, 4)
+    rounds = writer.round_trips
+    event_log.trim(3)  # older than what was trimmed already: nothing to write
+    await writer.flush()
+    assert writer.round_trips == rounds
 
 
 async def test_events_appended_while_a_write_is_in_flight_go_in_the_next_batch(store: RedisStore) -> None:
@@ -293,16 +339,24 @@ async def test_the_reply_lost_after_a_write_makes_its_retry_a_no_op(store: Redis
     await _create(store)
     writer = _writer(store)
     event_log = _log(writer)
+    real = store.round_trip
+    answered: list[list[Any]] = []
+
+    async def lose_the_first_reply(commands: list[bytes]) -> list[Any]:
+        replies = await real(commands)  # Redis ran it...
+        answered.append(replies)
+        if len(answered) == 1:
+            raise RedisConnectionError("connection lost")  # ...but the reply never came back
+        return replies
+
+    store.round_trip = lose_the_first_reply  # type: ignore[method-assign]
     for event in _deltas(1, 3):
         event_log.append(event)
-    batch = event_log.take_batch()
-    assert batch is not None
-    _, args = batch
-    meta, stream, subs, epoch, first, keep_from, *rest = args
-    again = [NODE, epoch, first, keep_from, 60_000, *rest]
-    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
-    assert await store.append_script(keys=[meta, stream, subs], args=again) == [3]
+    await asyncio.wait_for(writer.flush(), 10)
+    assert answered == [[[3]], [[3]]]  # the retry found the batch applied
+    assert not event_log.lost and event_log.written_seq == 3
     assert await store.client.xlen(log_key(SESSION)) == 3
+    assert await read_after(store, SESSION, 0) == _deltas(1, 3)
 
 
 def test_packed_commands_are_what_redis_py_would_send() -> None:
@@ -327,3 +381,14 @@ async def test_a_burst_of_commands_past_the_pool_size_waits_for_connections(stor
     replies = await asyncio.gather(*(store.run(store.client.ping()) for _ in range(300)))
     assert replies == [True] * 300
     assert store.healthy
+
+
+@pytest.mark.parametrize("request_id", ["r1", 'a,"seq":9,', '"\\', "é\u2028", ""])
+def test_a_delta_from_the_feed_keeps_its_json_and_the_right_seq(request_id: str) -> None:
+    delta = Delta(id=request_id, seq=1234, text=',"seq":5, "text"')
+    line = encode(delta).encode()
+    got = framed(line)
+    assert got == Framed(1234, line) and isinstance(got, Framed) and got.event() == delta
+    usage, timings = Usage(prompt_tokens=1, completion_tokens=2), Timings(queue_ms=0, ttft_ms=1, total_ms=2)
+    done = Done(id=request_id, seq=7, model="m", finish_reason="stop", usage=usage, timings=timings)
+    assert framed(encode(done).encode()) == done  # anything else is decoded

@@ -366,3 +366,48 @@ async def test_another_key_cannot_resume_a_session_on_another_node() -> None:
         finally:
             a.stop()
             b.stop()
+
+
+def _oldest_logged(redis: RedisServer, session: str) -> int:
+    """The seq of the oldest event the session's log in Redis holds (0: none)."""
+    entries = redis.command("XRANGE", f"sluice:{{{session}}}:log", "-", "+", "COUNT", "1")
+    assert isinstance(entries, list)
+    if not entries:
+        return 0
+    entry_id = entries[0][0]
+    assert isinstance(entry_id, bytes)
+    return int(entry_id.split(b"-")[0])
+
+
+async def test_an_ack_trims_the_log_in_redis_so_a_resume_below_it_is_a_new_session_on_any_node(
+    cluster: tuple[RedisServer, Emulator, list[ServerProcess]],
+) -> None:
+    redis, emu, (a, b) = cluster
+    ws = await _open(a.ws_url)
+    session = (await _hello(ws))["session"]
+    await _send(ws, _generate("g1", "acknowledged in part"))
+    events = [await _recv(ws)]
+    while events[-1]["type"] != "done":
+        events.append(await _recv(ws))
+    assert _oldest_logged(redis, session) == 1 and len(events) > 20
+    acked = 20
+    await _send(ws, {"type": "ack", "seq": acked})
+    deadline = time.monotonic() + 5
+    while _oldest_logged(redis, session) != acked + 1:  # with the home's next write
+        assert time.monotonic() < deadline, (
+            f"the log in Redis still starts at {_oldest_logged(redis, session)}"
+        )
+        await asyncio.sleep(0.02)
+    await ws.close()
+    for node in (a, b):  # the home answers from its memory, the other node from Redis: alike
+        ws = await _open(node.ws_url)
+        below = await _hello(ws, session, acked - 1)
+        assert below["resumed"] is False and below["session"] != session
+        await ws.close()
+    ws = await _open(b.ws_url)
+    again = await _hello(ws, session, acked)
+    assert again["resumed"] is True and again["last_seq"] == events[-1]["seq"]
+    rest = [await _recv(ws) for _ in range(len(events) - acked)]
+    await ws.close()
+    assert rest == events[acked:]
+    _check_stream(emu, events, "acknowledged in part")

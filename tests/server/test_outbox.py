@@ -181,6 +181,20 @@ async def test_results_past_the_log_size_close_4008() -> None:
     assert await outbox.next_frame() is None
 
 
+async def test_a_pushed_frame_counts_and_queues_as_the_pushed_delta_would() -> None:
+    assert make().sends_json
+    assert not Outbox(encode=lambda message: b"x", soft_bytes=1, hard_bytes=1).sends_json
+    framed, pushed = make(soft=250, hard=400), make(soft=250, hard=400)
+    for seq in range(1, 4):
+        framed.push_frame(encode(delta(seq)))
+        pushed.push(delta(seq))
+        assert framed.queued_bytes == pushed.queued_bytes and framed.has_room == pushed.has_room
+    assert [await framed.next_frame() for _ in range(3)] == [await pushed.next_frame() for _ in range(3)]
+    for seq in range(4, 9):  # past the hard bound: 4008, as a pushed delta
+        framed.push_frame(encode(delta(seq)))
+    assert framed.close_code == CloseCode.SLOW_CONSUMER
+
+
 async def test_push_delta_from_fields_queues_writes_and_bounds_what_the_delta_would() -> None:
     by_model, by_fields = (
         make(soft=250, hard=1000),
