@@ -7,8 +7,9 @@ budget, and maps every exception to a `SluiceError` in one place (`_accounting`)
 one is logged with its session and request id and leaves as ``internal``, with no text of it.
 
 It knows nothing of sessions, seq or transports, so every transport uses it as it is: the
-WebSocket and SSE session runtime (`server.runtime`) and the plain HTTP APIs, which call
-`admit` and then `generate` / `embed` / `classify` directly. Cancelling is the caller's: cancel
+WebSocket and SSE session runtime (`server.runtime`, which takes each piece through `relay`'s
+callbacks) and the plain HTTP APIs, which call `admit` and then `generate` / `embed` /
+`classify` directly. Cancelling is the caller's: cancel
 the task awaiting it, or ``aclose()`` the `generate` iterator (use ``contextlib.aclosing``), and
 the backend stops at once (Ollama's stream is closed, local decoding stops within a token,
 queued batch items are dropped).
@@ -20,7 +21,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -162,10 +163,7 @@ class Dispatcher:
         """
         trace = trace if trace is not None else RequestTrace("generate", request=message.id)
         with self._accounting(trace) as outcome:
-            name, backend = self._registry.generator(message.model)
-            trace.model = name
-            request = generation_request(name, message, conversation)
-            self._started(trace)
+            name, backend, request = self._generation(message, conversation, trace)
             result: GenerationResult | None = None
             stream = backend.generate(request)
             try:
@@ -183,15 +181,43 @@ class Dispatcher:
                         yield item
             finally:
                 await _aclose(stream)
-            if result is None:
-                raise SluiceError(ErrorCode.UPSTREAM_ERROR, "the model stopped without finishing its reply")
+            finished = _finished(result, trace, name)
             outcome.append("done")
-            yield Finished(
-                finish_reason=result.finish_reason,
-                usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
-                timings=trace.timings(),
-                model=name,
-            )
+            yield finished
+
+    async def relay(
+        self,
+        message: Generate,
+        *,
+        key_id: str,
+        on_text: Callable[[str], None],
+        on_call: Callable[[ToolCall], None],
+        conversation: Sequence[ChatMessage] | None = None,
+        trace: RequestTrace | None = None,
+    ) -> Finished:
+        """What `generate` yields, handed on as it comes: each text piece to ``on_text``, each tool
+        call (with its ``id``) to ``on_call``; returns the `Finished`. Raises `SluiceError` only.
+
+        For a consumer that acts on each piece at once (the session runtime): the backend's
+        `relay` calls it, with no async generator resumed per token around the backend's."""
+        trace = trace if trace is not None else RequestTrace("generate", request=message.id)
+        with self._accounting(trace) as outcome:
+            name, backend, request = self._generation(message, conversation, trace)
+            piece = self._piece
+
+            def text(item: str) -> None:
+                if item:
+                    piece(trace, key_id, name)
+                    on_text(item)
+
+            def call(item: ToolCall) -> None:
+                on_call(ToolCall(name=item.name, arguments=item.arguments, id=new_call_id()))
+
+            result = await backend.relay(request, text, call)
+            finished = _finished(result, trace, name)
+            outcome.append("done")
+            return finished
+        raise AssertionError("unreachable")  # pragma: no cover  (the with block returns or raises)
 
     async def embed(self, message: Embed, *, key_id: str, trace: RequestTrace | None = None) -> EmbedResult:
         """One vector per input, as float lists or base64 strings. Raises `SluiceError` only."""
@@ -258,6 +284,16 @@ class Dispatcher:
             raise SluiceError.internal() from None
         finally:
             self._metrics.request_finished(trace.kind, outcome[0] if outcome else "cancelled")
+
+    def _generation(
+        self, message: Generate, conversation: Sequence[ChatMessage] | None, trace: RequestTrace
+    ) -> tuple[str, Generator, GenerationRequest]:
+        """The model's name, its backend and the backend request for ``message``; starts ``trace``."""
+        name, backend = self._registry.generator(message.model)
+        trace.model = name
+        request = generation_request(name, message, conversation)
+        self._started(trace)
+        return name, backend, request
 
     def _started(self, trace: RequestTrace) -> None:
         trace.started_at = time.perf_counter()
@@ -353,6 +389,17 @@ def encode_vectors(
         text = base64.b64encode(little.tobytes()).decode("ascii")
         return [text[start : start + width] for start in range(0, len(text), width)]
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+
+
+def _finished(result: GenerationResult | None, trace: RequestTrace, model: str) -> Finished:
+    if result is None:
+        raise SluiceError(ErrorCode.UPSTREAM_ERROR, "the model stopped without finishing its reply")
+    return Finished(
+        finish_reason=result.finish_reason,
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        timings=trace.timings(),
+        model=model,
+    )
 
 
 async def _aclose(stream: AsyncIterator[object]) -> None:

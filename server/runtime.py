@@ -23,7 +23,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import assert_never
 
@@ -42,7 +41,7 @@ from protocol.messages import (
 )
 from protocol.session import Accepted, CancelRequested, Ignored, Outcome, Refused, Reply, Session
 from server.backends.base import ToolCall
-from server.dispatcher import Dispatcher, Finished, RequestTrace
+from server.dispatcher import Dispatcher, RequestTrace
 from server.metrics import Metrics
 from server.outbox import Outbox
 
@@ -294,37 +293,34 @@ class SessionRuntime:
 
     async def _generate(self, request: Generate, trace: RequestTrace) -> None:
         request_id = request.id
-        conversation = self.session.conversation(request)
-        stream = self._dispatcher.generate(
-            request, key_id=self.key_id, conversation=conversation, trace=trace
+        # Each piece is numbered and sent as the dispatcher hands it on, in the backend's loop.
+        finished = await self._dispatcher.relay(
+            request,
+            key_id=self.key_id,
+            on_text=functools.partial(self._delta, request_id),
+            on_call=functools.partial(self._tool_call, request_id),
+            conversation=self.session.conversation(request),
+            trace=trace,
         )
-        async with aclosing(stream):
-            async for item in stream:
-                if type(item) is str:  # the common case, once per token
-                    self._delta(request_id, item)
-                elif isinstance(item, Finished):
-                    # Pending text of this request is numbered before its terminal message.
-                    self._flush_one(request_id)
-                    self._send(
-                        self.session.done(
-                            request_id,
-                            finish_reason=item.finish_reason,
-                            usage=item.usage,
-                            timings=item.timings,
-                            model=item.model,
-                        )
-                    )
-                elif isinstance(item, ToolCall):
-                    # Text the call followed is numbered before it.
-                    self._flush_one(request_id)
-                    assert item.id is not None  # the dispatcher names every call
-                    self._send(
-                        self.session.tool_call(
-                            request_id, call_id=item.id, name=item.name, arguments=item.arguments
-                        )
-                    )
-                else:
-                    self._delta(request_id, item)
+        # Pending text of this request is numbered before its terminal message.
+        self._flush_one(request_id)
+        self._send(
+            self.session.done(
+                request_id,
+                finish_reason=finished.finish_reason,
+                usage=finished.usage,
+                timings=finished.timings,
+                model=finished.model,
+            )
+        )
+
+    def _tool_call(self, request_id: str, call: ToolCall) -> None:
+        # Text the call followed is numbered before it.
+        self._flush_one(request_id)
+        assert call.id is not None  # the dispatcher names every call
+        self._send(
+            self.session.tool_call(request_id, call_id=call.id, name=call.name, arguments=call.arguments)
+        )
 
     def _cancel(self, request_id: str) -> None:
         """The terminal message goes out now; the work is stopped after (the session drops any

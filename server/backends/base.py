@@ -11,7 +11,7 @@ each one maps its foreign exceptions in a single function. No transport code liv
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -134,6 +134,34 @@ class Generator(ABC):
 
         A request with ``format``, ``tools`` or a ``tool_choice`` the backend cannot enforce
         raises ``SluiceError(invalid_request)`` naming it, before any output: never ignored."""
+
+    async def relay(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        on_call: Callable[[ToolCall], None],
+    ) -> GenerationResult | None:
+        """`generate`'s items handed on as they come: text pieces to ``on_text``, tool calls to
+        ``on_call``, in order; returns the `GenerationResult` (None if it never came). Raises what
+        `generate` raises, and what a callback raises. Cancelling the awaiting task stops it.
+
+        This one iterates `generate`; a backend that can hand pieces on from where they arrive
+        (without waking the awaiting task per piece) overrides it, and must keep the same items."""
+        result: GenerationResult | None = None
+        stream = self.generate(request)
+        try:
+            async for item in stream:
+                if isinstance(item, GenerationResult):
+                    result = item
+                elif isinstance(item, ToolCall):
+                    on_call(item)
+                else:
+                    on_text(item)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return result
 
 
 LabelScores = list[tuple[str, float]]

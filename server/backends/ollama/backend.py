@@ -1,7 +1,8 @@
 """The Ollama backend: streams tokens from one or more Ollama servers over one pooled httpx client.
 
 `OllamaBackend` is a `Generator` (``/api/chat`` for messages, ``/api/generate`` for a prompt,
-NDJSON streamed and decoded by `StreamDecoder`) and also lists models (``/api/tags``), embeds
+NDJSON streamed and decoded by `StreamDecoder`; `relay` hands each piece on from the connection's
+read callback instead of yielding it) and also lists models (``/api/tags``), embeds
 (``/api/embed``), probes (``/api/version``) and relays model metadata (``/api/show``,
 ``/api/ps``). Each request goes to the least busy healthy base URL (`UpstreamPool`); a connect failure before any output moves on to the next one. A consumer
 that closes the generator or cancels its task closes the upstream response at once, never
@@ -12,7 +13,7 @@ draining it: that is how Ollama learns to stop generating. Every exception leave
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -20,7 +21,14 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from server.backends.base import Embedder, GenerationItem, GenerationRequest, Generator
+from server.backends.base import (
+    Embedder,
+    GenerationItem,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    ToolCall,
+)
 from server.backends.ollama.checks import ReplyCheck
 from server.backends.ollama.errors import (
     MalformedResponse,
@@ -33,7 +41,7 @@ from server.backends.ollama.errors import (
 from server.backends.ollama.guard import StallGuard
 from server.backends.ollama.health import OLLAMA_PREFIX
 from server.backends.ollama.pool import Upstream, UpstreamPool
-from server.backends.ollama.transport import UpstreamTransport, body_stream
+from server.backends.ollama.transport import UpstreamTransport, body_stream, pipe_body
 from server.backends.ollama.wire import (
     CHAT_PATH,
     StreamDecoder,
@@ -132,6 +140,66 @@ class OllamaBackend(Generator):
             if upstream is not None:
                 upstream.inflight -= 1
         yield result
+
+    async def relay(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        on_call: Callable[[ToolCall], None],
+    ) -> GenerationResult:
+        """`generate`'s items, each handed on from the upstream connection's read callback as its
+        line is decoded (`pipe_body`): the awaiting task is woken when the stream ends, not per
+        token. Once that task is cancelled nothing more is handed on."""
+        path, body = encode_generation(request)
+        decoder = StreamDecoder(chat=path == CHAT_PATH)
+        check = ReplyCheck(request)
+        guard = StallGuard(self._first_token_s, self._idle_s)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelled_before = task.cancelling()
+        first = True
+
+        def feed(data: bytes) -> None:
+            nonlocal first
+            if task.cancelling() > cancelled_before:
+                return  # cancelled (by the consumer or the guard): it ends at its next step
+            text = decoder.feed(data)
+            calls = decoder.take_calls() if decoder.calls else None
+            if text or calls:
+                if first:
+                    first = False
+                    guard.first_piece()
+                if text:
+                    on_text(check.text(text))
+                # A read that completed text and a call gives the text first.
+                for call in calls or ():
+                    on_call(check.call(call))
+                guard.waiting()  # the guard counts from the last piece handed on
+            if decoder.failure is not None:
+                raise decoder.failure
+
+        upstream: Upstream | None = None
+        response: httpx.Response | None = None
+        guard.start()
+        try:
+            upstream, response = await self._open(path, body, self._stream_timeout)
+            if response.status_code != 200:
+                raise await _status_error(response)
+            await pipe_body(response, feed)
+            return check.finish(result_from_final(decoder.finish(), decoder.pieces))
+        except asyncio.CancelledError:
+            stall = guard.expired()
+            if stall is None:
+                raise
+            raise translate(stall, model=request.model) from None
+        except Exception as exc:
+            raise translate(exc, model=request.model) from exc
+        finally:
+            guard.stop()
+            if response is not None:
+                await response.aclose()
+            if upstream is not None:
+                upstream.inflight -= 1
 
     async def embed(self, model: str, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """One float32 row per text from ``/api/embed`` (Ollama returns them L2-normalised)."""

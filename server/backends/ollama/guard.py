@@ -5,7 +5,9 @@ read in ``asyncio.timeout`` would create and cancel a timer per chunk, for hundr
 once; `StallGuard` instead keeps one timer per stream that re-arms itself lazily and, when
 upstream has been silent for too long *while the stream is waiting on it*, cancels the reading
 task the way ``asyncio.timeout`` does. Time spent while the consumer holds a piece (the generator
-is suspended at ``yield``) never counts: a slow consumer is not a stalled upstream.
+is suspended at ``yield``) never counts: a slow consumer is not a stalled upstream. A relayed
+stream (pieces handed on from the read callback, `OllamaBackend.relay`) calls only `waiting`,
+after each piece: it is always waiting, and the guard counts from the last piece.
 
 Use: `start` before the first upstream await, `waiting` just before each read, `received` after
 it, `first_piece` once, `stop` in ``finally``; on ``CancelledError`` ask `expired` whether the

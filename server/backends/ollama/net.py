@@ -3,7 +3,9 @@
 `Connection` is fed by the event loop's callbacks: every read is parsed at once inside
 ``data_received`` (llhttp, through ``httptools``, in C: no Python event per chunk as with h11),
 and the body pieces wait in a buffer until the reading task takes them (`take`, or `body` when
-it has to wait); pieces that arrived while the reader was busy come out joined, in one take. Reading pauses past `HIGH_WATER`
+it has to wait); pieces that arrived while the reader was busy come out joined, in one take.
+Or the reader `pipe`s the body: each piece goes to its callback from ``data_received`` itself,
+and the reading task is woken only when the body ends. Reading pauses past `HIGH_WATER`
 buffered bytes and resumes below `LOW_WATER`. A read arms a timer only when it is given a
 timeout *and* has to wait: streamed generations pass none (`StallGuard` bounds them, one timer
 per stream), so a token costs no timer.
@@ -20,6 +22,7 @@ transport. This module must never know about Ollama's payloads, pools or retries
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -53,6 +56,8 @@ class Connection(asyncio.Protocol):
         "_length_known",
         "_parser",
         "_paused",
+        "_sink",
+        "_sink_error",
         "_size",
         "_waiter",
         "_write_paused",
@@ -82,6 +87,9 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # While `pipe` runs: who takes body bytes as they are parsed, and what it raised.
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_error: Exception | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._head_only = False
@@ -185,6 +193,29 @@ class Connection(asyncio.Protocol):
             await self._wait(timeout)
         return self.take()
 
+    async def pipe(self, sink: Callable[[bytes], None], timeout: float | None) -> None:
+        """Hand the rest of the body to ``sink`` (what is queued now, then each piece as it is
+        parsed, from the read callback: no wake-up of the awaiting task per read), until the body
+        is complete; raise what ended it otherwise, or what ``sink`` raised (no byte is handed on
+        after that). ``timeout`` bounds each wait, which only the end of the body ends."""
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        self._resume()
+        try:
+            for chunk in chunks:
+                sink(chunk)
+            self._sink = sink
+            while not self.complete:
+                if self._sink_error is not None:
+                    raise self._sink_error
+                if self.error is not None or self.eof or self.lost:
+                    raise self._failure()
+                await self._wait(timeout)
+            if self._sink_error is not None:
+                raise self._sink_error
+        finally:
+            self._sink = None
+            self._sink_error = None
+
     def close(self) -> None:
         # close(), not abort(): the FIN goes out now (nothing is left to write), so the upstream
         # sees the client leave on its next write and stops generating.
@@ -245,7 +276,8 @@ class Connection(asyncio.Protocol):
         if self._size > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._sink is None or self.complete or self.error is not None:
+            self._wake()  # a piped body wakes its reader only when it ends
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -315,6 +347,14 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.complete:
             self.stray = True
+            return
+        sink = self._sink
+        if sink is not None:
+            try:
+                sink(body)
+            except Exception as exc:  # the reader raises it; nothing more is handed on
+                self._sink = None
+                self._sink_error = exc
             return
         self._chunks.append(body)
         self._size += len(body)

@@ -27,14 +27,14 @@ import asyncio
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any, Self, cast
 
 import httpx
 
 from server.backends.ollama.net import Connection
 
-__all__ = ["UpstreamTransport", "body_stream"]
+__all__ = ["UpstreamTransport", "body_stream", "pipe_body"]
 
 
 class _Pool:
@@ -162,6 +162,15 @@ class _Body(httpx.AsyncByteStream):
         await self.aclose()
         raise StopAsyncIteration
 
+    async def pipe(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the whole (rest of the) body to ``sink`` as it arrives, from the connection's read
+        callback (`Connection.pipe`); returns once it is complete, raises what ended it."""
+        conn = self._conn
+        if conn is None:
+            return
+        await conn.pipe(sink, self._timeout)
+        await self.aclose()
+
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -242,6 +251,18 @@ def body_stream(response: httpx.Response) -> AsyncIterable[bytes]:
     if "content-encoding" not in response.headers and isinstance(stream, httpx.AsyncByteStream):
         return stream
     return response.aiter_bytes()
+
+
+async def pipe_body(response: httpx.Response, sink: Callable[[bytes], None]) -> None:
+    """`body_stream`'s pieces handed to ``sink`` as they arrive: from the connection's read
+    callback when the body is an unencoded one of this transport's (the awaiting task is woken
+    only when it ends), else read by the awaiting task. Closing the response closes either."""
+    stream = response.stream
+    if "content-encoding" not in response.headers and isinstance(stream, _Body):
+        await stream.pipe(sink)
+        return
+    async for data in body_stream(response):
+        sink(data)
 
 
 @functools.cache
