@@ -15,7 +15,8 @@ costs more memory than an idle session may use, and CPU on every token). The eve
 and HTTP/1.1 is parsed by httptools, named rather than left to uvicorn's "auto", so a missing
 package fails the start instead of silently costing CPU on every request. WebSockets run on
 uvicorn's websockets-sansio protocol with sluice's many-frames extension
-(`server.transports.wsframes`).
+(`server.transports.wsframes`), HTTP on uvicorn's httptools protocol with sluice's write-a-body-
+chunk-now extension (`server.transports.httpbody`).
 
 Once the models have loaded, everything allocated so far is moved out of the garbage collector's
 sight (``gc.freeze``): the imported libraries and loaded models never become garbage, yet every
@@ -47,6 +48,7 @@ import uvicorn
 
 from server.settings import Settings
 from server.shutdown import DrainingServer
+from server.transports.httpbody import BodyProtocol
 from server.transports.wsframes import FramesProtocol
 
 __all__ = ["ContextFormatter", "configure_logging", "listen_socket", "main", "serve", "uvicorn_config"]
@@ -100,7 +102,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=BodyProtocol,
         ws=FramesProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,

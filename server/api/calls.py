@@ -12,6 +12,14 @@ iterator on disconnect by itself, and `start_generation` (`open_generation` with
 exchange) reads the first item before the response starts, so that a failure before any output still gets its proper status. Nothing here
 encodes a response body: each API module writes its own wire format.
 
+`start_relay` runs a streaming request on the dispatcher's `relay` in a task of its own: each
+piece is framed (by the API's ``frame``) from the upstream read callback and written to the
+client there and then when the server offers it (`server.transports.httpbody`: the response
+started, the client keeps up, no send of the response's own under way); otherwise it is
+appended to a bounded buffer, and the response body takes everything ready at each wake-up
+(`Relay.chunks`), so the body task is woken per send it must make, not per token; a client that reads slower than the buffer's bound
+ends the stream ``slow_consumer`` (the upstream closes) rather than holding it unbounded.
+
 `generate_message` builds the `Generate` from protocol-shaped parts (messages with their tool
 calls, ``format``, ``tools``, ``tool_choice``) and turns a protocol validation failure (an invalid
 schema, a ``tool_choice`` naming no listed tool) into a 400 that names the field as the API
@@ -37,10 +45,12 @@ from server.api.errors import FieldError, field_of, validation_errors
 from server.backends.base import ToolCall
 from server.dispatcher import ClassifyResult, EmbedResult, Finished, RequestTrace
 from server.services import Services, services_of
+from server.transports.httpbody import BODY_WRITE
 
 __all__ = [
     "ClientGone",
     "Generation",
+    "Relay",
     "Reply",
     "Role",
     "classify",
@@ -51,6 +61,7 @@ __all__ = [
     "open_generation",
     "run_or_cancel",
     "start_generation",
+    "start_relay",
 ]
 
 _T = TypeVar("_T")
@@ -215,6 +226,113 @@ async def _first(stream: AsyncGenerator[str | ToolCall | Finished, None]) -> str
         return await anext(stream)
     except StopAsyncIteration:  # the dispatcher always ends with Finished or raises
         raise SluiceError(ErrorCode.INTERNAL, "generation ended without a result") from None
+
+
+class Relay:
+    """One streaming request relayed into a buffer of framed bytes (module docstring); `chunks`
+    yields them, at most one chunk per wake-up, and raises what ended the request."""
+
+    __slots__ = ("_direct", "_frame", "_limit", "_parts", "_size", "_task", "_waiter", "_write")
+
+    def __init__(
+        self, frame: Callable[[str], bytes], limit: int, write: Callable[[bytes], bool] | None
+    ) -> None:
+        self._frame = frame
+        # The server's write-now (None without it), and whether it may be used at this moment.
+        self._write = write
+        self._direct = False
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[Finished] | None = None
+
+    def _text(self, piece: str) -> None:
+        data = self._frame(piece)
+        if self._direct and not self._parts and self._write is not None and self._write(data):
+            return
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size > self._limit:
+            raise SluiceError(ErrorCode.SLOW_CONSUMER, "the client reads the stream too slowly")
+        self._wake()
+
+    def _call(self, call: ToolCall) -> None:
+        pass  # the seed API offers no tools, so no calls come
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _run(self, services: Services, key_id: str, message: Generate) -> Finished:
+        try:
+            return await services.dispatcher.relay(
+                message, key_id=key_id, on_text=self._text, on_call=self._call
+            )
+        finally:
+            self._wake()
+
+    async def _ready(self) -> None:
+        """Until a piece is buffered or the request ended."""
+        task = self._task
+        assert task is not None
+        while not self._parts and not task.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The buffered bytes, all that is ready per chunk, until the request ends; then raises
+        what ended it (`SluiceError`). Closing it (client gone) cancels the request."""
+        task = self._task
+        assert task is not None
+        try:
+            while True:
+                # The response has started (its body is being read): pieces may be written now,
+                # except while a chunk yielded here is being sent.
+                self._direct = True
+                await self._ready()
+                if self._parts:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    self._direct = False
+                    yield parts[0] if len(parts) == 1 else b"".join(parts)
+                    continue
+                task.result()
+                return
+        finally:
+            self._direct = False
+            await self.cancel()
+
+    async def cancel(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def start_relay(
+    request: Request, key_id: str, message: Generate, frame: Callable[[str], bytes]
+) -> Relay:
+    """Admit ``message`` and relay it (module docstring) until its first piece or its end, so that
+    a failure before any output raises here and becomes a status; cancelled (`ClientGone`) if the
+    client leaves first."""
+    services = services_of(request)
+    services.dispatcher.admit(key_id)
+    extension = request.scope.get("extensions", {}).get(BODY_WRITE)
+    write = extension["write"] if extension is not None else None
+    relay = Relay(frame, services.settings.outbound_hard_bytes, write)
+    task = relay._task = asyncio.ensure_future(relay._run(services, key_id, message))
+    try:
+        await run_or_cancel(request, relay._ready())
+    except BaseException:
+        await relay.cancel()
+        raise
+    if task.done() and not relay._parts:
+        task.result()  # raises what failed before any output
+    return relay
 
 
 async def complete(request: Request, key_id: str, message: Generate) -> Reply:

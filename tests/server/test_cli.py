@@ -7,10 +7,12 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from server import cli
 from server.settings import Settings
+from server.transports.httpbody import BodyProtocol
 from server.transports.wsframes import FramesProtocol
 
 
@@ -25,9 +27,10 @@ def unfrozen() -> Iterator[None]:
 
 def test_uvicorn_runs_on_uvloop_httptools_and_the_frames_protocol() -> None:
     config = cli.uvicorn_config(None, Settings())
-    assert (config.loop, config.http, config.ws) == ("uvloop", "httptools", FramesProtocol)
+    assert (config.loop, config.http, config.ws) == ("uvloop", BodyProtocol, FramesProtocol)
     config.load()  # imports the named implementations: fails here when one is missing
-    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.http_protocol_class is BodyProtocol
+    assert issubclass(BodyProtocol, HttpToolsProtocol)
     assert config.ws_protocol_class is FramesProtocol
     assert issubclass(FramesProtocol, WebSocketsSansIOProtocol)
 

@@ -202,15 +202,18 @@ def _data(value: object) -> bytes:
     return b"data: " + orjson.dumps(value) + b"\n\n"
 
 
+def _text(piece: str) -> bytes:
+    return b'data: {"text":' + orjson.dumps(piece) + b"}\n\n"
+
+
 @router.post("/generate/stream", responses=_SSE_DOC, summary="Generate text as server-sent events")
 async def generate_stream(request: Request, body: SeedGenerateRequest) -> Response:
-    generation = await calls.start_generation(request, caller_key(request), _message(body))
+    relay = await calls.start_relay(request, caller_key(request), _message(body), _text)
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for item in generation.items():
-                if isinstance(item, str):  # the seed API offers no tools, so no calls come
-                    yield _data({"text": item})
+            async for chunk in relay.chunks():
+                yield chunk
         except SluiceError as exc:
             yield _data(error_body(Family.SLUICE, exc, status=status_for(exc)))
         yield _DONE
