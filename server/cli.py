@@ -16,7 +16,7 @@ and HTTP/1.1 is parsed by httptools, named rather than left to uvicorn's "auto",
 package fails the start instead of silently costing CPU on every request. WebSockets run on
 uvicorn's websockets-sansio protocol with sluice's many-frames extension
 (`server.transports.wsframes`), HTTP on uvicorn's httptools protocol with sluice's write-a-body-
-chunk-now extension (`server.transports.httpbody`).
+chunk-now extension (`server.api.httpbody`).
 
 Once the models have loaded, everything allocated so far is moved out of the garbage collector's
 sight (``gc.freeze``): the imported libraries and loaded models never become garbage, yet every
@@ -46,9 +46,9 @@ from typing import Any
 
 import uvicorn
 
+from server.api.httpbody import BodyProtocol
 from server.settings import Settings
 from server.shutdown import DrainingServer
-from server.transports.httpbody import BodyProtocol
 from server.transports.wsframes import FramesProtocol
 
 __all__ = ["ContextFormatter", "configure_logging", "listen_socket", "main", "serve", "uvicorn_config"]

@@ -14,7 +14,7 @@ encodes a response body: each API module writes its own wire format.
 
 `start_relay` runs a streaming request on the dispatcher's `relay` in a task of its own: each
 piece is framed (by the API's ``frame``) from the upstream read callback and written to the
-client there and then when the server offers it (`server.transports.httpbody`: the response
+client there and then when the server offers it (`server.api.httpbody`: the response
 started, the client keeps up, no send of the response's own under way); otherwise it is
 appended to a bounded buffer, and the response body takes everything ready at each wake-up
 (`Relay.chunks`), so the body task is woken per send it must make, not per token; a client that reads slower than the buffer's bound
@@ -42,10 +42,10 @@ from pydantic import ValidationError
 from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import Classify, Embed, Generate
 from server.api.errors import FieldError, field_of, validation_errors
+from server.api.httpbody import BODY_WRITE
 from server.backends.base import ToolCall
 from server.dispatcher import ClassifyResult, EmbedResult, Finished, RequestTrace
 from server.services import Services, services_of
-from server.transports.httpbody import BODY_WRITE
 
 __all__ = [
     "ClientGone",

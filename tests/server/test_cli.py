@@ -11,8 +11,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from server import cli
+from server.api.httpbody import BodyProtocol
 from server.settings import Settings
-from server.transports.httpbody import BodyProtocol
 from server.transports.wsframes import FramesProtocol
 
 
