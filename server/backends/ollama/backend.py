@@ -13,6 +13,7 @@ draining it: that is how Ollama learns to stop generating. Every exception leave
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -98,13 +99,7 @@ class OllamaBackend(Generator):
         decoder = StreamDecoder(chat=path == CHAT_PATH)
         check = ReplyCheck(request)
         guard = StallGuard(self._first_token_s, self._idle_s)
-        upstream: Upstream | None = None
-        response: httpx.Response | None = None
-        guard.start()
-        try:
-            upstream, response = await self._open(path, body, self._stream_timeout)
-            if response.status_code != 200:
-                raise await _status_error(response)
+        async with self._streaming(request, path, body, guard) as response:
             first = True
             async for data in body_stream(response):
                 text = decoder.feed(data)
@@ -125,20 +120,6 @@ class OllamaBackend(Generator):
             # Reading on to the end of the body (not stopping at the done line) lets httpx put the
             # connection back in the pool.
             result = check.finish(result_from_final(decoder.finish(), decoder.pieces))
-        except asyncio.CancelledError:
-            stall = guard.expired()
-            if stall is None:
-                raise
-            raise translate(stall, model=request.model) from None
-        except Exception as exc:
-            raise translate(exc, model=request.model) from exc
-        finally:
-            guard.stop()
-            if response is not None:
-                # Unread body: httpx closes the connection instead of draining it.
-                await response.aclose()
-            if upstream is not None:
-                upstream.inflight -= 1
         yield result
 
     async def relay(
@@ -178,6 +159,17 @@ class OllamaBackend(Generator):
             if decoder.failure is not None:
                 raise decoder.failure
 
+        async with self._streaming(request, path, body, guard) as response:
+            await pipe_body(response, feed)
+            return check.finish(result_from_final(decoder.finish(), decoder.pieces))
+
+    @contextlib.asynccontextmanager
+    async def _streaming(
+        self, request: GenerationRequest, path: str, body: bytes, guard: StallGuard
+    ) -> AsyncIterator[httpx.Response]:
+        """A streamed generation's response (status 200, else its error raised), the guard
+        running; what its body's reading raises, translated (a cancel by the guard: its stall);
+        after it, the body closed and the upstream's count of requests in flight put back."""
         upstream: Upstream | None = None
         response: httpx.Response | None = None
         guard.start()
@@ -185,8 +177,7 @@ class OllamaBackend(Generator):
             upstream, response = await self._open(path, body, self._stream_timeout)
             if response.status_code != 200:
                 raise await _status_error(response)
-            await pipe_body(response, feed)
-            return check.finish(result_from_final(decoder.finish(), decoder.pieces))
+            yield response
         except asyncio.CancelledError:
             stall = guard.expired()
             if stall is None:
@@ -197,6 +188,7 @@ class OllamaBackend(Generator):
         finally:
             guard.stop()
             if response is not None:
+                # Unread body: httpx closes the connection instead of draining it.
                 await response.aclose()
             if upstream is not None:
                 upstream.inflight -= 1
