@@ -35,7 +35,7 @@ from protocol.errors import SluiceError
 from protocol.messages import Classify, ClientMessage, Embed, Generate
 from protocol.session import Accepted, Outcome, Refused
 from server.cluster import forwarded, homes
-from server.cluster.node import NotListening
+from server.cluster.node import CALL_TIMEOUT_S, NotListening
 from server.cluster.redis import store_unavailable
 
 if TYPE_CHECKING:
@@ -181,7 +181,12 @@ async def submit(
                     marked_for = home
                 request = {"op": "submit", "s": session.id, "k": session.key_id, "f": fid}
                 try:
-                    answer = await registry.node.call(home, {**request, "m": [dumped[i] for i in pending]})
+                    left = max(0.0, deadline - loop.time())
+                    answer = await registry.node.call(
+                        home,
+                        {**request, "m": [dumped[i] for i in pending]},
+                        within_s=min(CALL_TIMEOUT_S, left),
+                    )
                 except NotListening:
                     answer = False
                 if isinstance(answer, list):

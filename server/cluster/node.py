@@ -36,7 +36,7 @@ from protocol.errors import SluiceError
 from server.cluster.redis import RedisStore, store_unavailable
 from server.cluster.scripts import NODES, control_channel, node_feed_channel, node_key
 
-__all__ = ["BEAT_S", "LEASE_S", "Node", "NotListening", "new_node_id"]
+__all__ = ["BEAT_S", "CALL_TIMEOUT_S", "LEASE_S", "Node", "NotListening", "new_node_id"]
 
 log = logging.getLogger("sluice.cluster.node")
 
@@ -266,15 +266,15 @@ class Node:
         listeners = await self.store.run(self.store.client.publish(control_channel(node_id), payload))
         return bool(listeners)
 
-    async def call(self, node_id: str, message: dict[str, Any]) -> Any:
+    async def call(self, node_id: str, message: dict[str, Any], *, within_s: float = CALL_TIMEOUT_S) -> Any:
         """`send` and wait for the answer `on_control` returned there; `NotListening` when the
-        node is not listening, `store_unavailable` when it does not answer in time."""
+        node is not listening, `store_unavailable` when it does not answer within ``within_s``."""
         call_id = secrets.token_hex(8)
         answer = self._calls[call_id] = asyncio.get_running_loop().create_future()
         try:
             if not await self.send(node_id, {**message, "call": call_id, "from": self.id}):
                 raise NotListening()
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with asyncio.timeout(within_s):
                 return await answer
         except TimeoutError:
             raise store_unavailable() from None

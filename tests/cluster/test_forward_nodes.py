@@ -7,7 +7,8 @@ forwarded request and runs it upstream, but every write of its log is refused (a
 it is SIGKILLed, deterministically between taking the request and logging it; without scripting
 it cannot even take the request. Either way the request ends exactly once within 15 s (PROTOCOL
 §2): ``error`` ``internal``, ``retryable: true`` when the dead home took it, a run at the new home
-when it never did. An SSE ``POST`` to a stalled home is answered within a bound."""
+when it never did. An SSE ``POST`` to a stalled home, or to one that can never take it, is
+answered within a bound (12 s: accepted at the next home, or ``upstream_unavailable``)."""
 
 from __future__ import annotations
 
@@ -164,4 +165,27 @@ async def test_an_sse_post_to_a_stalled_home_is_answered_within_a_bound(cluster:
             await events.aclose()
     finally:
         victim.signal(signal.SIGKILL)
+        victim.stop()
+
+
+async def test_an_sse_post_to_a_home_that_never_takes_it_is_refused_retryable_within_the_bound(
+    cluster: Cluster,
+) -> None:
+    redis, emu, a = cluster
+    victim = _victim(redis, emu, "fvictim4")
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            session = (await http.post(f"{victim.url}/v1/sessions", json={})).json()["session"]
+            redis.command("ACL", "SETUSER", USER, "-@scripting")  # alive, and it can never take it
+            prompt = "posted to a home that cannot take it"
+            posted_at = time.monotonic()
+            posted = await http.post(f"{a.url}/v1/sessions/{session}/messages", json=_generate("g1", prompt))
+            waited = time.monotonic() - posted_at
+            assert 10.0 < waited < 15.0, waited
+            assert posted.status_code == 503, posted.text
+            assert "upstream_unavailable" in posted.text and _runs(emu, prompt) == 0
+            # Nothing of it is left marked (a resend is a new request, not a leftover to end).
+            meta = redis.command("HGETALL", f"sluice:{{{session}}}:meta")
+            assert isinstance(meta, list) and not [f for f in meta[::2] if f.startswith(b"r:")], meta
+    finally:
         victim.stop()
