@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 from protocol.codec import encode
 from protocol.messages import Delta, LoggedMessage
 
-__all__ = ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
+__all__ = ["DeltaLog", "EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
 
 # len('{"type":"delta","id":"","seq":1,"text":""}'): a delta's frame with a one-digit seq.
 _DELTA_FRAME = 42
@@ -75,6 +75,16 @@ class EventLog(Protocol):
     @property
     def last_seq(self) -> int:
         """Seq of the newest event ever appended; 0 before the first."""
+        ...
+
+
+@runtime_checkable
+class DeltaLog(EventLog, Protocol):
+    """An `EventLog` that also takes a delta as its fields (`Session.numbered_delta`'s hot path:
+    no model built per token)."""
+
+    def append_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`append` of ``Delta(id=request_id, seq=seq, text=text)``."""
         ...
 
 
