@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 from protocol.codec import encode
 from protocol.messages import Delta, LoggedMessage
 
-__all__ = ["DeltaLog", "EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
+__all__ = ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
 
 # len('{"type":"delta","id":"","seq":1,"text":""}'): a delta's frame with a one-digit seq.
 _DELTA_FRAME = 42
