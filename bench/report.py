@@ -162,6 +162,14 @@ def figures(results: Results) -> list[Figure]:
             out.append(
                 Figure("sse_vs_ws", f"{name} one-stream tok/s", value, "tok/s", "ws", ws, ratio(value, ws))
             )
+    ws_cpu = _num(_get(sse, "ws", "server_us_per_token"))
+    for name in ("sse", "ws"):
+        value = _num(_get(sse, name, "server_us_per_token"))
+        if value is not None:
+            per_delta = _num(_get(sse, name, "server_us_per_delta")) or 0.0
+            note = f"{per_delta:.2f} µs per delta, {_num(_get(sse, name, 'deltas')) or 0:,.0f} deltas"
+            name_cpu = f"{name} server CPU/token"
+            out.append(Figure("sse_vs_ws", name_cpu, value, "µs", "ws", ws_cpu, ratio(value, ws_cpu), note))
     return out
 
 

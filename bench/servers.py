@@ -156,12 +156,19 @@ def seed(*, ollama_url: str = "http://127.0.0.1:9", timeout: float = 120.0) -> I
 
 @contextlib.contextmanager
 def emulator(
-    *, token_rate: float, tokens: int, first_token_delay_s: float = 0.0, timeout: float = 60.0
+    *,
+    token_rate: float,
+    tokens: int,
+    first_token_delay_s: float = 0.0,
+    lines_per_write: int = 1,
+    timeout: float = 60.0,
 ) -> Iterator[Server]:
     """The Ollama emulator as a process (`python -m tests.support.ollama_emulator`).
 
-    One piece per write and no line split across writes: how a real Ollama flushes each token, so
-    the schedule the client sees is the emulator's (`--token-rate`), not an artefact of batching.
+    By default one piece per write and no line split across writes: how a real Ollama flushes each
+    token, so the schedule the client sees is the emulator's (`--token-rate`), not an artefact of
+    batching. `lines_per_write` > 1 is the fast mode for an unpaced stream: the emulator's cost per
+    token falls with the writes, so it stays well above what the server under test can relay.
     uvloop keeps the emulator's own CPU cost low on the shared cores.
     """
     port = free_port()
@@ -178,7 +185,7 @@ def emulator(
         "--first-token-delay",
         str(first_token_delay_s),
         "--lines-per-write",
-        "1",
+        str(lines_per_write),
         "--no-split",
         "--uvloop",
     ]

@@ -3,47 +3,104 @@
 A transport's node that is not the session's home hands each client message to `forward` (from
 the session's queue, one at a time, so a ``cancel`` never overtakes its request) or, for an SSE
 ``POST`` that must say what became of its messages, to `submit`, which waits for the home's
-answer. Both look for the home again when it does not answer (it may have let go, or died: then
-this node may claim the session and handle the messages itself, `ClusterSessionRegistry.settle`).
-`apply` is the home's side. The messages travel as `server.cluster.forwarded` fields over the
-home's control channel (`server.cluster.node`); nothing here keeps state.
+answer (within `SUBMIT_BOUND_S`, or ``upstream_unavailable``, retryable). Both look for the home
+again when it does not answer (it may have let go, or died: then this node may claim the session
+and handle the messages itself, `ClusterSessionRegistry.settle`).
+
+Exactly once, across a home that dies: a request (``generate``, ``embed``, ``classify``) is
+marked in Redis with the forward's id before it is forwarded (`homes.mark`), and the home takes
+the mark (`homes.take`, in one step with checking it is still the home) before it runs it, so
+from then on it is one of the home's requests, which a survivor ends (``error`` ``internal``,
+``retryable: true``) if the home dies before finishing it, logged or not (`homes.recover`). A
+forward that reached nobody, that the home said it was not the home for, or whose home changed
+while it waited, takes its mark back (`homes.unmark`) and goes on to the next home; when the
+mark cannot be taken back, the old home took it, and the request is never run again elsewhere.
+Each forward has an id the home remembers (`ClusterSession.forwarded`), so a forward sent again
+after a call that timed out is answered as the first time, never run twice.
+
+`receive` (and `apply`) is the home's side. The messages travel as `server.cluster.forwarded` fields over the
+home's control channel (`server.cluster.node`); the only state kept is in the queued message
+itself (its forward id, and the home its request is marked for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import SluiceError
-from protocol.messages import ClientMessage
-from protocol.session import Outcome
-from server.cluster import forwarded
+from protocol.messages import Classify, ClientMessage, Embed, Generate
+from protocol.session import Accepted, Outcome, Refused
+from server.cluster import forwarded, homes
+from server.cluster.node import NotListening
 from server.cluster.redis import store_unavailable
 
 if TYPE_CHECKING:
     from server.cluster.session import ClusterSession
     from server.cluster.sessions import ClusterSessionRegistry
 
-__all__ = ["apply", "forward", "submit"]
+__all__ = [
+    "REFUSED",
+    "SUBMIT_BOUND_S",
+    "apply",
+    "forward",
+    "receive",
+    "request_id_of",
+    "request_ids",
+    "submit",
+]
 
 # A forwarded message whose home does not answer waits this long before looking again.
 _SETTLE_RETRY_S = 0.25
-_SUBMIT_TRIES = 40
+# How long an SSE ``POST`` waits for a home that does not answer (PROTOCOL §2 ends a stopped
+# node's requests within 15 s) before it is answered ``upstream_unavailable``.
+SUBMIT_BOUND_S = 12.0
+# The home's answer to a forwarded request it refused (the refusal is in the session's log).
+REFUSED = "refused"
+# The key of a queued message that stays on this node: the home its request is marked for.
+_MARKED_FOR = "marked_for"
+_REQUESTS = frozenset({"generate", "embed", "classify"})
+
+
+def request_id_of(fields: dict[str, Any]) -> str | None:
+    """The id of a forwarded message's fields when it is a request."""
+    request_id = fields.get("id")
+    return request_id if fields.get("type") in _REQUESTS and isinstance(request_id, str) else None
+
+
+def request_ids(message: dict[str, Any]) -> list[str]:
+    """The ids of the requests in a forwarded ``msg`` or ``submit``."""
+    items = message["m"] if message["op"] == "submit" else [message["m"]] if message["op"] == "msg" else []
+    return [rid for rid in map(request_id_of, items) if rid is not None]
+
+
+class _Moved(Exception):
+    """The session's home is not the one this node forwards to any more."""
+
+
+def _moved(session: ClusterSession, marked_for: str) -> bool:
+    """Whether the session's home is known to be another than ``marked_for`` (or this node)."""
+    return session.runtime is not None or session.home not in ("", marked_for)
 
 
 async def forward(registry: ClusterSessionRegistry, session: ClusterSession, message: dict[str, Any]) -> bool:
     """Deliver one queued client message to the session's home; False: try it again."""
-    if session.runtime is not None:
-        apply(session, message)
-        return True
-    if session.home:
-        try:
-            if await registry.node.call(session.home, {**message, "s": session.id, "k": session.key_id}):
+    try:
+        if _MARKED_FOR in message and _moved(session, message[_MARKED_FOR]):
+            if not await _take_back(registry, session, message):
+                return True  # the old home took it: it ran there, or ended with its requests
+        if session.runtime is not None:
+            apply(session, message)
+            return True
+        home = session.home
+        if home:
+            if await _send(registry, session, message, home):
                 return True
-        except SluiceError:
-            pass  # not listening or not answering: find out whether it is still the home
+    except (SluiceError, _Moved):
+        pass  # not answering in time (it may have it: its mark stays), or not the home any more
     await asyncio.sleep(_SETTLE_RETRY_S)
     with contextlib.suppress(SluiceError):
         session.home = ""
@@ -51,36 +108,163 @@ async def forward(registry: ClusterSessionRegistry, session: ClusterSession, mes
     return False
 
 
+async def _send(
+    registry: ClusterSessionRegistry, session: ClusterSession, message: dict[str, Any], home: str
+) -> bool:
+    """One try at ``home``: True once it is done with ``message`` (ran it, refused it, or took it
+    before it stopped)."""
+    fid = message.setdefault("f", secrets.token_hex(8))
+    ids = request_ids(message)
+    request_id = ids[0] if ids else None
+    if request_id is not None and _MARKED_FOR not in message:
+        marked = await homes.mark(registry.store, registry.mark_script, session.id, home, fid, [request_id])
+        if marked is None:
+            raise _Moved
+        if marked[0]:
+            message[_MARKED_FOR] = home
+    wire = {key: value for key, value in message.items() if key != _MARKED_FOR}
+    try:
+        answer = await registry.node.call(home, {**wire, "s": session.id, "k": session.key_id})
+    except NotListening:  # it reached nobody
+        answer = False
+    if answer:
+        return True
+    # Not the home, or nobody there: unless the old home took it meanwhile, it goes on.
+    return not await _take_back(registry, session, message)
+
+
+async def _take_back(
+    registry: ClusterSessionRegistry, session: ClusterSession, message: dict[str, Any]
+) -> bool:
+    """Unmark the queued ``message``'s request; False when its home took it."""
+    if _MARKED_FOR not in message:
+        return True
+    (taken,) = await homes.unmark(
+        registry.store, registry.unmark_script, session.id, message["f"], request_ids(message)
+    )
+    if taken:
+        del message[_MARKED_FOR]
+    return taken
+
+
 async def submit(
     registry: ClusterSessionRegistry, session: ClusterSession, messages: Sequence[ClientMessage]
 ) -> list[Outcome]:
-    """`ClusterSession.handle_all` for a session homed elsewhere: one call to the home."""
+    """`ClusterSession.handle_all` for a session homed elsewhere: one call to the home, or
+    ``upstream_unavailable`` when no home answers within `SUBMIT_BOUND_S`."""
     dumped = [forwarded.dump(message) for message in messages]
-    for _ in range(_SUBMIT_TRIES):
-        if session.runtime is not None:
-            return [session.handle(message) for message in messages]
-        if session.home:
-            request = {"op": "submit", "s": session.id, "k": session.key_id, "m": dumped}
-            with contextlib.suppress(SluiceError):
-                answer = await registry.node.call(session.home, request)
+    outcomes: list[Outcome | None] = [None] * len(messages)
+    fid = secrets.token_hex(8)
+    marked: set[int] = set()  # the requests marked for ``marked_for``
+    marked_for = ""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SUBMIT_BOUND_S
+    while loop.time() < deadline:
+        try:
+            if marked and _moved(session, marked_for):
+                await _submit_take_back(registry, session, fid, messages, marked, outcomes)
+            if session.runtime is not None:
+                return [
+                    outcome if outcome is not None else session.handle(message)
+                    for message, outcome in zip(messages, outcomes, strict=True)
+                ]
+            home = session.home
+            if home:
+                pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+                unmarked = [i for i in pending if i not in marked and request_id_of(dumped[i]) is not None]
+                if unmarked:
+                    ids = [str(request_id_of(dumped[i])) for i in unmarked]
+                    got = await homes.mark(registry.store, registry.mark_script, session.id, home, fid, ids)
+                    if got is None:
+                        raise _Moved
+                    marked |= {i for i, ok in zip(unmarked, got, strict=True) if ok}
+                    marked_for = home
+                request = {"op": "submit", "s": session.id, "k": session.key_id, "f": fid}
+                try:
+                    answer = await registry.node.call(home, {**request, "m": [dumped[i] for i in pending]})
+                except NotListening:
+                    answer = False
                 if isinstance(answer, list):
-                    return [
-                        forwarded.outcome_of(message, item)
-                        for message, item in zip(messages, answer, strict=True)
-                    ]
+                    for i, item in zip(pending, answer, strict=True):
+                        outcomes[i] = forwarded.outcome_of(messages[i], item)
+                    return [outcome for outcome in outcomes if outcome is not None]
+                await _submit_take_back(registry, session, fid, messages, marked, outcomes)
+        except (SluiceError, _Moved):
+            pass
         await asyncio.sleep(_SETTLE_RETRY_S)
-        session.home = ""
-        await registry.settle(session)
+        with contextlib.suppress(SluiceError):
+            session.home = ""
+            await registry.settle(session)
     raise store_unavailable()
 
 
-def apply(session: ClusterSession, message: dict[str, Any]) -> None:
-    """At the home: act on a forwarded ``msg``, ``refuse`` or ``goaway``."""
+async def _submit_take_back(
+    registry: ClusterSessionRegistry,
+    session: ClusterSession,
+    fid: str,
+    messages: Sequence[ClientMessage],
+    marked: set[int],
+    outcomes: list[Outcome | None],
+) -> None:
+    """Unmark a submit's ``marked`` requests; those the old home took are accepted there (their
+    end, a run or a retryable error, is in the session's stream)."""
+    order = sorted(marked)
+    requests = [messages[i] for i in order]
+    ids = [request.id for request in requests if isinstance(request, Generate | Embed | Classify)]
+    taken = await homes.unmark(registry.store, registry.unmark_script, session.id, fid, ids)
+    for i, request, back in zip(order, requests, taken, strict=True):
+        if not back and isinstance(request, Generate | Embed | Classify):
+            outcomes[i] = Accepted(request)
+    marked.clear()
+
+
+async def receive(
+    registry: ClusterSessionRegistry, session: ClusterSession, message: dict[str, Any]
+) -> object:
+    """At the home: apply a forward from another node once, after taking its requests' marks;
+    False when this node is not the home any more (the sender looks again)."""
+    fid = message.get("f")
+    before = session.answered(fid)
+    if before is not None:
+        return before  # sent again after its call timed out
+    ids = request_ids(message)
+    if ids and fid is not None:
+        try:
+            if not await homes.take(
+                registry.store, registry.take_script, session.id, registry.node.id, fid, ids
+            ):
+                return False
+        except SluiceError:
+            return False  # the sender tries again
+        if session.runtime is None or registry.closing:
+            return False
+    if message["op"] == "submit":
+        answers = [forwarded.answer_of(session.handle(forwarded.load(item))) for item in message["m"]]
+        each = [request_id_of(item) for item in message["m"]]
+        refused = [rid for rid, item in zip(each, answers, strict=True) if rid and "refused" in item]
+        answer: object = answers
+    else:
+        answer = apply(session, message)
+        refused = ids if answer == REFUSED else []
+    session.remember(fid, answer)
+    runtime = session.runtime
+    refused = [rid for rid in refused if runtime is not None and rid not in runtime.session.inflight]
+    if refused:  # never ran: their marks go (a survivor must not end them)
+        with contextlib.suppress(SluiceError):
+            await homes.unmark(registry.store, registry.unmark_script, session.id, "1", refused)
+    return answer
+
+
+def apply(session: ClusterSession, message: dict[str, Any]) -> bool | str:
+    """At the home: act on a forwarded ``msg``, ``refuse`` or ``goaway``; `REFUSED` for a
+    request the session refused."""
     runtime = session.runtime
     assert runtime is not None
     if message["op"] == "msg":
-        session.handle_here(forwarded.load(message["m"]))
+        if isinstance(session.handle_here(forwarded.load(message["m"])), Refused):
+            return REFUSED
     elif message["op"] == "refuse":
         runtime.refuse(forwarded.refusal_error(message))
     elif message["op"] == "goaway":
         runtime.goaway(message["reason"], message["ms"])
+    return True

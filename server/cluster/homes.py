@@ -4,11 +4,14 @@ Each function is one step on the store, atomic where it must be (the scripts of
 `server.cluster.scripts`): `create` writes a new session's meta with this node as its home;
 `claim` makes this node the home of a session that has none and reads back its log and its
 conversation, so the node can build the `Session` from them; `attach_token` numbers a transport attaching to it (the attach
-generation, which orders takeovers across nodes) and announces it; `listen` and `unlisten` add
+generation, which orders takeovers across nodes) and announces it; `mark` records requests another node is about to forward to the session's home, `take`
+makes them the home's own before it runs them, `unmark` takes back those it never took; `listen` and `unlisten` add
 this node to the nodes a session's feed reaches and take it off again (`unlisten_node`: a dead
 node off all of them); `recover` ends, in the session's log, every request a stopped
-home left unfinished (``error`` ``internal``, ``retryable: true``) and leaves the session without
-a home, fenced by that home's id so that it happens once; `refresh` keeps a live session's keys;
+home left unfinished, the forwarded ones it took included (``error`` ``internal``,
+``retryable: true``), and leaves the session without a home, fenced by that home's id so that it
+happens once, and in one step with reading what is in flight (a mark taken meanwhile makes it
+read again); a forwarded request the home never took stays marked, for its forwarder; `refresh` keeps a live session's keys;
 `delete` forgets a session.
 
 Nothing here keeps state or decides anything: `server.cluster.sessions` does.
@@ -18,9 +21,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import WatchError
 
 from protocol.codec import encode
 from protocol.errors import ErrorCode
@@ -39,10 +43,13 @@ __all__ = [
     "create",
     "delete",
     "listen",
+    "mark",
     "recover",
     "recover_node",
     "refresh",
+    "take",
     "unlisten",
+    "unmark",
 ]
 
 NODE_STOPPED = "the node running this request stopped"
@@ -104,6 +111,50 @@ async def attach_token(store: RedisStore, script: AsyncScript, session_id: str, 
     return None if reply is None else _text(reply)
 
 
+async def mark(
+    store: RedisStore,
+    script: AsyncScript,
+    session_id: str,
+    home: str,
+    forward_id: str,
+    request_ids: list[str],
+) -> list[bool] | None:
+    """Before forwarding ``request_ids`` to ``home`` (``script`` is `server.cluster.scripts.MARK`):
+    per id whether this forward marked it (False: one of that id is in flight already); None when
+    ``home`` is not the session's home any more (nothing marked)."""
+    args = [home, forward_id, *request_ids]
+    reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    return None if reply is None else [bool(n) for n in reply]
+
+
+async def take(
+    store: RedisStore,
+    script: AsyncScript,
+    session_id: str,
+    node_id: str,
+    forward_id: str,
+    request_ids: list[str],
+) -> bool:
+    """At the home, before running forwarded ``request_ids`` (``script`` is
+    `server.cluster.scripts.TAKE`): whether ``node_id`` is still the home (then the marks are its
+    own); False: they must not run here."""
+    args = [node_id, forward_id, *request_ids]
+    reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    return reply is not None
+
+
+async def unmark(
+    store: RedisStore, script: AsyncScript, session_id: str, value: str, request_ids: list[str]
+) -> list[bool]:
+    """Take back marks still holding ``value`` (``script`` is `server.cluster.scripts.UNMARK`): a
+    forward's id, for a forward the home never took (False: it took it: the request is that
+    home's, run there or ended with its requests), or ``1``, for requests the home took and
+    refused. Per id whether it was taken back."""
+    args = [value, *request_ids]
+    reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    return [bool(n) for n in reply]
+
+
 async def listen(store: RedisStore, session_id: str, node_id: str, *, ttl_ms: int) -> None:
     """From when this returns, every event the session's home writes and every notice reaches
     ``node_id``'s feed channel (published after the write, so a log read after this misses
@@ -145,19 +196,32 @@ def attach_generation(token: str | None) -> int:
 
 
 async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int) -> None:
-    """End the unfinished requests of ``session_id``, whose home ``dead`` stopped."""
-    for _ in range(3):
-        meta = await store.run(store.client.hgetall(meta_key(session_id)))
-        if not meta or _text(meta.get(b"home")) != dead:
-            break
-        seq = int(meta[b"seq"])
-        ids = sorted(field[2:].decode() for field in meta if field.startswith(b"r:"))
-        events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
-        # Trimming nothing (0, 0): a few more events do not overflow the window worth a trim.
-        args: list[Any] = [dead, ttl_ms, session_id, _text(meta[b"epoch"]), seq + 1, 0, 0, "1"]
-        args += [0, len(ids), *ids, len(events), *events]
-        keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
-        if await store.run(store.append_script(keys=keys, args=args, client=store.client)) != [-2]:
+    """End the unfinished requests of ``session_id``, whose home ``dead`` stopped (those forwarded
+    to it included: `mark`); the meta is watched from its read to the end, so a request marked or
+    unmarked in between is read again, never ended on a stale list."""
+    keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
+    for _ in range(10):
+        async with store.translated(), store.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(keys[0])
+            meta = cast("dict[bytes, bytes]", await pipe.hgetall(keys[0]))
+            if not meta or _text(meta.get(b"home")) != dead:
+                break
+            seq = int(meta[b"seq"])
+            # The home's own requests (``1``); a forward it never took is not its to end.
+            ids = sorted(
+                field[2:].decode() for field, value in meta.items() if field[:2] == b"r:" and value == b"1"
+            )
+            events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
+            # Trimming nothing (0, 0): a few more events do not overflow the window worth a trim.
+            args: list[Any] = [dead, ttl_ms, session_id, _text(meta[b"epoch"]), seq + 1, 0, 0, "1"]
+            args += [0, len(ids), *ids, len(events), *events]
+            pipe.multi()  # type: ignore[no-untyped-call]
+            await store.append_script(keys=keys, args=args, client=pipe)
+            try:
+                (reply,) = await pipe.execute()
+            except WatchError:
+                continue  # the meta changed between the read and the script: read again
+        if reply != [-2]:
             break  # -2: the seq moved between the read and the script; read again
     await store.run(store.client.srem(node_sessions_key(dead), session_id))
 

@@ -36,7 +36,7 @@ from protocol.errors import SluiceError
 from server.cluster.redis import RedisStore, store_unavailable
 from server.cluster.scripts import NODES, control_channel, node_feed_channel, node_key
 
-__all__ = ["BEAT_S", "LEASE_S", "Node", "new_node_id"]
+__all__ = ["BEAT_S", "LEASE_S", "Node", "NotListening", "new_node_id"]
 
 log = logging.getLogger("sluice.cluster.node")
 
@@ -46,6 +46,15 @@ BEAT_S = 1.0
 CALL_TIMEOUT_S = 5.0
 
 FeedHandler = Callable[[bytes], None]
+
+
+class NotListening(SluiceError):
+    """`Node.call` found nobody listening on the other node's control channel: the message
+    reached no one (unlike a call that timed out, which it may have)."""
+
+    def __init__(self) -> None:
+        error = store_unavailable()
+        super().__init__(error.code, error.message, retry_after_ms=error.retry_after_ms)
 
 
 def new_node_id() -> str:
@@ -258,13 +267,13 @@ class Node:
         return bool(listeners)
 
     async def call(self, node_id: str, message: dict[str, Any]) -> Any:
-        """`send` and wait for the answer `on_control` returned there; `store_unavailable` when
-        the node is not listening or does not answer in time."""
+        """`send` and wait for the answer `on_control` returned there; `NotListening` when the
+        node is not listening, `store_unavailable` when it does not answer in time."""
         call_id = secrets.token_hex(8)
         answer = self._calls[call_id] = asyncio.get_running_loop().create_future()
         try:
             if not await self.send(node_id, {**message, "call": call_id, "from": self.id}):
-                raise store_unavailable()
+                raise NotListening()
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await answer
         except TimeoutError:

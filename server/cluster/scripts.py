@@ -9,7 +9,8 @@ call per slot). Per session:
   a writer holding another epoch is writing to a session the store lost), ``seq`` (the newest
   logged seq), ``home`` (the node holding the live session; empty while none does), ``att``
   (the attach generation: one more for every transport attached, wherever it is) and one
-  ``r:<request id>`` field per request in flight on the home;
+  ``r:<request id>`` field per request in flight on the home (or forwarded to it, not yet
+  started there: `MARK`);
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
   least that window), and exactly below the oldest event the client has not acknowledged;
@@ -41,7 +42,10 @@ __all__ = [
     "CLAIM",
     "END",
     "HISTORY",
+    "MARK",
     "NODES",
+    "TAKE",
+    "UNMARK",
     "control_channel",
     "history_key",
     "log_key",
@@ -241,3 +245,65 @@ if meta[1] ~= ARGV[2] or meta[2] ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 return 1
 """
+
+# Lua: per request id ARGV[first..], its mark ``r:<id>`` changed to ``to`` (false: deleted) when
+# it holds ``from``; one integer per id: 1 changed, 0 it held another value (or none).
+_SWAP = """
+local function swap(meta, from, to, first)
+  local out = {}
+  for i = first, #ARGV do
+    local field = 'r:' .. ARGV[i]
+    if redis.call('HGET', meta, field) == from then
+      if to then redis.call('HSET', meta, field, to) else redis.call('HDEL', meta, field) end
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  return out
+end
+"""
+
+# A node about to forward requests to the session's home marks each as forwarded there: the mark's
+# value is the forward's id, and a request already marked (one of that id in flight) is left as it
+# is. Before it runs them the home `TAKE`s the marks (they become ``1``, its own requests' value,
+# which a survivor ends if the home dies); a mark still holding a forward's id was never run, and
+# the node that forwarded it may take it back (`UNMARK`) and run it at the next home.
+#
+# KEYS: meta.  ARGV: the home the node forwards to, the forward's id, then the request ids.
+# Returns one integer per request id: 1 marked, 0 already in flight; nil when ``home`` is not (or
+# no longer) the session's home (nothing is marked).
+MARK = """
+if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return nil end
+local out = {}
+for i = 3, #ARGV do out[#out + 1] = redis.call('HSETNX', KEYS[1], 'r:' .. ARGV[i], ARGV[2]) end
+return out
+"""
+
+# Take back marks (`MARK`) that still hold ``value``: a forward's id (the home never took them:
+# the forward did not reach it, or it was not the home), or ``1`` (the home took them and refused
+# the requests).
+#
+# KEYS: meta.  ARGV: the value, then the request ids.
+# Returns one integer per request id: 1 taken back, 0 it held another value (or none).
+UNMARK = (
+    _SWAP
+    + """
+return swap(KEYS[1], ARGV[1], false, 2)
+"""
+)
+
+# The home, about to run requests a node forwarded (`MARK`), takes their marks in one step with
+# checking it is still the home: each still holding the forward's id becomes ``1``, the home's own,
+# so from here on a survivor ends it if this node dies, and the forwarder can no longer take it back.
+#
+# KEYS: meta.  ARGV: the home, the forward's id, then the request ids.
+# Returns one integer per request id: 1 taken, 0 not this forward's mark; nil when the node is not
+# (or no longer) the session's home (the requests must not run here).
+TAKE = (
+    _SWAP
+    + """
+if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return nil end
+return swap(KEYS[1], ARGV[2], '1', 3)
+"""
+)

@@ -12,7 +12,9 @@ the feed (a pub/sub reconnect) is filled from the log again. Exactly, or `attach
 
 The transport gives its client messages to `handle` here: on the home they go to the runtime at
 once (so an SSE ``POST`` learns its outcome); elsewhere they are forwarded to the home in order
-over its control channel (`Ignored` is returned: what becomes of them arrives in the feed). When
+over its control channel (`Ignored` is returned: what becomes of them arrives in the feed), each
+request marked in Redis first so that it runs once and ends even if the home dies while taking
+it (`server.cluster.forwarding`). When
 the home stopped, the node holding the transport becomes the home (`ClusterSessionRegistry`
 claims the session) and handles what is queued itself. A node draining asks the home, in the same
 queue, for the ``goaway`` of a transport it holds (the home numbers it like any event), and counts
@@ -60,6 +62,8 @@ log = logging.getLogger("sluice.cluster.session")
 
 _IGNORED = Ignored()
 _TAKEN_OVER = "session taken over by another connection"
+# How many forwards' answers the home keeps (`ClusterSession.answered`).
+_APPLIED_KEPT = 256
 
 
 class FeedSink(Outbox):
@@ -133,6 +137,9 @@ class ClusterSession:
         self.turns: list[tuple[int, ChatMessage]] = []
         # Held while this node claims the session or settles where its home is.
         self.lock = asyncio.Lock()
+        # On the home: the answers to the latest forwards from other nodes, by forward id, so a
+        # forward sent again (its call timed out) is answered as before, not applied twice.
+        self._applied: dict[str, object] = {}
 
     # -- state -------------------------------------------------------------------------------
 
@@ -371,6 +378,17 @@ class ClusterSession:
         if isinstance(outcome, Accepted):
             self.event_log.started(outcome.request.id)
         return outcome
+
+    def answered(self, forward_id: str | None) -> object:
+        """On the home: the answer given to forward ``forward_id`` from another node, if it was
+        applied already (None: it was not)."""
+        return None if forward_id is None else self._applied.get(forward_id)
+
+    def remember(self, forward_id: str | None, answer: object) -> None:
+        if forward_id is not None:
+            self._applied[forward_id] = answer
+            while len(self._applied) > _APPLIED_KEPT:
+                del self._applied[next(iter(self._applied))]
 
     def refuse(self, error: SluiceError) -> None:
         if self.runtime is not None and not self._forward:

@@ -43,13 +43,13 @@ from protocol.errors import ErrorCode, SluiceError
 from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import LoggedMessage, Welcome
 from protocol.session import Session, SessionLimits
-from server.cluster import forwarded, forwarding, homes
+from server.cluster import forwarding, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.feeds import Feeds
 from server.cluster.histories import Histories, Turns
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore
-from server.cluster.scripts import ATTACH, meta_key
+from server.cluster.scripts import ATTACH, MARK, TAKE, UNMARK, meta_key
 from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
@@ -108,6 +108,12 @@ class ClusterSessionRegistry:
         self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
         self.histories = Histories(store, node.id, ttl_ms=self._key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
+        self.mark_script = store.client.register_script(MARK)
+        self.unmark_script = store.client.register_script(UNMARK)
+        self.take_script = store.client.register_script(TAKE)
+        # Set once `close` began: forwarded messages are refused from then on (the sender looks
+        # for the session's next home).
+        self.closing = False
         self._sessions: dict[str, ClusterSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -126,6 +132,10 @@ class ClusterSessionRegistry:
     @property
     def node(self) -> Node:
         return self._node
+
+    @property
+    def store(self) -> RedisStore:
+        return self._store
 
     # -- the transports' methods -------------------------------------------------------------
 
@@ -407,15 +417,10 @@ class ClusterSessionRegistry:
         session = self._sessions.get(message.get("s", ""))
         home = session is not None and session.runtime is not None
         match message["op"]:
-            case "msg" | "refuse" | "goaway":
-                if not home or session is None or session.key_id != message["k"]:
+            case "msg" | "refuse" | "goaway" | "submit":
+                if not home or self.closing or session is None or session.key_id != message["k"]:
                     return False  # not (or no longer) the home: the sender looks again
-                forwarding.apply(session, message)
-                return True
-            case "submit":
-                if not home or session is None or session.key_id != message["k"]:
-                    return False
-                return [forwarded.answer_of(session.handle(forwarded.load(item))) for item in message["m"]]
+                return await forwarding.receive(self, session, message)
             case "att" | "det" if home and session is not None:
                 self._attachment(session, message)
             case "end":
@@ -533,6 +538,7 @@ class ClusterSessionRegistry:
     async def close(self) -> None:
         """Stop: end the requests still running here (retryable: resume elsewhere), let go of
         every session homed here so another node can take it at once, close local transports."""
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
