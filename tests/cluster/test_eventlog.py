@@ -388,7 +388,7 @@ def test_a_delta_from_the_feed_keeps_its_json_and_the_right_seq(request_id: str)
     delta = Delta(id=request_id, seq=1234, text=',"seq":5, "text"')
     line = encode(delta).encode()
     got = framed(line)
-    assert got == Framed(1234, line) and isinstance(got, Framed) and got.event() == delta
+    assert got == Framed(1234, line.decode()) and isinstance(got, Framed) and got.event() == delta
     usage, timings = Usage(prompt_tokens=1, completion_tokens=2), Timings(queue_ms=0, ttft_ms=1, total_ms=2)
     done = Done(id=request_id, seq=7, model="m", finish_reason="stop", usage=usage, timings=timings)
     assert framed(encode(done).encode()) == done  # anything else is decoded
