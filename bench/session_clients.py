@@ -14,15 +14,16 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from bench.rawhttp import HttpConnection, HttpError, iter_sse
+from bench.rawws import WsClosed, WsConnection
 
-__all__ = ["EventHandler", "SessionClosed", "SseSession", "WsSession"]
+__all__ = ["EventHandler", "RawWsSession", "SessionClosed", "SseSession", "WsSession"]
 
 Message = dict[str, Any]
 EventHandler = Callable[[float, Message], None]
@@ -65,6 +66,22 @@ class _Demux:
         self.pending.clear()
 
 
+class _Socket(Protocol):
+    async def send(self, message: str) -> None: ...
+    async def recv(self) -> str | bytes: ...
+
+
+async def _greet(ws: _Socket, hello: bool, limit_s: float) -> Message:
+    """`hello` (unless told not to), then the `welcome`, which must come first."""
+    if hello:
+        await ws.send(orjson.dumps({"type": "hello", "protocol": 1, "client": "sluice-bench"}).decode())
+    welcome = orjson.loads(await asyncio.wait_for(ws.recv(), limit_s))
+    if welcome.get("type") != "welcome":
+        raise SessionClosed(f"expected welcome first, got {welcome.get('type')!r}")
+    assert isinstance(welcome, dict)
+    return welcome
+
+
 def new_id(prefix: str = "r") -> str:
     return f"{prefix}{next(_ids)}"
 
@@ -95,14 +112,7 @@ class WsSession:
             open_timeout=limit_s,
             close_timeout=2,
         )
-        if self.hello:
-            await self._ws.send(
-                orjson.dumps({"type": "hello", "protocol": 1, "client": "sluice-bench"}).decode()
-            )
-        welcome = orjson.loads(await asyncio.wait_for(self._ws.recv(), limit_s))
-        if welcome.get("type") != "welcome":
-            raise SessionClosed(f"expected welcome first, got {welcome.get('type')!r}")
-        self.welcome = welcome
+        self.welcome = welcome = await _greet(self._ws, self.hello, limit_s)
         self._reader = asyncio.create_task(self._read())
         return welcome
 
@@ -132,6 +142,46 @@ class WsSession:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+class RawWsSession:
+    """`WsSession`'s surface over `bench.rawws` (a reader that costs what the SSE reader costs), for
+    benchmarks that compare the transports rather than the client libraries."""
+
+    def __init__(self, port: int, *, hello: bool = True) -> None:
+        self.hello = hello
+        self.welcome: Message = {}
+        self._ws = WsConnection(port, "/v1/ws", subprotocol="sluice.v1")
+        self._demux = _Demux()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, limit_s: float = 30.0) -> Message:
+        await asyncio.wait_for(self._ws.open(), limit_s)
+        self.welcome = welcome = await _greet(self._ws, self.hello, limit_s)
+        self._reader = asyncio.create_task(self._read())
+        return welcome
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                raw = await self._ws.recv()
+                self._demux.route(time.perf_counter(), orjson.loads(raw))
+        except (WsClosed, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._demux.fail_all("websocket closed")
+
+    async def submit(self, request: Message, on_event: EventHandler | None = None) -> asyncio.Future[Message]:
+        future = self._demux.expect(request["id"], on_event)
+        await self._ws.send(orjson.dumps(request).decode())
+        return future
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._ws.close()
 
 
 class SseSession:

@@ -12,6 +12,11 @@ the pace, and per delta received: a reader that falls behind is sent merged delt
 merges under backpressure), which lowers the server's cost per token without the transport being
 any cheaper. Runs alternate between transports; medians are reported.
 
+Both readers are of one cost class, so that the readers do not decide the comparison: the SSE
+stream is read by `bench.rawhttp`, the WebSocket ("ws") by `bench.rawws`. "ws_websockets" is the
+same WebSocket read by the `websockets` client, which costs the reader about twice as much per
+message; it is reported beside, not compared.
+
 Run alone: `python -m bench.sse_vs_ws [--quick]` prints its JSON.
 """
 
@@ -28,13 +33,16 @@ import orjson
 
 from bench import servers
 from bench.rawhttp import HttpConnection
-from bench.session_clients import SseSession, WsSession
+from bench.session_clients import RawWsSession, SseSession, WsSession
 from bench.stats import CpuMeter, median
 from bench.streams import StreamRecord, direct_stream, session_stream
 
 __all__ = ["SseWsConfig", "run"]
 
-GENERATOR = "1 Python asyncio process (websockets client; bench.rawhttp SSE reader)"
+GENERATOR = (
+    "1 Python asyncio process (bench.rawws WebSocket reader, bench.rawhttp SSE reader; "
+    "ws_websockets: the websockets client)"
+)
 
 
 @dataclass
@@ -55,12 +63,17 @@ async def _one(kind: str, port: int, model: str, tokens: int, generates: int) ->
     """`generates` streams of `tokens` one after another on one connection or session, as one record."""
     prompt = "one long stream"
     total, seconds = StreamRecord(), 0.0
-    session: WsSession | SseSession | None = None
+    session: RawWsSession | WsSession | SseSession | None = None
     conn: HttpConnection | None = None
     if kind == "direct":
         conn = HttpConnection(port)
     else:
-        session = WsSession(f"ws://127.0.0.1:{port}/v1/ws") if kind == "ws" else SseSession(port)
+        if kind == "ws":
+            session = RawWsSession(port)
+        elif kind == "ws_websockets":
+            session = WsSession(f"ws://127.0.0.1:{port}/v1/ws")
+        else:
+            session = SseSession(port)
         await session.open()
     try:
         for _ in range(generates):
@@ -126,7 +139,12 @@ def run(config: SseWsConfig) -> dict[str, Any]:
         model = servers.emulator_model(upstream)
         try:
             with servers.sluice(ollama_url=upstream.url, label="sse_vs_ws") as sluice:
-                ports = {"direct": upstream.port, "ws": sluice.port, "sse": sluice.port}
+                ports = {
+                    "direct": upstream.port,
+                    "ws": sluice.port,
+                    "sse": sluice.port,
+                    "ws_websockets": sluice.port,
+                }
                 samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in ports}
                 deadline = time.monotonic() + config.budget_s
                 for repeat in range(config.repeats):

@@ -78,6 +78,16 @@ class EventLog(Protocol):
         ...
 
 
+@runtime_checkable
+class DeltaLog(EventLog, Protocol):
+    """An `EventLog` that also takes a delta as its fields (`Session.numbered_delta`'s hot path:
+    no model built per token)."""
+
+    def append_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`append` of ``Delta(id=request_id, seq=seq, text=text)``."""
+        ...
+
+
 def encoded_size(event: LoggedMessage) -> int:
     """The size of ``event``'s JSON frame in bytes (for a delta, a close lower bound: see the
     module doc)."""

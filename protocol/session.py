@@ -27,7 +27,7 @@ from typing import TypeAlias, TypeVar, assert_never
 
 from protocol.conversation import conversation, own_turns
 from protocol.errors import ErrorCode, SluiceError
-from protocol.eventlog import EventLog, MemoryEventLog
+from protocol.eventlog import DeltaLog, EventLog, MemoryEventLog
 from protocol.lifecycle import Event, Lifecycle, State
 from protocol.messages import (
     Ack,
@@ -159,7 +159,7 @@ class Session:
         if log is None:
             log = MemoryEventLog(limits.replay_events, max_bytes=limits.replay_bytes)
         self._log: EventLog = log
-        self._append_delta = log.append_delta if isinstance(log, MemoryEventLog) else None
+        self._append_delta = log.append_delta if isinstance(log, DeltaLog) else None
         # A log handed in may already hold this session's past (a store that outlived a node).
         self._seq = self._log.last_seq
         self._inflight: dict[str, InflightRequest] = {}
@@ -251,8 +251,8 @@ class Session:
     def numbered_delta(self, request_id: str, text: str) -> int | None:
         """`delta` for the hot path: the piece is logged as that delta and its seq returned (the
         caller builds the frame from ``request_id``, the seq and ``text``); ``None`` when the
-        request already ended. A `MemoryEventLog` takes the fields as they are, so no model is
-        built; any other log is given the `Delta`."""
+        request already ended. A `DeltaLog` (a `MemoryEventLog`, a cluster home's log) takes the
+        fields as they are, so no model is built; any other log is given the `Delta`."""
         if not self._piece(request_id, text):
             return None
         seq = self._seq + 1

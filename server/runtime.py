@@ -386,7 +386,12 @@ class SessionRuntime:
         if parts is None:
             return
         self._pending_total -= self._pending_chars.pop(request_id)
-        self._send(self.session.delta(request_id, "".join(parts)))
+        text = "".join(parts)
+        # As `_delta`: numbered, logged and pushed from its fields, no message model built.
+        seq = self.session.numbered_delta(request_id, text)
+        outbox = self._live()
+        if seq is not None and outbox is not None:
+            outbox.push_delta(request_id, seq, text)
 
     def _send(self, event: LoggedMessage | None) -> None:
         if event is None:

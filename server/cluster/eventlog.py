@@ -43,7 +43,7 @@ import orjson
 from pydantic import TypeAdapter
 from redis.exceptions import NoScriptError, RedisError
 
-from protocol.codec import encode
+from protocol.codec import encode, encode_delta
 from protocol.errors import SluiceError
 from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
@@ -75,6 +75,12 @@ WRITE_LATE_S = 0.001
 _ADAPTER: TypeAdapter[LoggedMessage] = TypeAdapter(LoggedMessage)
 _EVALSHA = bulk(b"EVALSHA")
 _ZERO, _ONE = bulk(b"0"), bulk(b"1")
+# A number argument, zero-padded to one width so that it is one format with no length to compute
+# (the script reads every number with ``tonumber``).
+_NUMBER = b"$20\r\n%020d\r\n"
+# A log's arguments when it has only new events: id and epoch (packed), first seq, the oldest to
+# keep, no ack, no release, no request started or ended, the count of events (then the events).
+_EVENTS_ONLY = b"%b" + _NUMBER * 2 + _ZERO * 4 + _NUMBER
 # A session's arguments to `scripts.APPEND` besides its requests and events: id, epoch, first,
 # keep, acked, release, and the three counts.
 _FIXED_ARGS = 9
@@ -91,10 +97,11 @@ def decode_event(data: bytes | str) -> LoggedMessage:
 
 class Framed(NamedTuple):
     """A delta as the JSON `protocol.codec.encode` wrote, which is the text frame a WebSocket
-    client is sent, with its seq read off it: what a relay need not decode (`framed`)."""
+    client is sent, with its seq read off it: what a relay need not decode (`framed`), and what
+    the home keeps of a delta it logged (`RedisEventLog.append_delta`)."""
 
     seq: int
-    frame: bytes
+    frame: str
 
     def event(self) -> LoggedMessage:
         return decode_event(self.frame)
@@ -110,7 +117,7 @@ def framed(line: bytes) -> LoggedMessage | Framed:
     the field."""
     if line.startswith(_DELTA_HEAD):
         at = line.find(_SEQ) + len(_SEQ)
-        return Framed(int(line[at : line.index(b",", at)]), line)
+        return Framed(int(line[at : line.index(b",", at)]), line.decode())
     return decode_event(line)
 
 
@@ -196,10 +203,11 @@ class RedisEventLog:
         self._bytes = sum(self._sizes)
         self._evict()
         self._last = last_seq
-        # Not yet written to Redis: JSON of seqs _pending_first.., request ids started and ended,
-        # and the oldest seq not acknowledged (0: no ack to write).
-        self._pending: list[str] = []
-        self._pending_events: list[LoggedMessage] = []
+        # Not yet written to Redis: the JSON of seqs _pending_first.. (each a RESP bulk string,
+        # as the write sends it) and those events (a delta as its frame), request ids started and
+        # ended, and the oldest seq not acknowledged (0: no ack to write).
+        self._pending: list[bytes] = []
+        self._pending_events: list[LoggedMessage | Framed] = []
         self._pending_first = last_seq + 1
         self._started: list[str] = []
         self._ended: list[str] = []
@@ -211,7 +219,7 @@ class RedisEventLog:
         self._holds = 0
         self.on_lost: Callable[[RedisEventLog], None] | None = None
         # Events now in Redis, in seq order: what the home may send to a transport it holds.
-        self.on_written: Callable[[list[LoggedMessage]], None] | None = None
+        self.on_written: Callable[[list[LoggedMessage | Framed]], None] | None = None
         # Every event appended so far is in Redis (after a write that left nothing pending).
         self.on_idle: Callable[[], None] | None = None
         # What never changes in this log's part of a write: its keys, and its id and epoch.
@@ -232,19 +240,34 @@ class RedisEventLog:
         return len(self.memory)
 
     def append(self, event: LoggedMessage) -> None:
+        if type(event) is Delta:
+            self.append_delta(event.id, event.seq, event.text)
+            return
         self.memory.append(event)  # first: it refuses a seq that does not follow
-        frame = encode(event)
-        self._sizes.append(len(frame))
-        self._bytes += len(frame)
-        self._last = event.seq
-        self._pending.append(frame)
-        self._pending_events.append(event)
-        if len(self._sizes) > self._capacity:
-            self._evict()
+        self._pend(encode(event), event.seq, event)
         terminal = _terminal_id(event)
         if terminal is not None:
             self._ended.append(terminal)
         self.writer.dirty(self)
+
+    def append_delta(self, request_id: str, seq: int, text: str) -> None:
+        """`append` of ``Delta(id=request_id, seq=seq, text=text)`` from its fields (the session's
+        hot path, once per token): no model is built; its JSON, encoded once, is what Redis logs
+        and the frame the home's transport is sent (`Framed`)."""
+        self.memory.append_delta(request_id, seq, text)  # first: it refuses a seq that does not follow
+        frame = encode_delta(request_id, seq, text)
+        self._pend(frame, seq, Framed(seq, frame))
+        self.writer.dirty(self)
+
+    def _pend(self, frame: str, seq: int, event: LoggedMessage | Framed) -> None:
+        size = len(frame)
+        self._sizes.append(size)
+        self._bytes += size
+        self._last = seq
+        self._pending.append(bulk(frame.encode()))
+        self._pending_events.append(event)
+        if len(self._sizes) > self._capacity:
+            self._evict()
 
     def _evict(self) -> None:
         sizes = self._sizes
@@ -294,34 +317,47 @@ class RedisEventLog:
         if self._holds:
             return None
         pending, started, ended = self._pending, self._started, self._ended
-        if not (pending or started or ended or self.release or self._acked):
-            return None
-        taken = _Taken(len(pending), len(started), len(ended), self.release, self._acked)
+        events = len(pending)
         # Redis trims below the oldest event this window holds (after an `ack`, the oldest the
         # window would hold: what the client acknowledged goes exactly, by `_acked`).
         keep_from = max(0, self._last - max(len(self._sizes), self._capacity) + 1)
+        if not (started or ended or self.release or self._acked):
+            if not events:
+                return None
+            # The usual write (new events only): its arguments in one format, each event's bulk
+            # string as `append` made it.
+            head = _EVENTS_ONLY % (self.packed, self._pending_first, keep_from, events)
+            return _Taken(events, 0, 0, False, 0), _FIXED_ARGS + events, head + b"".join(pending)
+        taken = _Taken(events, len(started), len(ended), self.release, self._acked)
         parts = [
             self.packed,
-            bulk(b"%d" % self._pending_first),
-            bulk(b"%d" % keep_from),
-            bulk(b"%d" % self._acked),
+            _NUMBER % self._pending_first,
+            _NUMBER % keep_from,
+            _NUMBER % self._acked,
             _ONE if self.release else _ZERO,
-            bulk(b"%d" % len(started)),
+            _NUMBER % len(started),
         ]
         parts += [bulk(request_id.encode()) for request_id in started]
-        parts.append(bulk(b"%d" % len(ended)))
+        parts.append(_NUMBER % len(ended))
         parts += [bulk(request_id.encode()) for request_id in ended]
-        parts.append(bulk(b"%d" % len(pending)))
-        parts += [bulk(frame.encode()) for frame in pending]
-        return taken, _FIXED_ARGS + len(started) + len(ended) + len(pending), b"".join(parts)
+        parts.append(_NUMBER % events)
+        parts += pending
+        return taken, _FIXED_ARGS + len(started) + len(ended) + events, b"".join(parts)
 
     def written(self, taken: _Taken, last: int) -> None:
         """The batch `take_batch` gave is in Redis, ending at seq ``last``."""
-        del self._pending[: taken.events]
-        done = self._pending_events[: taken.events]
-        del self._pending_events[: taken.events]
-        del self._started[: taken.started]
-        del self._ended[: taken.ended]
+        events = taken.events
+        if events == len(self._pending):  # the usual case: nothing was appended meanwhile
+            done = self._pending_events
+            self._pending, self._pending_events = [], []
+        else:
+            done = self._pending_events[:events]
+            del self._pending[:events]
+            del self._pending_events[:events]
+        if taken.started:
+            del self._started[: taken.started]
+        if taken.ended:
+            del self._ended[: taken.ended]
         self._pending_first = last + 1
         if taken.release:
             self.release = False

@@ -119,6 +119,7 @@ end
 # not acknowledged (0: no ack since the last write; otherwise every entry below it goes, exactly),
 # release (1: the home lets go of the session after this batch), then a count and that many
 # request ids that started, a count and that many that ended, a count and that many events' JSON.
+# Every number is read with ``tonumber`` (the writer zero-pads them to one width).
 #
 # The keys' ttl is set as a log begins (first seq 1) and as the home lets go; while a session is
 # homed, its home refreshes them (`server.cluster.homes.refresh`), not every write.
@@ -141,7 +142,7 @@ local function feed(target, lines)
   for _, line in ipairs(lines) do out[#out + 1] = line end
 end
 local function append(meta, log, subs, a)
-  local sid, epoch, first, keep = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local sid, epoch, first, keep = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local acked, release = tonumber(ARGV[a + 4]), ARGV[a + 5]
   local started = tonumber(ARGV[a + 6])
   local s0 = a + 7

@@ -98,6 +98,9 @@ class FeedSink(Outbox):
         if type(message) is Done:
             self._on_done(message)
 
+    def push_delta(self, request_id: str, seq: int, text: str) -> None:
+        return None  # logged already (`RedisEventLog.append_delta`): no model is built for it
+
     def push_replay(self, messages: object) -> None:
         return None
 
@@ -230,7 +233,7 @@ class ClusterSession:
 
     # -- the feed ----------------------------------------------------------------------------
 
-    def on_written(self, events: list[LoggedMessage]) -> None:
+    def on_written(self, events: list[LoggedMessage | Framed]) -> None:
         """On the home: ``events`` are in Redis now, so a transport here may have them."""
         if self._outbox is not None or self._held is not None:
             self._deliver(events)
@@ -281,6 +284,7 @@ class ClusterSession:
         outbox = self._outbox
         if outbox is None or outbox.closed:
             return
+        sends_json = outbox.sends_json
         for index, event in enumerate(events):
             if event.seq <= self._delivered:
                 continue  # the log gave it already
@@ -288,15 +292,16 @@ class ClusterSession:
                 self._held = list(events[index:])
                 self._registry.fill_gap(self, self._delivered)
                 return
-            if not isinstance(event, Framed):
-                outbox.push(event)
-            elif outbox.sends_json:  # a feed's delta, sent as the feed brought it
-                outbox.push_frame(event.frame.decode())
+            if isinstance(event, Framed):
+                if sends_json:  # a delta as it was logged: its frame, never decoded
+                    outbox.push_frame(event.frame)
+                else:
+                    outbox.push(event.event())
             else:
-                outbox.push(event.event())
+                outbox.push(event)
+                if isinstance(event, Goaway):
+                    self._goaway_due = False
             self._delivered = event.seq
-            if isinstance(event, Goaway):
-                self._goaway_due = False
 
     def gap_filled(self, events: list[LoggedMessage] | None) -> None:
         """The log's events after the last delivered one (None: the log no longer has them all)."""

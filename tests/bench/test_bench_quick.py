@@ -109,6 +109,8 @@ def test_targets_are_judged_from_the_numbers() -> None:
     assert checks["relay 500 streams: server CPU per token vs seed relay"].status == "not met"  # 0.6x
     assert checks["relay 500 streams: p99 added inter-token delay (steady state)"].status == "met"
     assert checks["relay 500 streams: tokens lost (or duplicated)"].status == "met"
+    assert checks["relay 100 streams: server CPU per token vs seed relay"].status == "not measured"
+    assert checks["relay 500 streams, seed HTTP stream: tokens lost (or duplicated)"].status == "not measured"
     embedded = {
         "embeddings": {
             "targets": {
@@ -145,6 +147,11 @@ def test_targets_are_judged_from_the_numbers() -> None:
     assert behind.status == "not measured" and "skipped" in behind.reason
     sse = checks["SSE vs WS throughput, one stream"]
     assert sse.status == "not measured" and "404" in sse.reason
+    assert checks["WS vs SSE throughput, one stream (issue 13)"].status == "not measured"
+    one = {"sse_vs_ws": {"targets": {"ws": {"tokens_per_s": 90.0}, "sse": {"tokens_per_s": 100.0}}}}
+    judged_one = {c.what: c for c in report.targets(one)}
+    assert judged_one["WS vs SSE throughput, one stream (issue 13)"].status == "not met"  # 0.9x
+    assert judged_one["SSE vs WS throughput, one stream"].status == "met"  # 1.11x
     assert checks["local generation, 4 concurrent vs 1 alone"].reason == "local_generation not run"
     table = report.table(report.figures(results), list(checks.values()))
     assert "0.95x" in table and "NOT MET" in table
@@ -184,7 +191,7 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
         assert relayed["tokens_lost"] == 0 and relayed["tokens_received"] == relayed["tokens_expected"] > 0
     assert results["ttft"]["targets"]["direct"]["samples"] > 0
 
-    assert len(doc["targets"]) == 17
+    assert len(doc["targets"]) == 27
     for check in doc["targets"]:
         assert check["status"] in STATUSES
         assert (check["value"] is None) == (check["status"] == "not measured")

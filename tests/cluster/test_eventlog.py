@@ -14,7 +14,8 @@ from redis.exceptions import ResponseError
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.eventlog import LogBudget
-from protocol.messages import Delta, Done, Error, LoggedMessage, Timings, Usage
+from protocol.messages import Delta, Done, Error, Generate, LoggedMessage, Timings, Usage
+from protocol.session import Session, SessionLimits
 from server.cluster.eventlog import (
     WRITE_INTERVAL_S,
     WRITE_WINDOW_S,
@@ -120,6 +121,28 @@ async def test_an_ack_trims_the_stream_exactly_with_the_next_write(store: RedisS
     event_log.trim(3)  # older than what was trimmed already: nothing to write
     await writer.flush()
     assert writer.round_trips == rounds
+
+
+async def test_a_session_logs_a_delta_from_its_fields_and_the_home_sends_the_json_redis_logged(
+    store: RedisStore,
+) -> None:
+    await _create(store)
+    writer = _writer(store)
+    event_log = _log(writer)
+    written: list[LoggedMessage | Framed] = []
+    event_log.on_written = written.extend
+    session = Session(SESSION, SessionLimits(), event_log)
+    session.receive(Generate(type="generate", id="r1", prompt="p"))
+    texts = ("a", ' "q" ', "é\u2028")
+    for text in texts:
+        session.numbered_delta("r1", text)
+    await writer.flush()
+    expected = [Delta(id="r1", seq=seq, text=text) for seq, text in enumerate(texts, 1)]
+    # Each delta reaches the home's transport as its frame, the same JSON Redis logged.
+    assert written == [Framed(delta.seq, encode(delta)) for delta in expected]
+    entries = await store.client.xrange(log_key(SESSION))
+    assert [fields[b"m"].decode() for _, fields in entries] == [encode(delta) for delta in expected]
+    assert event_log.after(0) == expected  # and the memory copy replays them as models
 
 
 async def test_events_appended_while_a_write_is_in_flight_go_in_the_next_batch(store: RedisStore) -> None:
@@ -388,7 +411,7 @@ def test_a_delta_from_the_feed_keeps_its_json_and_the_right_seq(request_id: str)
     delta = Delta(id=request_id, seq=1234, text=',"seq":5, "text"')
     line = encode(delta).encode()
     got = framed(line)
-    assert got == Framed(1234, line) and isinstance(got, Framed) and got.event() == delta
+    assert got == Framed(1234, line.decode()) and isinstance(got, Framed) and got.event() == delta
     usage, timings = Usage(prompt_tokens=1, completion_tokens=2), Timings(queue_ms=0, ttft_ms=1, total_ms=2)
     done = Done(id=request_id, seq=7, model="m", finish_reason="stop", usage=usage, timings=timings)
     assert framed(encode(done).encode()) == done  # anything else is decoded
