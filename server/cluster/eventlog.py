@@ -47,7 +47,7 @@ from protocol.codec import encode, encode_delta
 from protocol.errors import SluiceError
 from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
-from server.cluster.redis import RedisStore, bulk
+from server.cluster.redis import RedisStore, bulk, raise_if_cancelled
 from server.cluster.scripts import log_key, meta_key, subs_key
 
 __all__ = [
@@ -453,6 +453,7 @@ class LogWriter:
                 if not await self._write(logs):
                     for event_log in logs:
                         self._dirty.setdefault(id(event_log), event_log)
+                    raise_if_cancelled()
                     await asyncio.sleep(RETRY_AFTER_S)
         finally:
             self._task = None

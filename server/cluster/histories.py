@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from protocol.errors import SluiceError
 from protocol.messages import ChatMessage, Done, LoggedMessage
-from server.cluster.redis import RedisStore
+from server.cluster.redis import RedisStore, raise_if_cancelled
 from server.cluster.scripts import HISTORY, history_key, meta_key
 
 __all__ = ["Histories", "Turns", "load"]
@@ -105,6 +105,7 @@ class Histories:
                             self._due[session_id] = (epoch, data, waiting)
                         else:
                             self._due[session_id] = (newer[0], newer[1], waiting + newer[2])
+                    raise_if_cancelled()
                     await asyncio.sleep(_RETRY_AFTER_S)
                     continue
                 for _, _, waiting in due.values():

@@ -33,7 +33,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from protocol.errors import SluiceError
-from server.cluster.redis import RedisStore, store_unavailable
+from server.cluster.redis import RedisStore, raise_if_cancelled, store_unavailable
 from server.cluster.scripts import NODES, control_channel, node_feed_channel, node_key
 
 __all__ = ["BEAT_S", "CALL_TIMEOUT_S", "LEASE_S", "Node", "NotListening", "new_node_id"]
@@ -140,6 +140,7 @@ class Node:
                 pass  # the store is down; the next beat tries again
             except Exception:  # the heartbeat must outlive any one bad cleanup
                 log.exception("cleaning up after a dead node failed")
+            raise_if_cancelled()
             await asyncio.sleep(self.beat_s)
 
     async def _reap(self) -> None:
@@ -203,6 +204,7 @@ class Node:
                 # raises here, one that goes silent is cut by the heartbeat (`_check_feed`).
                 response = await pubsub.parse_response(block=True)
             except (RedisError, OSError) as exc:
+                raise_if_cancelled()
                 self._connected = False
                 self.store.mark_down(type(exc).__name__)
                 await asyncio.sleep(0.2)

@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from protocol.errors import ErrorCode, SluiceError
 from server.cluster.scripts import APPEND, CLAIM, END
 
-__all__ = ["HEALTH_EVERY_S", "RedisStore", "bulk", "pack", "store_unavailable"]
+__all__ = ["HEALTH_EVERY_S", "RedisStore", "bulk", "pack", "raise_if_cancelled", "store_unavailable"]
 
 log = logging.getLogger("sluice.cluster.redis")
 
@@ -41,6 +41,20 @@ HEALTH_EVERY_S = 0.5
 _SOCKET_TIMEOUT_S = 2.0
 # Connections to Redis this node's commands share (the log writer has one more of its own).
 _MAX_CONNECTIONS = 64
+
+
+def raise_if_cancelled() -> None:
+    """Raise `CancelledError` if this task was cancelled and the cancel was not taken back.
+
+    Every loop here that outlives one Redis failure (catching `RedisError`/`OSError` and going on)
+    calls this before its next turn: a cancel that lands while a command is under way can come out
+    of redis-py as its own connection or timeout error (on Python 3.11 `TimeoutError` is an
+    `OSError`), and a loop that took it for one more failure would never stop, so whoever awaits
+    the cancelled task (a node closing) would wait forever. `asyncio.timeout` takes back the
+    cancels it raised itself, so only a cancel from outside counts here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def bulk(arg: bytes) -> bytes:
@@ -145,6 +159,7 @@ class RedisStore:
         while True:
             await asyncio.sleep(HEALTH_EVERY_S)
             await self.ping()
+            raise_if_cancelled()
 
     async def close(self) -> None:
         if self._watcher is not None:

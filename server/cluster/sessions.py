@@ -48,7 +48,7 @@ from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.feeds import Feeds
 from server.cluster.histories import Histories, Turns
 from server.cluster.node import Node
-from server.cluster.redis import RedisStore
+from server.cluster.redis import RedisStore, raise_if_cancelled
 from server.cluster.scripts import ATTACH, MARK, TAKE, UNMARK, meta_key
 from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
@@ -534,6 +534,7 @@ class ClusterSessionRegistry:
                 pass  # Redis is down; the store's health check says so
             except Exception:
                 log.exception("session sweep failed")
+            raise_if_cancelled()
 
     async def close(self) -> None:
         """Stop: end the requests still running here (retryable: resume elsewhere), let go of

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore
@@ -142,3 +143,47 @@ async def test_a_pubsub_connection_gone_silent_is_cut_and_the_feeds_come_back(
         assert got and set(got) == {b"after"}
     finally:
         await a.close()
+
+
+class _CancelComesOutAsRedisError:
+    """A heartbeat pipeline whose `execute` waits, and answers a cancel the way redis-py can when
+    one lands mid-command: with its own ConnectionError instead of the CancelledError."""
+
+    def __init__(self, entered: asyncio.Event) -> None:
+        self.entered = entered
+
+    async def __aenter__(self) -> _CancelComesOutAsRedisError:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def set(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def zadd(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    async def execute(self) -> None:
+        self.entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+
+
+async def test_a_node_closes_when_a_cancel_comes_out_of_redis_as_another_error(store: RedisStore) -> None:
+    node = await _started(store, "n_a", lease_s=1.0, beat_s=0.05)
+    entered = asyncio.Event()
+    real = store.client.pipeline
+    store.client.pipeline = lambda **_: _CancelComesOutAsRedisError(entered)  # type: ignore[assignment,method-assign]
+    try:
+        await asyncio.wait_for(entered.wait(), 5)
+    finally:
+        store.client.pipeline = real  # type: ignore[method-assign]
+    # The heartbeat is inside `execute`; the close cancels it there. Taking that error for one
+    # more Redis failure would beat on forever, and the close would wait for it forever.
+    closing = asyncio.ensure_future(node.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    assert closing in done, "the node's close waited on a heartbeat that never stopped"
+    await closing
