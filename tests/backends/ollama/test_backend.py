@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with start_emulator(token_rate=400, tokens=16) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def backend(emu: Emulator) -> AsyncIterator[OllamaBackend]:
-    ollama = OllamaBackend(make_settings(emu.url))
-    yield ollama
-    await ollama.aclose()
 
 
 async def collect(ollama: OllamaBackend, request: GenerationRequest) -> tuple[list[str], GenerationResult]:

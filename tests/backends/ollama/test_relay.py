@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -23,22 +22,9 @@ from server.backends.base import (
 from server.backends.ollama.backend import OllamaBackend
 from tests.backends.ollama.test_backend import MODEL, make_settings, only_generation
 from tests.backends.ollama.test_tools import WEATHER
-from tests.support.ollama_emulator import Emulator, start_emulator
+from tests.support.ollama_emulator import Emulator
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with start_emulator(token_rate=400, tokens=16) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def backend(emu: Emulator) -> AsyncIterator[OllamaBackend]:
-    ollama = OllamaBackend(make_settings(emu.url))
-    yield ollama
-    await ollama.aclose()
 
 
 async def relayed(
