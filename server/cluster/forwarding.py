@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from server.cluster.sessions import ClusterSessionRegistry
 
 __all__ = [
+    "NOT_APPLIED",
     "REFUSED",
     "SUBMIT_BOUND_S",
     "apply",
@@ -58,6 +59,9 @@ _SETTLE_RETRY_S = 0.25
 # How long an SSE ``POST`` waits for a home that does not answer (PROTOCOL §2 ends a stopped
 # node's requests within 15 s) before it is answered ``upstream_unavailable``.
 SUBMIT_BOUND_S = 12.0
+# `ClusterSession.answered` of a forward the home has not applied (any answer, None included,
+# means it was: a forward sent again is answered as before, never applied twice).
+NOT_APPLIED: object = object()
 # The home's answer to a forwarded request it refused (the refusal is in the session's log).
 REFUSED = "refused"
 # The key of a queued message that stays on this node: the home its request is marked for.
@@ -230,7 +234,7 @@ async def receive(
     False when this node is not the home any more (the sender looks again)."""
     fid = message.get("f")
     before = session.answered(fid)
-    if before is not None:
+    if before is not NOT_APPLIED:
         return before  # sent again after its call timed out
     ids = request_ids(message)
     if ids and fid is not None:

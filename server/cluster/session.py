@@ -381,8 +381,10 @@ class ClusterSession:
 
     def answered(self, forward_id: str | None) -> object:
         """On the home: the answer given to forward ``forward_id`` from another node, if it was
-        applied already (None: it was not)."""
-        return None if forward_id is None else self._applied.get(forward_id)
+        applied already (whatever it was, None included); `forwarding.NOT_APPLIED` when it was not."""
+        if forward_id is None:
+            return forwarding.NOT_APPLIED
+        return self._applied.get(forward_id, forwarding.NOT_APPLIED)
 
     def remember(self, forward_id: str | None, answer: object) -> None:
         if forward_id is not None:
