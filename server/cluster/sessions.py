@@ -49,7 +49,7 @@ from server.cluster.feeds import Feeds
 from server.cluster.histories import Histories, Turns
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, raise_if_cancelled
-from server.cluster.scripts import ATTACH, MARK, TAKE, UNMARK, meta_key
+from server.cluster.scripts import ATTACH, MARK, ORPHAN, TAKE, UNMARK, meta_key
 from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
@@ -103,14 +103,15 @@ class ClusterSessionRegistry:
         self._store = store
         self._node = node
         self._clock = clock
-        self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
-        self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
-        self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
-        self.histories = Histories(store, node.id, ttl_ms=self._key_ttl_ms)
+        self.key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
+        self.writer = LogWriter(store, node.id, ttl_ms=self.key_ttl_ms)
+        self._feeds = Feeds(store, node.id, ttl_ms=self.key_ttl_ms)
+        self.histories = Histories(store, node.id, ttl_ms=self.key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
         self.mark_script = store.client.register_script(MARK)
         self.unmark_script = store.client.register_script(UNMARK)
         self.take_script = store.client.register_script(TAKE)
+        self.orphan_script = store.client.register_script(ORPHAN)
         # Set once `close` began: forwarded messages are refused from then on (the sender looks
         # for the session's next home).
         self.closing = False
@@ -271,7 +272,7 @@ class ClusterSessionRegistry:
         session_id = new_session_id()
         try:
             epoch = await homes.create(
-                self._store, session_id, key_id=key_id, node_id=self._node.id, ttl_ms=self._key_ttl_ms
+                self._store, session_id, key_id=key_id, node_id=self._node.id, ttl_ms=self.key_ttl_ms
             )
         except SluiceError:
             self._limiter.release_session(key_id)
@@ -423,6 +424,8 @@ class ClusterSessionRegistry:
                 return await forwarding.receive(self, session, message)
             case "att" | "det" if home and session is not None:
                 self._attachment(session, message)
+            case "orphans" if home and session is not None:
+                return await forwarding.orphans(self, session, message["d"])
             case "end":
                 return await self.end(message["s"])
             case _:
@@ -465,11 +468,13 @@ class ClusterSessionRegistry:
 
     async def recover(self, session_id: str, dead: str) -> None:
         """End what ``dead``, the stopped home of ``session_id``, left unfinished there."""
-        await homes.recover(self._store, session_id, dead, ttl_ms=self._key_ttl_ms)
+        await homes.recover(self._store, session_id, dead, ttl_ms=self.key_ttl_ms)
 
     async def recover_node(self, dead: str) -> None:
-        """Every session whose home was ``dead`` (its lease expired)."""
-        await homes.recover_node(self._store, dead, ttl_ms=self._key_ttl_ms)
+        """Every session whose home was ``dead`` (its lease expired), and every request it
+        forwarded that no home took (`forwarding.end_untaken`)."""
+        await homes.recover_node(self._store, dead, ttl_ms=self.key_ttl_ms)
+        await forwarding.end_untaken(self, dead, self._on_control)
 
     # -- sweeping and closing ----------------------------------------------------------------
 
@@ -492,7 +497,7 @@ class ClusterSessionRegistry:
             await self._end_here(session)
             ended += 1
         here = [s.id for s in self._sessions.values() if s.runtime is not None]
-        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self._key_ttl_ms):
+        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self.key_ttl_ms):
             await self._listen_again()
         return ended
 
@@ -501,7 +506,7 @@ class ClusterSessionRegistry:
         ``subs``: join them again for the transports held here, and read what was missed."""
         for session in [s for s in self._sessions.values() if s.runtime is None and s.attached]:
             log.warning("taken for dead: listening again", extra={"session": session.id})
-            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
+            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self.key_ttl_ms)
             session.resync()
 
     async def _detach_the_dead(self) -> None:
