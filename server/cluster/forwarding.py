@@ -82,8 +82,8 @@ _MARKS = "mk"
 # The answer to a submitted request that ended before it ran (`orphans`): its end is in the log.
 _ENDED = {"accepted": True}
 _REQUESTS = frozenset({"generate", "embed", "classify"})
-# How long a survivor waits for a live home to end what a dead forwarder left it (`end_untaken`,
-# on the reaper's heartbeat: a home that does not answer in time is asked again, a few times).
+# How long a survivor waits for a live home to end what a dead forwarder left it (`end_untaken`:
+# a home that does not answer in time is asked again, a few times).
 _TELL_WITHIN_S = 1.0
 
 
@@ -270,14 +270,16 @@ async def receive(
             return False
         # Marked by this forward, and not its mark any more: its sender was taken for stopped,
         # and the request ended here (`orphans`); it never runs.
-        marks = set(message.get(_MARKS, ()))
-        ended = {rid for rid, took in zip(ids, taken, strict=True) if not took and rid in marks}
+        ended = set(message.get(_MARKS, ())) - {rid for rid, took in zip(ids, taken, strict=True) if took}
     if message["op"] == "submit":
         each = [request_id_of(item) for item in message["m"]]
-        answers = [
-            _ENDED if rid in ended else forwarded.answer_of(session.handle(forwarded.load(item)))
-            for rid, item in zip(each, message["m"], strict=True)
-        ]
+        answers = []
+        for rid, item in zip(each, message["m"], strict=True):
+            if rid in ended:
+                ended.discard(rid)  # the request it marked: a later one of that id is another
+                answers.append(_ENDED)
+            else:
+                answers.append(forwarded.answer_of(session.handle(forwarded.load(item))))
         refused = [rid for rid, item in zip(each, answers, strict=True) if rid and "refused" in item]
         answer: object = answers
     else:

@@ -21,6 +21,7 @@ Nothing here keeps state or decides anything: `server.cluster.sessions` does.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,10 @@ __all__ = [
 
 NODE_STOPPED = "the node running this request stopped"
 FORWARDER_STOPPED = "the node that took this request stopped before the session's home had it"
+# How long `end_untaken` waits before it looks at a session again (its home changed meanwhile,
+# or did not answer), and how many times it looks.
+_UNTAKEN_RETRY_S = 0.25
+_UNTAKEN_TRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,10 @@ async def mark(
     args = [home, forward_id, *request_ids]
     async with store.translated():
         pipe = store.client.pipeline(transaction=False)
-        pipe.zadd(marks, {session_id: time.time()})
+        now = time.time()
+        pipe.zadd(marks, {session_id: now})
+        # A forward waits seconds for its home, not the keys' ttl: entries that old are done with.
+        pipe.zremrangebyscore(marks, "-inf", now - ttl_ms / 1000)
         pipe.pexpire(marks, ttl_ms)
         pipe.evalsha(script.sha, 1, meta_key(session_id), *args)
         *_, reply = await pipe.execute(raise_on_error=False)
@@ -309,22 +317,34 @@ async def end_untaken(
     prefix = f"{dead}/".encode()
     for raw in await store.run(store.client.zrange(key, 0, -1)):
         session_id = _text(raw)
-        for _ in range(5):
-            home = _text(await store.run(store.client.hget(meta_key(session_id), "home")))
+        for _ in range(_UNTAKEN_TRIES):
+            meta = cast("dict[bytes, bytes]", await store.run(store.client.hgetall(meta_key(session_id))))
+            if not _untaken_fields(meta, prefix):
+                break  # all taken, taken back or ended (or no such session)
+            home = _text(meta.get(b"home"))
             if home and await alive(home):
                 if await tell(home, session_id):
                     break
-                continue
-
-            def untaken(meta: dict[bytes, bytes], home: str = home) -> _Picked | None:
-                if _text(meta.get(b"home")) != home:
-                    return None  # claimed meanwhile: ask again
-                fields = [field for field, value in meta.items() if value.startswith(prefix)]
-                return home, fields, FORWARDER_STOPPED, False
-
-            if await _end(store, session_id, untaken, ttl_ms=ttl_ms):
+            elif await _end(store, session_id, _untaken(prefix, home), ttl_ms=ttl_ms):
                 break
+            await asyncio.sleep(_UNTAKEN_RETRY_S)  # the home changed, or did not answer: again
     await store.run(store.client.delete(key))
+
+
+def _untaken_fields(meta: dict[bytes, bytes], prefix: bytes) -> list[bytes]:
+    return [field for field, value in meta.items() if field[:2] == b"r:" and value.startswith(prefix)]
+
+
+def _untaken(prefix: bytes, home: str) -> Callable[[dict[bytes, bytes]], _Picked | None]:
+    """`_end`'s pick of the marks holding a forward id starting with ``prefix``, while the
+    session's home is still ``home`` (none, or a dead node)."""
+
+    def pick(meta: dict[bytes, bytes]) -> _Picked | None:
+        if _text(meta.get(b"home")) != home:
+            return None  # claimed meanwhile: look again
+        return home, _untaken_fields(meta, prefix), FORWARDER_STOPPED, False
+
+    return pick
 
 
 async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
