@@ -63,15 +63,15 @@ CALIBRATION: tuple[tuple[int, int], ...] = ((1, 24), (8, 24), (32, 24), (64, 40)
 
 
 def calibrate(encode: EncodeFn, tuner: ThreadTuner) -> None:
-    """Run the tuner's first passes of the common sizes now (a warm-up pass, then each thread
-    count), so that a fresh server does not pay for them inside its first requests. Larger passes
-    are tuned as they come."""
+    """Run the tuner's first passes of the common sizes now (with each thread count, a warm-up
+    pass then a timed one), so that a fresh server does not pay for them inside its first
+    requests. Larger passes are tuned as they come."""
     if len(tuner.candidates) < 2:
         return
     started = time.perf_counter()
     for rows, words in CALIBRATION:
         texts = [" ".join(["river"] * words)] * rows
-        for _ in range(1 + len(tuner.candidates)):
+        for _ in range(2 * len(tuner.candidates)):
             encode(texts)
     tuner.current = 0  # those counts were set on the loading thread; the worker sets its own
     log.debug(
