@@ -8,8 +8,10 @@ per event) against one `protocol.eventlog.LogBudget` of ``max_log_bytes``; past 
 the order one node sheds its in-memory logs (`server.sessions.shedding_order`: detached sessions
 first, the longest detached first, then the largest attached ones), down to seven eighths of the
 bound. A shed event goes from memory at once and from Redis exactly with that session's next
-write (as an acknowledged one does: `RedisEventLog.trim`), so it costs no Redis call of its own,
-and a resume that needs it gets a new session (``resumed: false``), never a partial replay.
+write (as an acknowledged one does: `RedisEventLog.trim`): no command of its own, though a session
+with nothing else to write makes the writer's next round trip come sooner (one `APPEND` carries
+every session a reclaim trimmed). A resume that needs a shed event gets a new session
+(``resumed: false``), never a partial replay.
 
 This module never talks to Redis and never decides when a session ends.
 """
