@@ -392,6 +392,14 @@ class ClusterSession:
             while len(self._applied) > _APPLIED_KEPT:
                 del self._applied[next(iter(self._applied))]
 
+    def lost(self, request_ids: list[str], error: SluiceError) -> None:
+        """On the home: end with ``error`` requests another node took from the client and never
+        handed on (it stopped first: `forwarding.orphans`). Logged straight into the session: the
+        home's transports, like every node's, get them from the log's writes."""
+        if self.runtime is not None:
+            for request_id in request_ids:
+                self.runtime.session.lost(request_id, error)
+
     def refuse(self, error: SluiceError) -> None:
         if self.runtime is not None and not self._forward:
             self.runtime.refuse(error)
