@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 from protocol.codec import encode
 from protocol.messages import Delta, LoggedMessage
 
-__all__ = ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"]
+__all__ = ["EventLog", "LogBudget", "MemoryEventLog", "Sheddable", "encoded_size", "memory_cost"]
 
 # len('{"type":"delta","id":"","seq":1,"text":""}'): a delta's frame with a one-digit seq.
 _DELTA_FRAME = 42
@@ -112,6 +112,16 @@ def _model_cost(size: int) -> int:
     return 2 * size + _OTHER_OVERHEAD
 
 
+class Sheddable(Protocol):
+    """What a `LogBudget` sheds from: a log that says what it holds of the budget and gives the
+    oldest of it up (`MemoryEventLog`; in cluster mode also a session's log in Redis)."""
+
+    @property
+    def held_cost(self) -> int: ...
+
+    def shed(self, cost: int) -> int: ...
+
+
 class LogBudget:
     """A bound on what many `MemoryEventLog` hold together, in `memory_cost` bytes.
 
@@ -126,7 +136,7 @@ class LogBudget:
     def __init__(
         self,
         max_bytes: int,
-        order: Callable[[], Iterable[MemoryEventLog]],
+        order: Callable[[], Iterable[Sheddable]],
         *,
         low_water: int | None = None,
     ) -> None:

@@ -351,6 +351,17 @@ class Session:
         """The terminal ``error`` of a request; ``None`` when the request already ended."""
         if self._finish(request_id, None, Event.FAIL) is None:
             return None
+        return self._request_error(request_id, error)
+
+    def lost(self, request_id: str, error: SluiceError) -> Error | None:
+        """The terminal ``error`` of a request that was taken from its client but never reached
+        this session (in cluster mode: the node that took it stopped before handing it on);
+        ``None`` when one of that id is in flight here (its own end is still to come)."""
+        if request_id in self._inflight:
+            return None
+        return self._request_error(request_id, error)
+
+    def _request_error(self, request_id: str, error: SluiceError) -> Error:
         return self._log_event(
             Error(
                 id=request_id,

@@ -33,8 +33,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
-from protocol.eventlog import LogBudget, MemoryEventLog
+from protocol.eventlog import LogBudget, MemoryEventLog, Sheddable
 from protocol.messages import Welcome
 from protocol.session import Session, SessionLimits
 from server.dispatcher import Dispatcher
@@ -56,11 +57,16 @@ def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(18)
 
 
-def shedding_order(logs: Iterable[tuple[float | None, MemoryEventLog]]) -> list[MemoryEventLog]:
+_L = TypeVar("_L", bound=Sheddable)
+
+
+def shedding_order(
+    logs: Iterable[tuple[float | None, _L]], what: str = "event logs past max_log_bytes"
+) -> list[_L]:
     """A `LogBudget`'s order over (detached since, or None while attached; log) pairs: detached
     sessions' logs (longest detached first), then attached ones (largest first)."""
-    detached: list[tuple[float, MemoryEventLog]] = []
-    attached: list[tuple[int, MemoryEventLog]] = []
+    detached: list[tuple[float, _L]] = []
+    attached: list[tuple[int, _L]] = []
     for since, session_log in logs:
         if since is not None:
             detached.append((since, session_log))
@@ -69,8 +75,7 @@ def shedding_order(logs: Iterable[tuple[float | None, MemoryEventLog]]) -> list[
     detached.sort(key=lambda item: item[0])
     attached.sort(key=lambda item: item[0])
     log.warning(
-        "event logs past max_log_bytes: shedding the oldest events",
-        extra={"detached": len(detached), "attached": len(attached)},
+        "%s: shedding the oldest events", what, extra={"detached": len(detached), "attached": len(attached)}
     )
     return [item[1] for item in detached] + [item[1] for item in attached]
 

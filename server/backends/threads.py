@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,13 +51,18 @@ def thread_candidates(setting: int) -> list[int]:
 class ThreadTuner:
     """Chooses the thread count of each pass from the measured wall seconds per padded token.
 
-    Per size class (padded tokens, by powers of four) the first pass only warms up (it is not
-    counted: a first pass of a shape is slow whatever the count); then each candidate runs once,
+    Per size class (padded tokens, by powers of four) each candidate runs until it has a sample,
     and from then on the one with the lowest median of its last ``window`` samples, where a count
     other than the smallest must be faster by ``margin`` (its extra threads cost CPU). A candidate
     that is not the best is tried again after ``explore_interval_s`` times how much slower than the
     best it was, per class: on a loaded machine a pass with too many threads can take many times
     as long, so trying it is rationed by time and by its cost, not by a count of passes.
+
+    The first pass of each count in each class on each thread only warms up and is not counted: a
+    first pass of a shape is slow whatever the count, and the first one with more threads on a
+    thread also starts that thread's OpenMP team, which can take longer than the pass itself. Were
+    it counted, more threads would look several times slower than they are and not be tried again
+    for minutes (the load-time calibration runs on another thread than the passes it tunes).
     """
 
     def __init__(
@@ -79,7 +85,7 @@ class ThreadTuner:
         self.chosen: dict[int, int] = {}  # passes run per thread count, for stats
         self._samples: dict[tuple[int, int], deque[float]] = {}
         self._tried_at: dict[tuple[int, int], float] = {}
-        self._warm: set[int] = set()
+        self._warm: set[tuple[int, int, int]] = set()  # (thread, size class, count) seen once
 
     def measured_classes(self) -> list[int]:
         """The size classes where every candidate has been timed."""
@@ -95,8 +101,6 @@ class ThreadTuner:
         if len(self.candidates) == 1:
             return self.candidates[0]
         key = self.size_class(padded_tokens)
-        if key not in self._warm:
-            return self.candidates[0]
         untried = [count for count in self.candidates if not self._samples.get((key, count))]
         if untried:
             return untried[0]
@@ -119,8 +123,9 @@ class ThreadTuner:
         if len(self.candidates) == 1 or threads not in self.candidates:
             return
         key = self.size_class(padded_tokens)
-        if key not in self._warm:
-            self._warm.add(key)
+        first = (threading.get_ident(), key, threads)
+        if first not in self._warm:
+            self._warm.add(first)
             return
         samples = self._samples.setdefault((key, threads), deque(maxlen=self.window))
         samples.append(seconds / max(1, padded_tokens))

@@ -37,7 +37,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 from pydantic import TypeAdapter
@@ -49,6 +49,9 @@ from protocol.eventlog import LogBudget, MemoryEventLog
 from protocol.messages import Classification, Delta, Done, Embedding, Error, LoggedMessage
 from server.cluster.redis import RedisStore, bulk, raise_if_cancelled
 from server.cluster.scripts import log_key, meta_key, subs_key
+
+if TYPE_CHECKING:
+    from server.cluster.logbound import RedisShare
 
 __all__ = [
     "WRITE_INTERVAL_S",
@@ -164,6 +167,7 @@ class RedisEventLog:
         "packed",
         "release",
         "session_id",
+        "share",
         "writer",
     )
 
@@ -222,6 +226,8 @@ class RedisEventLog:
         self.on_written: Callable[[list[LoggedMessage | Framed]], None] | None = None
         # Every event appended so far is in Redis (after a write that left nothing pending).
         self.on_idle: Callable[[], None] | None = None
+        # This log's share of the node's bound on what its logs hold in Redis, if there is one.
+        self.share: RedisShare | None = None
         # What never changes in this log's part of a write: its keys, and its id and epoch.
         self.keys = b"".join(bulk(key(session_id).encode()) for key in (meta_key, log_key, subs_key))
         self.packed = bulk(session_id.encode()) + bulk(epoch.encode())
@@ -372,10 +378,17 @@ class RedisEventLog:
             self.release = False
         if self._acked == taken.acked:
             self._acked = 0
+        if self.share is not None:
+            self.share.written()
         if done and self.on_written is not None:
             self.on_written(done)
         if done and not self._pending and self.on_idle is not None:
             self.on_idle()
+
+    @property
+    def window(self) -> tuple[deque[int], int]:
+        """The sizes of the events Redis's window holds, oldest first, and their sum."""
+        return self._sizes, self._bytes
 
     @property
     def writing(self) -> bool:

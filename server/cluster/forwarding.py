@@ -15,8 +15,17 @@ from then on it is one of the home's requests, which a survivor ends (``error`` 
 forward that reached nobody, that the home said it was not the home for, or whose home changed
 while it waited, takes its mark back (`homes.unmark`) and goes on to the next home; when the
 mark cannot be taken back, the old home took it, and the request is never run again elsewhere.
-Each forward has an id the home remembers (`ClusterSession.forwarded`), so a forward sent again
+Each forward has an id the home remembers (`ClusterSession.answered`), so a forward sent again
 after a call that timed out is answered as the first time, never run twice.
+
+A forwarding node that dies before the home took its request leaves the mark untaken: the
+survivor that reaps it (`end_untaken`) has each live home make those marks its own (`orphans`, one
+Lua step against `TAKE`: whichever comes first wins) and log each request's ``error``
+``internal``, ``retryable: true``; a forward that arrives after that finds its mark gone and is
+never run (each forward names the requests it marked). A session with no live home gets the
+errors in its log from the survivor itself. The forward's id starts with the forwarding node's
+(``<node>/…``), and that node notes the session in its ``marks`` as it marks, so the survivor
+finds them.
 
 `receive` (and `apply`) is the home's side. The messages travel as `server.cluster.forwarded` fields over the
 home's control channel (`server.cluster.node`); the only state kept is in the queued message
@@ -28,10 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from protocol.errors import SluiceError
+from protocol.errors import ErrorCode, SluiceError
 from protocol.messages import Classify, ClientMessage, Embed, Generate
 from protocol.session import Accepted, Outcome, Refused
 from server.cluster import forwarded, homes
@@ -43,10 +52,13 @@ if TYPE_CHECKING:
     from server.cluster.sessions import ClusterSessionRegistry
 
 __all__ = [
+    "NOT_APPLIED",
     "REFUSED",
     "SUBMIT_BOUND_S",
     "apply",
+    "end_untaken",
     "forward",
+    "orphans",
     "receive",
     "request_id_of",
     "request_ids",
@@ -58,11 +70,21 @@ _SETTLE_RETRY_S = 0.25
 # How long an SSE ``POST`` waits for a home that does not answer (PROTOCOL §2 ends a stopped
 # node's requests within 15 s) before it is answered ``upstream_unavailable``.
 SUBMIT_BOUND_S = 12.0
+# `ClusterSession.answered` of a forward the home has not applied (any answer, None included,
+# means it was: a forward sent again is answered as before, never applied twice).
+NOT_APPLIED: object = object()
 # The home's answer to a forwarded request it refused (the refusal is in the session's log).
 REFUSED = "refused"
 # The key of a queued message that stays on this node: the home its request is marked for.
 _MARKED_FOR = "marked_for"
+# A forward's field: the ids of its requests it marked (`homes.mark`).
+_MARKS = "mk"
+# The answer to a submitted request that ended before it ran (`orphans`): its end is in the log.
+_ENDED = {"accepted": True}
 _REQUESTS = frozenset({"generate", "embed", "classify"})
+# How long a survivor waits for a live home to end what a dead forwarder left it (`end_untaken`:
+# a home that does not answer in time is asked again, a few times).
+_TELL_WITHIN_S = 1.0
 
 
 def request_id_of(fields: dict[str, Any]) -> str | None:
@@ -113,16 +135,18 @@ async def _send(
 ) -> bool:
     """One try at ``home``: True once it is done with ``message`` (ran it, refused it, or took it
     before it stopped)."""
-    fid = message.setdefault("f", secrets.token_hex(8))
+    fid = message.setdefault("f", _forward_id(registry))
     ids = request_ids(message)
     request_id = ids[0] if ids else None
     if request_id is not None and _MARKED_FOR not in message:
-        marked = await homes.mark(registry.store, registry.mark_script, session.id, home, fid, [request_id])
+        marked = await _mark(registry, session, home, fid, [request_id])
         if marked is None:
             raise _Moved
         if marked[0]:
             message[_MARKED_FOR] = home
     wire = {key: value for key, value in message.items() if key != _MARKED_FOR}
+    if _MARKED_FOR in message:
+        wire[_MARKS] = ids
     try:
         answer = await registry.node.call(home, {**wire, "s": session.id, "k": session.key_id})
     except NotListening:  # it reached nobody
@@ -154,7 +178,7 @@ async def submit(
     ``upstream_unavailable`` when no home answers within `SUBMIT_BOUND_S`."""
     dumped = [forwarded.dump(message) for message in messages]
     outcomes: list[Outcome | None] = [None] * len(messages)
-    fid = secrets.token_hex(8)
+    fid = _forward_id(registry)
     marked: set[int] = set()  # the requests marked for ``marked_for``
     marked_for = ""
     loop = asyncio.get_running_loop()
@@ -174,12 +198,13 @@ async def submit(
                 unmarked = [i for i in pending if i not in marked and request_id_of(dumped[i]) is not None]
                 if unmarked:
                     ids = [str(request_id_of(dumped[i])) for i in unmarked]
-                    got = await homes.mark(registry.store, registry.mark_script, session.id, home, fid, ids)
+                    got = await _mark(registry, session, home, fid, ids)
                     if got is None:
                         raise _Moved
                     marked |= {i for i, ok in zip(unmarked, got, strict=True) if ok}
                     marked_for = home
-                request = {"op": "submit", "s": session.id, "k": session.key_id, "f": fid}
+                request: dict[str, Any] = {"op": "submit", "s": session.id, "k": session.key_id, "f": fid}
+                request[_MARKS] = [str(request_id_of(dumped[i])) for i in sorted(marked)]
                 try:
                     left = max(0.0, deadline - loop.time())
                     answer = await registry.node.call(
@@ -230,26 +255,35 @@ async def receive(
     False when this node is not the home any more (the sender looks again)."""
     fid = message.get("f")
     before = session.answered(fid)
-    if before is not None:
+    if before is not NOT_APPLIED:
         return before  # sent again after its call timed out
     ids = request_ids(message)
+    ended: set[str] = set()
     if ids and fid is not None:
         try:
-            if not await homes.take(
+            taken = await homes.take(
                 registry.store, registry.take_script, session.id, registry.node.id, fid, ids
-            ):
-                return False
+            )
         except SluiceError:
             return False  # the sender tries again
-        if session.runtime is None or registry.closing:
+        if taken is None or session.runtime is None or registry.closing:
             return False
+        # Marked by this forward, and not its mark any more: its sender was taken for stopped,
+        # and the request ended here (`orphans`); it never runs.
+        ended = set(message.get(_MARKS, ())) - {rid for rid, took in zip(ids, taken, strict=True) if took}
     if message["op"] == "submit":
-        answers = [forwarded.answer_of(session.handle(forwarded.load(item))) for item in message["m"]]
         each = [request_id_of(item) for item in message["m"]]
+        answers = []
+        for rid, item in zip(each, message["m"], strict=True):
+            if rid in ended:
+                ended.discard(rid)  # the request it marked: a later one of that id is another
+                answers.append(_ENDED)
+            else:
+                answers.append(forwarded.answer_of(session.handle(forwarded.load(item))))
         refused = [rid for rid, item in zip(each, answers, strict=True) if rid and "refused" in item]
         answer: object = answers
     else:
-        answer = apply(session, message)
+        answer = True if ended else apply(session, message)
         refused = ids if answer == REFUSED else []
     session.remember(fid, answer)
     runtime = session.runtime
@@ -258,6 +292,56 @@ async def receive(
         with contextlib.suppress(SluiceError):
             await homes.unmark(registry.store, registry.unmark_script, session.id, "1", refused)
     return answer
+
+
+def _forward_id(registry: ClusterSessionRegistry) -> str:
+    """A new forward's id: ``<this node>/<random>``, so a survivor knows whose marks it holds."""
+    return f"{registry.node.id}/{secrets.token_hex(8)}"
+
+
+async def _mark(
+    registry: ClusterSessionRegistry, session: ClusterSession, home: str, fid: str, ids: list[str]
+) -> list[bool] | None:
+    return await homes.mark(
+        registry.store, registry.mark_script, session.id, home, fid, ids, ttl_ms=registry.key_ttl_ms
+    )
+
+
+async def orphans(registry: ClusterSessionRegistry, session: ClusterSession, dead: str) -> bool:
+    """At the home: end, each with a retryable ``internal`` error, the requests ``dead`` (taken
+    for stopped) marked for this home and never handed over (`homes.orphan`, in one step against
+    `receive`'s take); False when this node is not the home any more (the survivor looks again)."""
+    if session.runtime is None or registry.closing:
+        return False
+    try:
+        ids = await homes.orphan(registry.store, registry.orphan_script, session.id, registry.node.id, dead)
+    except SluiceError:
+        return False
+    if ids is None:
+        return False
+    session.lost(ids, SluiceError(ErrorCode.INTERNAL, homes.FORWARDER_STOPPED, retryable=True))
+    return True
+
+
+async def end_untaken(
+    registry: ClusterSessionRegistry,
+    dead: str,
+    here: Callable[[dict[str, Any]], Awaitable[object]],
+) -> None:
+    """At the survivor that reaps ``dead``: `homes.end_untaken`, telling each live home to end
+    what ``dead`` left it (``here``: this node's own control handler, when it is that home)."""
+
+    async def tell(home: str, session_id: str) -> bool:
+        message = {"op": "orphans", "s": session_id, "d": dead}
+        if home == registry.node.id:
+            return bool(await here(message))
+        with contextlib.suppress(SluiceError):
+            return bool(await registry.node.call(home, message, within_s=_TELL_WITHIN_S))
+        return False
+
+    await homes.end_untaken(
+        registry.store, dead, alive=registry.node.alive, tell=tell, ttl_ms=registry.key_ttl_ms
+    )
 
 
 def apply(session: ClusterSession, message: dict[str, Any]) -> bool | str:

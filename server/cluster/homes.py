@@ -11,30 +11,44 @@ node off all of them); `recover` ends, in the session's log, every request a sto
 home left unfinished, the forwarded ones it took included (``error`` ``internal``,
 ``retryable: true``), and leaves the session without a home, fenced by that home's id so that it
 happens once, and in one step with reading what is in flight (a mark taken meanwhile makes it
-read again); a forwarded request the home never took stays marked, for its forwarder; `refresh` keeps a live session's keys;
-`delete` forgets a session.
+read again); a forwarded request the home never took stays marked, for its forwarder, and when
+that forwarder stops too, `end_untaken` ends it once (`orphan` at a live home, which numbers the
+error, racing `take` atomically; in the log from the survivor when there is none); `refresh`
+keeps a live session's keys; `delete` forgets a session.
 
 Nothing here keeps state or decides anything: `server.cluster.sessions` does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.messages import Error, LoggedMessage
 from server.cluster import histories
 from server.cluster.eventlog import decode_event
-from server.cluster.redis import RedisStore
-from server.cluster.scripts import history_key, log_key, meta_key, node_sessions_key, node_subs_key, subs_key
+from server.cluster.redis import RedisStore, store_unavailable
+from server.cluster.scripts import (
+    history_key,
+    log_key,
+    meta_key,
+    node_marks_key,
+    node_sessions_key,
+    node_subs_key,
+    subs_key,
+)
 
 __all__ = [
+    "FORWARDER_STOPPED",
     "NODE_STOPPED",
     "Claimed",
     "attach_generation",
@@ -42,8 +56,10 @@ __all__ = [
     "claim",
     "create",
     "delete",
+    "end_untaken",
     "listen",
     "mark",
+    "orphan",
     "recover",
     "recover_node",
     "refresh",
@@ -53,6 +69,11 @@ __all__ = [
 ]
 
 NODE_STOPPED = "the node running this request stopped"
+FORWARDER_STOPPED = "the node that took this request stopped before the session's home had it"
+# How long `end_untaken` waits before it looks at a session again (its home changed meanwhile,
+# or did not answer), and how many times it looks.
+_UNTAKEN_RETRY_S = 0.25
+_UNTAKEN_TRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +139,29 @@ async def mark(
     home: str,
     forward_id: str,
     request_ids: list[str],
+    *,
+    ttl_ms: int,
 ) -> list[bool] | None:
     """Before forwarding ``request_ids`` to ``home`` (``script`` is `server.cluster.scripts.MARK`):
     per id whether this forward marked it (False: one of that id is in flight already); None when
-    ``home`` is not the session's home any more (nothing marked)."""
+    ``home`` is not the session's home any more (nothing marked). The forwarding node (the forward
+    id's ``<node>/`` prefix) notes the session in its ``marks`` first, in the same round trip, so a
+    survivor finds what it left untaken if it dies (`end_untaken`)."""
+    marks = node_marks_key(forward_id.partition("/")[0])
     args = [home, forward_id, *request_ids]
-    reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    async with store.translated():
+        pipe = store.client.pipeline(transaction=False)
+        now = time.time()
+        pipe.zadd(marks, {session_id: now})
+        # A forward waits seconds for its home, not the keys' ttl: entries that old are done with.
+        pipe.zremrangebyscore(marks, "-inf", now - ttl_ms / 1000)
+        pipe.pexpire(marks, ttl_ms)
+        pipe.evalsha(script.sha, 1, meta_key(session_id), *args)
+        *_, reply = await pipe.execute(raise_on_error=False)
+    if isinstance(reply, NoScriptError):  # Redis restarted: running it once loads it
+        reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    elif isinstance(reply, Exception):
+        raise store_unavailable() from reply
     return None if reply is None else [bool(n) for n in reply]
 
 
@@ -134,13 +172,13 @@ async def take(
     node_id: str,
     forward_id: str,
     request_ids: list[str],
-) -> bool:
+) -> list[bool] | None:
     """At the home, before running forwarded ``request_ids`` (``script`` is
-    `server.cluster.scripts.TAKE`): whether ``node_id`` is still the home (then the marks are its
-    own); False: they must not run here."""
+    `server.cluster.scripts.TAKE`): per id whether this forward's mark became the home's; None when
+    ``node_id`` is not the home any more (they must not run here)."""
     args = [node_id, forward_id, *request_ids]
     reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
-    return reply is not None
+    return None if reply is None else [bool(n) for n in reply]
 
 
 async def unmark(
@@ -197,24 +235,51 @@ def attach_generation(token: str | None) -> int:
 
 async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int) -> None:
     """End the unfinished requests of ``session_id``, whose home ``dead`` stopped (those forwarded
-    to it included: `mark`); the meta is watched from its read to the end, so a request marked or
-    unmarked in between is read again, never ended on a stale list."""
+    to it included: `mark`), and leave the session without a home."""
+
+    def taken(meta: dict[bytes, bytes]) -> _Picked | None:
+        if _text(meta.get(b"home")) != dead:
+            return None  # recovered already, or claimed
+        # The home's own requests (``1``); a forward it never took is not its to end.
+        return dead, [field for field, value in meta.items() if value == b"1"], NODE_STOPPED, True
+
+    await _end(store, session_id, taken, ttl_ms=ttl_ms)
+    await store.run(store.client.srem(node_sessions_key(dead), session_id))
+
+
+# What `_end` ends: as which node it writes (the session's home as the meta has it), the marks'
+# fields, the error's message, and whether the home lets go of the session with it.
+_Picked = tuple[str, list[bytes], str, bool]
+
+
+async def _end(
+    store: RedisStore,
+    session_id: str,
+    pick: Callable[[dict[bytes, bytes]], _Picked | None],
+    *,
+    ttl_ms: int,
+) -> bool:
+    """Log a retryable ``internal`` error ending each request whose mark ``pick`` names in the
+    session's meta, and drop those marks; the meta is watched from its read to the end, so a
+    request marked, taken or unmarked in between is read again, never ended on a stale list.
+    False when ``pick`` found the session not as it expects (None), or no such session."""
     keys = [meta_key(session_id), log_key(session_id), subs_key(session_id)]
     for _ in range(10):
         async with store.translated(), store.client.pipeline(transaction=True) as pipe:
             await pipe.watch(keys[0])
             meta = cast("dict[bytes, bytes]", await pipe.hgetall(keys[0]))
-            if not meta or _text(meta.get(b"home")) != dead:
-                break
+            picked = pick(meta) if meta else None
+            if picked is None:
+                return False
+            writer, fields, message, release = picked
+            ids = sorted(field[2:].decode() for field in fields if field[:2] == b"r:")
+            if not ids and not release:
+                return True
             seq = int(meta[b"seq"])
-            # The home's own requests (``1``); a forward it never took is not its to end.
-            ids = sorted(
-                field[2:].decode() for field, value in meta.items() if field[:2] == b"r:" and value == b"1"
-            )
-            events = [encode(_stopped(rid, seq + 1 + n)) for n, rid in enumerate(ids)]
+            events = [encode(_stopped(rid, seq + 1 + n, message)) for n, rid in enumerate(ids)]
             # Trimming nothing (0, 0): a few more events do not overflow the window worth a trim.
-            args: list[Any] = [dead, ttl_ms, session_id, _text(meta[b"epoch"]), seq + 1, 0, 0, "1"]
-            args += [0, len(ids), *ids, len(events), *events]
+            args: list[Any] = [writer, ttl_ms, session_id, _text(meta[b"epoch"]), seq + 1, 0, 0]
+            args += ["1" if release else "0", 0, len(ids), *ids, len(events), *events]
             pipe.multi()  # type: ignore[no-untyped-call]
             await store.append_script(keys=keys, args=args, client=pipe)
             try:
@@ -222,8 +287,64 @@ async def recover(store: RedisStore, session_id: str, dead: str, *, ttl_ms: int)
             except WatchError:
                 continue  # the meta changed between the read and the script: read again
         if reply != [-2]:
-            break  # -2: the seq moved between the read and the script; read again
-    await store.run(store.client.srem(node_sessions_key(dead), session_id))
+            return True  # -2: the seq moved between the read and the script; read again
+    return False
+
+
+async def orphan(
+    store: RedisStore, script: AsyncScript, session_id: str, home: str, dead: str
+) -> list[str] | None:
+    """At the home ``home``: make the marks ``dead`` left untaken its own (``script`` is
+    `server.cluster.scripts.ORPHAN`), the ids of their requests, for the home to end; None when
+    ``home`` is not the session's home any more."""
+    args = [home, f"{dead}/"]
+    reply = await store.run(script(keys=[meta_key(session_id)], args=args, client=store.client))
+    return None if reply is None else [_text(rid) for rid in reply]
+
+
+async def end_untaken(
+    store: RedisStore,
+    dead: str,
+    *,
+    alive: Callable[[str], Awaitable[bool]],
+    tell: Callable[[str, str], Awaitable[bool]],
+    ttl_ms: int,
+) -> None:
+    """End every request ``dead`` (its lease expired) marked for a home that never took it: a
+    live home is told (``tell(home, session id)``: whether it ended them, `orphan`), so that it
+    numbers their errors; a session with no live home gets them in its log from here."""
+    key = node_marks_key(dead)
+    prefix = f"{dead}/".encode()
+    for raw in await store.run(store.client.zrange(key, 0, -1)):
+        session_id = _text(raw)
+        for _ in range(_UNTAKEN_TRIES):
+            meta = cast("dict[bytes, bytes]", await store.run(store.client.hgetall(meta_key(session_id))))
+            if not _untaken_fields(meta, prefix):
+                break  # all taken, taken back or ended (or no such session)
+            home = _text(meta.get(b"home"))
+            if home and await alive(home):
+                if await tell(home, session_id):
+                    break
+            elif await _end(store, session_id, _untaken(prefix, home), ttl_ms=ttl_ms):
+                break
+            await asyncio.sleep(_UNTAKEN_RETRY_S)  # the home changed, or did not answer: again
+    await store.run(store.client.delete(key))
+
+
+def _untaken_fields(meta: dict[bytes, bytes], prefix: bytes) -> list[bytes]:
+    return [field for field, value in meta.items() if field[:2] == b"r:" and value.startswith(prefix)]
+
+
+def _untaken(prefix: bytes, home: str) -> Callable[[dict[bytes, bytes]], _Picked | None]:
+    """`_end`'s pick of the marks holding a forward id starting with ``prefix``, while the
+    session's home is still ``home`` (none, or a dead node)."""
+
+    def pick(meta: dict[bytes, bytes]) -> _Picked | None:
+        if _text(meta.get(b"home")) != home:
+            return None  # claimed meanwhile: look again
+        return home, _untaken_fields(meta, prefix), FORWARDER_STOPPED, False
+
+    return pick
 
 
 async def recover_node(store: RedisStore, dead: str, *, ttl_ms: int) -> None:
@@ -264,8 +385,8 @@ async def delete(store: RedisStore, session_id: str, node_id: str) -> None:
         await pipe.execute()
 
 
-def _stopped(request_id: str, seq: int) -> Error:
-    return Error(id=request_id, seq=seq, code=ErrorCode.INTERNAL, message=NODE_STOPPED, retryable=True)
+def _stopped(request_id: str, seq: int, message: str) -> Error:
+    return Error(id=request_id, seq=seq, code=ErrorCode.INTERNAL, message=message, retryable=True)
 
 
 def _contiguous(events: list[LoggedMessage], last: int) -> list[LoggedMessage]:

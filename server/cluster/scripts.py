@@ -10,7 +10,8 @@ call per slot). Per session:
   logged seq), ``home`` (the node holding the live session; empty while none does), ``att``
   (the attach generation: one more for every transport attached, wherever it is) and one
   ``r:<request id>`` field per request in flight on the home (or forwarded to it, not yet
-  started there: `MARK`);
+  started there: `MARK`, whose value, the forward's id, starts with the forwarding node's id and
+  a ``/``);
 - ``log`` (stream): one entry per event, entry id ``<seq>-0``, field ``m`` = the event's JSON,
   trimmed with ``MINID ~`` below the oldest event of the home's replay window (which keeps at
   least that window), and exactly below the oldest event the client has not acknowledged;
@@ -20,7 +21,9 @@ call per slot). Per session:
   (`server.cluster.histories`), for the next home.
 
 Per node: ``sluice:node:<id>`` (heartbeat, with a TTL), ``sluice:node:<id>:sessions`` (the
-sessions it is home of) and ``sluice:node:<id>:subs`` (the sessions whose ``subs`` name it, so
+sessions it is home of), ``sluice:node:<id>:marks`` (sorted set: the sessions it marked
+forwarded requests in, by when, so that a survivor finds what it left untaken: `ORPHAN`) and
+``sluice:node:<id>:subs`` (the sessions whose ``subs`` name it, so
 that a survivor takes a dead node off them), its control channel ``sluice:node:<id>:ctl``, its feed channel
 ``sluice:node:<id>:feed``, and ``sluice:nodes`` (sorted set of every node by last heartbeat, so
 survivors find the dead).
@@ -44,6 +47,7 @@ __all__ = [
     "HISTORY",
     "MARK",
     "NODES",
+    "ORPHAN",
     "TAKE",
     "UNMARK",
     "control_channel",
@@ -52,6 +56,7 @@ __all__ = [
     "meta_key",
     "node_feed_channel",
     "node_key",
+    "node_marks_key",
     "node_sessions_key",
     "node_subs_key",
     "subs_key",
@@ -86,6 +91,10 @@ def node_sessions_key(node_id: str) -> str:
 
 def node_subs_key(node_id: str) -> str:
     return f"sluice:node:{node_id}:subs"
+
+
+def node_marks_key(node_id: str) -> str:
+    return f"sluice:node:{node_id}:marks"
 
 
 def control_channel(node_id: str) -> str:
@@ -307,3 +316,25 @@ if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return nil end
 return swap(KEYS[1], ARGV[2], '1', 3)
 """
 )
+
+# The home ends what a dead node forwarded it and it never took (the forwarder stopped between
+# `MARK` and its forward reaching the home): every mark still holding one of that node's forward
+# ids (``<node>/…``) becomes ``1``, the home's own, in one step with checking it is still the home,
+# so it races `TAKE` atomically: a mark taken first ran here, one made the home's here is never
+# taken (and never run) after; the home then logs each one's retryable ``error``.
+#
+# KEYS: meta.  ARGV: the home, the dead node's forward-id prefix (``<node>/``).
+# Returns the request ids whose marks it made the home's; nil when the node is not (or no longer)
+# the session's home.
+ORPHAN = """
+if redis.call('HGET', KEYS[1], 'home') ~= ARGV[1] then return nil end
+local fields, prefix, out = redis.call('HGETALL', KEYS[1]), ARGV[2], {}
+for i = 1, #fields, 2 do
+  local field, value = fields[i], fields[i + 1]
+  if string.sub(field, 1, 2) == 'r:' and string.sub(value, 1, #prefix) == prefix then
+    redis.call('HSET', KEYS[1], field, '1')
+    out[#out + 1] = string.sub(field, 3)
+  end
+end
+return out
+"""

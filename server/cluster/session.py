@@ -387,14 +387,24 @@ class ClusterSession:
 
     def answered(self, forward_id: str | None) -> object:
         """On the home: the answer given to forward ``forward_id`` from another node, if it was
-        applied already (None: it was not)."""
-        return None if forward_id is None else self._applied.get(forward_id)
+        applied already (whatever it was, None included); `forwarding.NOT_APPLIED` when it was not."""
+        if forward_id is None:
+            return forwarding.NOT_APPLIED
+        return self._applied.get(forward_id, forwarding.NOT_APPLIED)
 
     def remember(self, forward_id: str | None, answer: object) -> None:
         if forward_id is not None:
             self._applied[forward_id] = answer
             while len(self._applied) > _APPLIED_KEPT:
                 del self._applied[next(iter(self._applied))]
+
+    def lost(self, request_ids: list[str], error: SluiceError) -> None:
+        """On the home: end with ``error`` requests another node took from the client and never
+        handed on (it stopped first: `forwarding.orphans`). Logged straight into the session: the
+        home's transports, like every node's, get them from the log's writes."""
+        if self.runtime is not None:
+            for request_id in request_ids:
+                self.runtime.session.lost(request_id, error)
 
     def refuse(self, error: SluiceError) -> None:
         if self.runtime is not None and not self._forward:

@@ -14,7 +14,8 @@ every event after ``last_seq``.
 The logs of the sessions homed here share one `protocol.eventlog.LogBudget` (``max_log_bytes``)
 for their in-memory copies, shed as on one node: detached sessions' first (longest detached
 first), then the largest of the others. A shed event is still in Redis, within the session's
-window, so a resume that needs it reads it from there (exactly, or not at all).
+window, so a resume that needs it reads it from there (exactly, or not at all). A bound of the
+same size and order holds what those sessions' logs keep in Redis (`server.cluster.logbound`).
 
 A session's ``history: true`` conversation goes to Redis as each turn completes
 (`server.cluster.histories`) and comes back with the log when a node claims the session.
@@ -47,9 +48,10 @@ from server.cluster import forwarding, homes
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.feeds import Feeds
 from server.cluster.histories import Histories, Turns
+from server.cluster.logbound import RedisBound, release
 from server.cluster.node import Node
 from server.cluster.redis import RedisStore, raise_if_cancelled
-from server.cluster.scripts import ATTACH, MARK, TAKE, UNMARK, meta_key
+from server.cluster.scripts import ATTACH, MARK, ORPHAN, TAKE, UNMARK, meta_key
 from server.cluster.session import ClusterSession, FeedSink, feed_runs
 from server.dispatcher import Dispatcher
 from server.metrics import Metrics
@@ -103,14 +105,15 @@ class ClusterSessionRegistry:
         self._store = store
         self._node = node
         self._clock = clock
-        self._key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
-        self.writer = LogWriter(store, node.id, ttl_ms=self._key_ttl_ms)
-        self._feeds = Feeds(store, node.id, ttl_ms=self._key_ttl_ms)
-        self.histories = Histories(store, node.id, ttl_ms=self._key_ttl_ms)
+        self.key_ttl_ms = int((ttl_s * 2 + 60) * 1000)
+        self.writer = LogWriter(store, node.id, ttl_ms=self.key_ttl_ms)
+        self._feeds = Feeds(store, node.id, ttl_ms=self.key_ttl_ms)
+        self.histories = Histories(store, node.id, ttl_ms=self.key_ttl_ms)
         self._attach_script = store.client.register_script(ATTACH)
         self.mark_script = store.client.register_script(MARK)
         self.unmark_script = store.client.register_script(UNMARK)
         self.take_script = store.client.register_script(TAKE)
+        self.orphan_script = store.client.register_script(ORPHAN)
         # Set once `close` began: forwarded messages are refused from then on (the sender looks
         # for the session's next home).
         self.closing = False
@@ -118,6 +121,7 @@ class ClusterSessionRegistry:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.log_budget = LogBudget(log_budget_bytes, self._shedding_order) if log_budget_bytes else None
+        self.redis_bound = RedisBound(log_budget_bytes, self._homed_logs) if log_budget_bytes else None
         node.on_control = self._on_control
         node.on_dead = self.recover_node
         node.on_reconnect = self._resync
@@ -271,7 +275,7 @@ class ClusterSessionRegistry:
         session_id = new_session_id()
         try:
             epoch = await homes.create(
-                self._store, session_id, key_id=key_id, node_id=self._node.id, ttl_ms=self._key_ttl_ms
+                self._store, session_id, key_id=key_id, node_id=self._node.id, ttl_ms=self.key_ttl_ms
             )
         except SluiceError:
             self._limiter.release_session(key_id)
@@ -285,7 +289,7 @@ class ClusterSessionRegistry:
         self, session_id: str, epoch: str, *, past: list[LoggedMessage] | None = None, last_seq: int = 0
     ) -> RedisEventLog:
         limits = self._limits
-        return RedisEventLog(
+        event_log = RedisEventLog(
             session_id,
             epoch,
             capacity=limits.replay_events,
@@ -295,15 +299,17 @@ class ClusterSessionRegistry:
             last_seq=last_seq,
             budget=self.log_budget,
         )
+        return self.redis_bound.join(event_log) if self.redis_bound is not None else event_log
+
+    def _homed_logs(self) -> Iterator[tuple[float | None, RedisEventLog]]:
+        for session in self._sessions.values():
+            if session.event_log is not None and session.runtime is not None:
+                yield session.detached_since, session.event_log
 
     def _shedding_order(self) -> list[MemoryEventLog]:
         """The `LogBudget`'s order, as on one node (`shedding_order`), over the in-memory logs of
         the sessions homed here; their events stay in Redis, within each session's window."""
-        return shedding_order(
-            (session.detached_since, session.event_log.memory)
-            for session in self._sessions.values()
-            if session.event_log is not None and session.runtime is not None
-        )
+        return shedding_order((since, event_log.memory) for since, event_log in self._homed_logs())
 
     def _make_home(
         self, session: ClusterSession, event_log: RedisEventLog, turns: Turns | None = None
@@ -423,6 +429,8 @@ class ClusterSessionRegistry:
                 return await forwarding.receive(self, session, message)
             case "att" | "det" if home and session is not None:
                 self._attachment(session, message)
+            case "orphans" if home and session is not None:
+                return await forwarding.orphans(self, session, message["d"])
             case "end":
                 return await self.end(message["s"])
             case _:
@@ -441,7 +449,7 @@ class ClusterSessionRegistry:
         await runtime.close()
         await self.writer.flush()
         if session.event_log is not None:
-            session.event_log.memory.release()  # after close: nothing is logged any more
+            release(session.event_log)  # after close: nothing is logged any more
         if session.outbox is not None:
             session.outbox.fail(CloseCode.GOING_AWAY, "session closed")
         self._feeds.dropped(session.id)  # the delete takes every node off its feed
@@ -465,11 +473,13 @@ class ClusterSessionRegistry:
 
     async def recover(self, session_id: str, dead: str) -> None:
         """End what ``dead``, the stopped home of ``session_id``, left unfinished there."""
-        await homes.recover(self._store, session_id, dead, ttl_ms=self._key_ttl_ms)
+        await homes.recover(self._store, session_id, dead, ttl_ms=self.key_ttl_ms)
 
     async def recover_node(self, dead: str) -> None:
-        """Every session whose home was ``dead`` (its lease expired)."""
-        await homes.recover_node(self._store, dead, ttl_ms=self._key_ttl_ms)
+        """Every session whose home was ``dead`` (its lease expired), and every request it
+        forwarded that no home took (`forwarding.end_untaken`, apart: it may wait for homes)."""
+        await homes.recover_node(self._store, dead, ttl_ms=self.key_ttl_ms)
+        self._spawn(forwarding.end_untaken(self, dead, self._on_control))
 
     # -- sweeping and closing ----------------------------------------------------------------
 
@@ -492,7 +502,7 @@ class ClusterSessionRegistry:
             await self._end_here(session)
             ended += 1
         here = [s.id for s in self._sessions.values() if s.runtime is not None]
-        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self._key_ttl_ms):
+        if not await homes.refresh(self._store, self._node.id, here, ttl_ms=self.key_ttl_ms):
             await self._listen_again()
         return ended
 
@@ -501,7 +511,7 @@ class ClusterSessionRegistry:
         ``subs``: join them again for the transports held here, and read what was missed."""
         for session in [s for s in self._sessions.values() if s.runtime is None and s.attached]:
             log.warning("taken for dead: listening again", extra={"session": session.id})
-            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self._key_ttl_ms)
+            await homes.listen(self._store, session.id, self._node.id, ttl_ms=self.key_ttl_ms)
             session.resync()
 
     async def _detach_the_dead(self) -> None:
@@ -578,4 +588,4 @@ class ClusterSessionRegistry:
 async def _close_and_release(runtime: SessionRuntime, event_log: RedisEventLog | None) -> None:
     await runtime.close()
     if event_log is not None:
-        event_log.memory.release()
+        release(event_log)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_thread_counts_are_timed_at_load_for_the_common_sizes(minilm: SentenceEm
     assert len(minilm.tuner.measured_classes()) >= len(CALIBRATION) - 1
 
 
-def test_calibration_times_each_count_after_a_warm_up_pass() -> None:
+def test_calibration_times_each_count_after_a_warm_up_pass_of_that_count() -> None:
     tuner = ThreadTuner([1, 2], clock=FakeClock())
     seen: list[int] = []
 
@@ -204,11 +205,30 @@ def test_calibration_times_each_count_after_a_warm_up_pass() -> None:
         tuner.record(len(texts) * 26, threads, 0.01)
         return np.zeros((len(texts), 2), np.float32)
 
-    tuner.current = 2  # as if the loading thread had set two threads
     calibrate(encode, tuner)
-    assert tuner.current == 0  # so the worker thread sets its own count on its first pass
-    assert seen == [rows for rows, _ in CALIBRATION for _ in range(3)]
+    assert seen == [rows for rows, _ in CALIBRATION for _ in range(4)]
     assert tuner.measured_classes() == sorted({tuner.size_class(rows * 26) for rows, _ in CALIBRATION})
+
+
+async def test_calibration_runs_on_the_worker_thread_before_start_returns() -> None:
+    tuner = ThreadTuner([1, 2], clock=FakeClock())
+    threads: list[str] = []
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        threads.append(threading.current_thread().name)
+        tuner.record(len(texts) * 26, tuner.choose(len(texts) * 26), 0.01)
+        return np.zeros((len(texts), 2), np.float32)
+
+    embedder = SentenceEmbedder("cal", encode, 2, settings(), tuner=tuner)
+    assert threads == []  # nothing is timed before the worker starts
+    embedder.start()
+    try:
+        # Timed where the passes run, and done by the time start returns.
+        assert threads == ["batcher-cal"] * (4 * len(CALIBRATION))
+        assert len(tuner.measured_classes()) == len(CALIBRATION)
+        assert (await embedder.embed(["x"], normalize=False)).shape == (1, 2)
+    finally:
+        await embedder.close()
 
 
 class FakeClock:
@@ -230,23 +250,54 @@ def test_the_thread_tuner_tries_each_count_then_keeps_the_fastest() -> None:
         tuner.record(tokens, threads, cost[threads])
         return threads
 
-    # A warm-up pass (not counted), then each count once, then the faster one.
-    assert [one_pass(1000) for _ in range(3)] == [1, 1, 2]
+    # Each count: a warm-up pass (not counted), then a timed one; then the faster one.
+    assert [one_pass(1000) for _ in range(4)] == [1, 1, 2, 2]
     steady = [one_pass(1000) for _ in range(60)]  # 60 s of passes
     # Re-checked after 10 s times how much slower it was (3x): about every 30 s.
     assert steady.count(2) in (1, 2) and steady.count(1) >= 58
     # Another size class is measured on its own.
-    assert [one_pass(20) for _ in range(3)] == [1, 1, 2]
+    assert [one_pass(20) for _ in range(4)] == [1, 1, 2, 2]
     cost[1], cost[2] = 5.0, 1.0  # the load changed: two threads are now faster
     later = [one_pass(1000) for _ in range(40)]
     assert later[-10:].count(2) >= 9
+
+
+def test_a_slow_first_pass_of_a_count_does_not_decide_it() -> None:
+    clock = FakeClock()
+    tuner = ThreadTuner([1, 2], clock=clock)
+    # Two threads are faster, but their first pass (which starts the OpenMP team) took 20x as long.
+    cost = iter([1.0, 1.0, 20.0, 0.5])
+    for _ in range(4):
+        threads = tuner.choose(500)
+        tuner.record(500, threads, next(cost))
+        clock.now += 1.0
+    assert [tuner.choose(500) for _ in range(5)] == [2] * 5
+
+
+def test_the_first_pass_of_a_count_on_another_thread_is_not_counted() -> None:
+    clock = FakeClock()
+    tuner = ThreadTuner([1, 2], clock=clock)
+    for threads, seconds in ((1, 1.0), (1, 1.0), (2, 0.5), (2, 0.5)):  # calibrated on this thread
+        assert tuner.choose(500) == threads
+        tuner.record(500, threads, seconds)
+
+    def worker() -> None:  # the batcher's thread: its first two-thread pass starts its own team
+        assert tuner.choose(500) == 2
+        tuner.record(500, 2, 30.0)
+        tuner.record(500, 2, 0.5)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert [tuner.choose(500) for _ in range(5)] == [2] * 5
+    assert tuner.chosen == {1: 2, 2: 4}
 
 
 def test_more_threads_must_be_clearly_faster() -> None:
     clock = FakeClock()
     tuner = ThreadTuner([2, 1], margin=1.2, clock=clock)
     assert tuner.candidates == [1, 2]
-    for _ in range(3):
+    for _ in range(4):
         threads = tuner.choose(500)
         tuner.record(500, threads, {1: 1.0, 2: 0.9}[threads])  # two threads only 10% faster
         clock.now += 1.0

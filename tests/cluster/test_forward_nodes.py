@@ -189,3 +189,45 @@ async def test_an_sse_post_to_a_home_that_never_takes_it_is_refused_retryable_wi
             assert isinstance(meta, list) and not [f for f in meta[::2] if f.startswith(b"r:")], meta
     finally:
         victim.stop()
+
+
+async def _marked(redis: RedisServer, session: str, request_id: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while redis.command("HGET", f"sluice:{{{session}}}:meta", f"r:{request_id}") is None:
+        assert time.monotonic() < deadline, "the forwarding node never marked the request"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_request_whose_forwarding_node_died_before_the_home_took_it_ends_retryable_once(
+    cluster: Cluster,
+) -> None:
+    redis, emu, a = cluster
+    victim = _victim(redis, emu, "fvictim5")
+    try:
+        session = await _homed_on(a)
+        ws = await _open(victim.ws_url)  # the transport on the victim, the home on a
+        assert (await _hello(ws, session, 0))["resumed"] is True
+        # It still hears its own channels, and can no longer publish to a's: it marks the
+        # request for a, and its forward never reaches a.
+        redis.command("ACL", "SETUSER", USER, "resetchannels", "&sluice:node:fvictim5:*")
+        prompt = "marked, then its forwarder died"
+        await _send(ws, _generate("g1", prompt))
+        await _marked(redis, session, "g1")
+        victim.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        resumed = await _open(a.ws_url)
+        assert (await _hello(resumed, session, 0))["resumed"] is True
+        event = await _recv(resumed, within=20.0)
+        assert time.monotonic() - killed < 15.0
+        assert event["type"] == "error" and event["id"] == "g1", event
+        assert event["code"] == "internal" and event["retryable"] is True
+        assert redis.command("HGET", f"sluice:{{{session}}}:meta", "r:g1") is None
+        # The session goes on; the lost request never ran, and ends only once.
+        await _send(resumed, _generate("g2", "after the forwarder died"))
+        after = await _until_end(resumed, "g2")
+        assert all(e.get("id") == "g2" for e in after), after
+        assert after[-1]["type"] == "done" and after[0]["seq"] == event["seq"] + 1
+        assert _runs(emu, prompt) == 0
+        await resumed.close()
+    finally:
+        victim.stop()

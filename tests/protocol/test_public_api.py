@@ -24,7 +24,14 @@ PUBLIC = {
     "protocol.codec": ["decode", "encode", "encode_delta"],
     "protocol.conversation": ["conversation", "own_turns"],
     "protocol.errors": ["INTERNAL_MESSAGE", "ErrorCode", "SluiceError", "is_retryable"],
-    "protocol.eventlog": ["EventLog", "LogBudget", "MemoryEventLog", "encoded_size", "memory_cost"],
+    "protocol.eventlog": [
+        "EventLog",
+        "LogBudget",
+        "MemoryEventLog",
+        "Sheddable",
+        "encoded_size",
+        "memory_cost",
+    ],
     "protocol.lifecycle": [
         "TERMINAL",
         "TRANSITIONS",
