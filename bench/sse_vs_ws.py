@@ -10,7 +10,9 @@ tokens for both. Throughput is tokens received (counted from the text) over the 
 recorded beside it, which compares the transports even when the reader or the shared cores set
 the pace, and per delta received: a reader that falls behind is sent merged deltas (the runtime
 merges under backpressure), which lowers the server's cost per token without the transport being
-any cheaper. Runs alternate between transports; medians are reported.
+any cheaper. So does the delta hold window (`Settings.delta_hold_s`, both transports): a stream
+this fast is sent about one delta per window, so the deltas count says how much was merged.
+Runs alternate between transports; medians are reported.
 
 Both readers are of one cost class, so that the readers do not decide the comparison: the SSE
 stream is read by `bench.rawhttp`, the WebSocket ("ws") by `bench.rawws`. "ws_websockets" is the

@@ -29,6 +29,10 @@ A live delta may be pushed as its fields (`push_delta`: request id, seq, text) w
 transport's ``encode_delta``, so that no message model is built per token; it is queued, bounded
 and written exactly as the `Delta` it stands for would be.
 
+A transport may also ask for deltas to be held briefly (``hold_s``, from `Settings.delta_hold_s`):
+the outbox only carries the window; the runtime applies it per request (see `server.runtime`),
+merging a fast request's tokens with the same merger it uses under backpressure.
+
 The outbox never times anything and never numbers a message. Whoever drains it must
 bound each write by ``outbound_stall_s`` and call `fail` with `CloseCode.SLOW_CONSUMER` when a
 write takes longer: a peer that stops reading blocks the write, not the outbox.
@@ -70,6 +74,7 @@ class Outbox:
         "_soft",
         "_waiter",
         "dropped",
+        "hold_s",
         "on_close",
         "on_room",
         "write_now",
@@ -83,6 +88,7 @@ class Outbox:
         hard_bytes: int,
         max_refs: int = 4096,
         encode_delta: Callable[[str, int, str], Frame] | None = None,
+        hold_s: float = 0.0,
     ) -> None:
         if not 0 < soft_bytes <= hard_bytes:
             raise ValueError("need 0 < soft_bytes <= hard_bytes")
@@ -92,6 +98,9 @@ class Outbox:
         self._soft = soft_bytes
         self._hard = hard_bytes
         self._max_refs = max_refs
+        # A request's delta that follows its previous one by less than this is held and merged
+        # (0: never); the runtime applies it, see `server.runtime`.
+        self.hold_s = hold_s
         # Encoded frames with their sizes, replays (runs of logged messages, encoded when taken)
         # and single live results (logged, encoded when taken), in the order they were queued.
         self._frames: deque[tuple[Frame, int] | deque[LoggedMessage] | LoggedMessage] = deque()

@@ -11,6 +11,16 @@ become one delta when room comes back, when the request ends (its pending text i
 its terminal message, so order holds), when the next connection attaches, or (detached) when it
 reaches `DETACHED_CHUNK_CHARS`. Past the outbox's hard bound the connection is closed 4008.
 
+The same merger holds a fast request's deltas back when the outbox asks for it (``hold_s``, the
+window W): a token that comes less than W after the request's previous delta went out is kept
+pending and merged with what follows, until W after it was held, when one delta carries it all.
+A request's first delta is never held, nor one that follows the previous by W or more (a stream
+at 20 tokens/s never is), so the added delay is at most W (plus the loop's timer granularity),
+and only where tokens come faster than a reader could tell apart. Each request is held alone:
+its terminal message, a cancel or a tool call numbers its held text first, another request's
+unheld delta releases it early, and without room or a connection it stays pending as under
+backpressure.
+
 Everything here runs on the event loop and nothing in the transport-facing methods awaits, so a
 replay snapshot and the switch to live events happen with no event in between. This module never
 touches a socket and never decodes or encodes a message.
@@ -83,6 +93,10 @@ class SessionRuntime:
         self._pending: dict[str, list[str]] = {}
         self._pending_chars: dict[str, int] = {}
         self._pending_total = 0
+        # Held deltas (the outbox's ``hold_s``): when each request's last delta went out, and the
+        # timer that releases a request's held text.
+        self._sent_at: dict[str, float] = {}
+        self._releases: dict[str, asyncio.TimerHandle] = {}
         self._outbox: Outbox | None = None
         self._closed = False
         # When the last connection went away (None while one is attached).
@@ -227,6 +241,9 @@ class SessionRuntime:
         outbox = self._live()
         if outbox is not None:
             outbox.fail(CloseCode.GOING_AWAY, "session closed")
+        for release in self._releases.values():
+            release.cancel()
+        self._releases.clear()
         tasks = [work.task for work in self._work.values()]
         for task in tasks:
             task.cancel()
@@ -246,6 +263,10 @@ class SessionRuntime:
         if work is None or work.task is not task:
             return  # the id was reused by a newer request after this one ended
         del self._work[request_id]
+        self._sent_at.pop(request_id, None)
+        release = self._releases.pop(request_id, None)
+        if release is not None:
+            release.cancel()
         if not self._closed and request_id in self.session.inflight and not task.cancelled():
             # Every way out of `_run` reports a terminal message; should one ever not, the
             # client still gets exactly one, rather than a request that never ends.
@@ -351,6 +372,8 @@ class SessionRuntime:
     def _delta(self, request_id: str, text: str) -> None:
         outbox = self._live()
         if outbox is not None and outbox.has_room:
+            if outbox.hold_s and self._held(request_id, text, outbox.hold_s):
+                return
             if self._pending:
                 self._flush_pending()
             # Once per token: straight to the outbox just checked (`_send` would look it up again),
@@ -359,20 +382,55 @@ class SessionRuntime:
             if seq is not None:
                 outbox.push_delta(request_id, seq, text)
             return
+        if self._merge(request_id, text):
+            self._metrics.outbound_merge()
+        if outbox is None and self._pending_chars[request_id] >= DETACHED_CHUNK_CHARS:
+            self._flush_one(request_id)
+
+    def _held(self, request_id: str, text: str, hold_s: float) -> bool:
+        """Whether ``text`` went out with this request's held text (now or later) rather than as its
+        own delta: held when the request's previous delta went out less than ``hold_s`` ago."""
+        now = time.perf_counter()
+        sent = self._sent_at.get(request_id)
+        if sent is not None and now - sent < hold_s:
+            self._merge(request_id, text)
+            if request_id not in self._releases:
+                loop = asyncio.get_running_loop()
+                self._releases[request_id] = loop.call_later(hold_s, self._release, request_id)
+            return True
+        self._sent_at[request_id] = now
+        if request_id not in self._pending:
+            return False
+        # Its window is over before its timer fired: the held text and this token, one delta.
+        self._merge(request_id, text)
+        self._flush_one(request_id)
+        return True
+
+    def _release(self, request_id: str) -> None:
+        """A request's hold window is over: its held text goes out as one delta. Without room (or a
+        connection) it stays pending for `_on_room` (or the next attach), as under backpressure."""
+        self._releases.pop(request_id, None)
+        outbox = self._live()
+        if request_id in self._pending and outbox is not None and outbox.has_room:
+            self._sent_at[request_id] = time.perf_counter()
+            self._flush_one(request_id)
+
+    def _merge(self, request_id: str, text: str) -> bool:
+        """Add ``text`` to the request's pending text (checked against the hard bound); whether
+        there was some already (a merge)."""
         parts = self._pending.get(request_id)
+        merged = parts is not None
         if parts is None:
             parts = self._pending[request_id] = []
             self._pending_chars[request_id] = 0
-        else:
-            self._metrics.outbound_merge()
         parts.append(text)
         # Characters stand in for bytes here: near enough for a bound, and free to count.
         self._pending_chars[request_id] += len(text)
         self._pending_total += len(text)
+        outbox = self._live()
         if outbox is not None:
             outbox.check_bound(self._pending_total)
-        elif self._pending_chars[request_id] >= DETACHED_CHUNK_CHARS:
-            self._flush_one(request_id)
+        return merged
 
     def _on_room(self) -> None:
         self._flush_pending()

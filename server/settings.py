@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     outbound_soft_bytes: int = Field(default=256 * 1024, ge=1024)
     outbound_hard_bytes: int = Field(default=4 * 1_048_576, ge=4096)
     outbound_stall_s: float = Field(default=30.0, gt=0.0)
+    # A request's delta that comes less than this after its previous one went out is held and
+    # merged with what follows, for at most this long (0 = never): fast streams are sent as fewer,
+    # larger deltas; a first delta, or one of a stream slower than 1/W tokens per second, never is.
+    delta_hold_s: float = Field(default=0.001, ge=0.0, le=0.05)
     # SO_SNDBUF of accepted sockets, bytes; 0 leaves it to the OS (autotuned, up to tcp_wmem's
     # maximum, often 4 MiB). A fixed size bounds the kernel memory a client that stops reading
     # can hold down, and makes the outbound bounds above take effect that much sooner.

@@ -253,6 +253,7 @@ class _SessionStream:
             soft_bytes=settings.outbound_soft_bytes,
             hard_bytes=settings.outbound_hard_bytes,
             max_refs=settings.replay_events,
+            hold_s=settings.delta_hold_s,
         )
         self._services = services
         self._retry = f"retry: {settings.sse_retry_ms}\n\n".encode()

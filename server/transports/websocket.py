@@ -142,6 +142,7 @@ class WebSocketConnection:
             soft_bytes=self._settings.outbound_soft_bytes,
             hard_bytes=self._settings.outbound_hard_bytes,
             max_refs=self._settings.replay_events,
+            hold_s=self._settings.delta_hold_s,
         )
         try:
             key_id = admission.key_for(session=resume, token=hello.token if hello is not None else None)
