@@ -14,6 +14,9 @@ best-placed delta (what batching and the relay hold tokens back, beside the emul
 jitter), p50 and p99. Shapes:
 
 - ``single``: one node, no Redis (today's in-memory path);
+- ``single-half``: the same node with half the streams, what each node of the 2-node shapes
+  carries (a node's CPU per token is not flat in its load: a busier event loop serves more
+  sockets per wake-up);
 - ``cluster-local``: two nodes, every stream on the node that opened its session (its home);
 - ``cluster-remote``: each stream's session opened on node A, its transport on node B (events
   relayed A → Redis → B; the first delta's time includes the reconnect): CPU of both nodes;
@@ -262,7 +265,12 @@ def run(config: ClusterCostConfig) -> dict[str, Any]:
         with _servers(emu.url, redis, config.baseline) as servers:
             single, a, b = servers[:3]
             shapes: dict[str, tuple[list[int], RedisServer | None, list[tuple[str, str]]]] = {
-                "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams)
+                "single": ([single.process.pid], None, [(single.ws_url, single.ws_url)] * streams),
+                "single-half": (
+                    [single.process.pid],
+                    None,
+                    [(single.ws_url, single.ws_url)] * (streams // 2),
+                ),
             }
             trees = [("", a, b)] + ([("-base", servers[3], servers[4])] if config.baseline else [])
             for suffix, x, y in trees:

@@ -189,8 +189,10 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._observers: list[Callable[[BatchRecord], None]] = []
-        # Runs first on the worker thread (e.g. to set that thread's torch intra-op threads).
+        # Runs first on the worker thread (e.g. to set that thread's torch intra-op threads, or to
+        # time passes there), before `start` returns.
         self.on_thread_start: Callable[[], None] | None = None
+        self._set_up = threading.Event()
 
     @classmethod
     def from_settings(
@@ -224,10 +226,13 @@ class MicroBatcher(Generic[T, R]):
         return self._queued_items
 
     def start(self) -> None:
+        """Start the worker thread; returns once its ``on_thread_start`` has run (which may take
+        seconds: a slow one is started from a thread, never from the event loop)."""
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
         self._thread.start()
+        self._set_up.wait()
 
     async def close(self) -> None:
         """Stop taking requests, fail the waiting ones with ``shutting_down``, join the worker."""
@@ -296,8 +301,13 @@ class MicroBatcher(Generic[T, R]):
     # -- worker thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.on_thread_start is not None:
-            self.on_thread_start()
+        try:
+            if self.on_thread_start is not None:
+                self.on_thread_start()
+        except Exception:  # the passes still run; a broken model fails them one by one
+            log.exception("setting up the worker thread of %s failed", self.name)
+        finally:
+            self._set_up.set()
         while True:
             with self._cond:
                 while self._queued_items == 0 and not self._closed:

@@ -7,7 +7,8 @@ goes through the model's `MicroBatcher` (continuous batching, capped by padded t
 batcher is given each text's token count from the model's tokenizer), so concurrent small requests
 share one forward pass. A loaded model's pass tokenizes, runs the transformer and pools under
 ``torch.inference_mode``, with its torch thread count chosen per pass by a `ThreadTuner` (which
-`calibrate` starts at load, on a few passes of common sizes).
+`calibrate` starts on a few passes of common sizes, on the batcher's worker thread as it starts:
+where the passes it tunes run).
 
 This module must never run a forward pass on the event loop, and never reaches a model hub: models
 load from local paths only.
@@ -65,7 +66,8 @@ CALIBRATION: tuple[tuple[int, int], ...] = ((1, 24), (8, 24), (32, 24), (64, 40)
 def calibrate(encode: EncodeFn, tuner: ThreadTuner) -> None:
     """Run the tuner's first passes of the common sizes now (with each thread count, a warm-up
     pass then a timed one), so that a fresh server does not pay for them inside its first
-    requests. Larger passes are tuned as they come."""
+    requests. Larger passes are tuned as they come. Call it on the thread that runs the passes:
+    how much a second torch thread helps differs between threads."""
     if len(tuner.candidates) < 2:
         return
     started = time.perf_counter()
@@ -73,7 +75,6 @@ def calibrate(encode: EncodeFn, tuner: ThreadTuner) -> None:
         texts = [" ".join(["river"] * words)] * rows
         for _ in range(2 * len(tuner.candidates)):
             encode(texts)
-    tuner.current = 0  # those counts were set on the loading thread; the worker sets its own
     log.debug(
         "timed torch thread counts %s at load in %.2f s", tuner.candidates, time.perf_counter() - started
     )
@@ -106,6 +107,8 @@ class SentenceEmbedder(Embedder):
         def on_thread_start() -> None:
             if tuner is None:
                 set_torch_threads(fixed)
+            else:
+                calibrate(encode, tuner)
 
         self.batcher: MicroBatcher[str, Row] = MicroBatcher.from_settings(
             name, self._forward, settings, lengths=lengths, on_thread_start=on_thread_start
@@ -159,7 +162,6 @@ class SentenceEmbedder(Embedder):
                 )
                 return np.asarray(pooled.float().numpy(), dtype=np.float32)
 
-        calibrate(encode, tuner)
         log.debug(
             "loaded embed model %s (%d dimensions) from %s in %.2f s",
             name,
@@ -170,6 +172,7 @@ class SentenceEmbedder(Embedder):
         return cls(name, encode, dimensions, settings, lengths=lengths, tuner=tuner)
 
     def start(self) -> None:
+        """Start the batcher; with a tuner, this times passes first (seconds: call it off the loop)."""
         self.batcher.start()
 
     async def close(self) -> None:

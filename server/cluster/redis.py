@@ -3,8 +3,9 @@
 `RedisStore` owns the redis-py asyncio client (hiredis parses replies when installed, which the
 ``redis[hiredis]`` dependency makes sure of), registers the Lua scripts of `server.cluster.scripts`
 once, keeps one more connection of its own for the hot path (`round_trip`: commands the caller
-packed with `pack`, written at once, their replies read in order, with no per-command work of
-redis-py's pipeline), and watches the server with a PING every `HEALTH_EVERY_S`: `healthy` is the one answer to
+packed with `pack`, written at once, their replies parsed by hiredis as they arrive: redis-py
+connects it (auth, database, TLS) and then hands its transport to `_Link`, so a round trip costs
+no per-command or per-read work of redis-py's and no timer of its own), and watches the server with a PING every `HEALTH_EVERY_S`: `healthy` is the one answer to
 "can this node do cluster work now", read by ``/ready`` and by everything that would start new
 work. Redis's exceptions become `SluiceError` ``upstream_unavailable`` (retryable) here and only
 here (`translated`), so callers never see a foreign exception.
@@ -21,12 +22,14 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.errors import ErrorCode, SluiceError
@@ -105,7 +108,7 @@ class RedisStore:
         self._healthy = False
         self._reason = "not checked yet"
         self._watcher: asyncio.Task[None] | None = None
-        self._raw: AbstractConnection | None = None
+        self._link: _Link | None = None
 
     # -- health ------------------------------------------------------------------------------
 
@@ -167,8 +170,9 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        if self._raw is not None:
-            await self._raw.disconnect()
+        if self._link is not None:
+            self._link.drop()
+            self._link = None
         await self.client.aclose()
 
     # -- commands ----------------------------------------------------------------------------
@@ -193,24 +197,106 @@ class RedisStore:
         """Send ``commands`` (each made by `pack`) in one write on this store's own connection
         and read their replies, in order; a command Redis refused gives its `ResponseError` in
         its place. Raises `RedisError`, `OSError` or `TimeoutError` (the whole round trip is
-        bounded by one timeout) when the connection failed: then nothing is known of what ran."""
-        conn = self._raw
-        if conn is None:
+        bounded by one timeout) when the connection failed: then nothing is known of what ran,
+        and the next round trip opens a new connection."""
+        link = self._link
+        if link is None or link.lost:
             pool = self.client.connection_pool
-            # No timeout per read: the round trip as a whole has one (below).
-            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-            conn = self._raw = pool.connection_class(**kwargs)
-        replies: list[Any] = []
-        async with asyncio.timeout(_SOCKET_TIMEOUT_S):
-            await conn.send_packed_command(commands, check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as exc:
-                    replies.append(exc)
-        return replies
+            # redis-py connects (and authenticates); then the link reads the socket itself.
+            conn: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
+            async with asyncio.timeout(_SOCKET_TIMEOUT_S):
+                await conn.connect()  # type: ignore[no-untyped-call]
+            writer = conn._writer
+            if writer is None:  # pragma: no cover - connect() either sets it or raises
+                raise RedisConnectionError("no connection")
+            # The link owns the socket now: redis-py must not close it (it would, on collecting
+            # a connection that still names its streams), and the link keeps the stream writer,
+            # which would too, on being collected.
+            conn._writer = conn._reader = None
+            link = self._link = _Link(writer)
+        return await link.round_trip(commands)
 
     async def run(self, coro: Any) -> Any:
         """Await one redis-py call through `translated`."""
         async with self.translated():
             return await coro
+
+
+class _Link(asyncio.Protocol):
+    """The hot path's connection once connected: the transport's protocol from then on. One
+    round trip at a time (the log writer's); its replies are parsed by hiredis as they arrive,
+    and it completes as the last one does. One timer watches every round trip (re-armed only
+    when it fires while one is in flight), not one timer per round trip."""
+
+    def __init__(self, stream: asyncio.StreamWriter) -> None:
+        self._stream = stream
+        self._transport = transport = stream.transport
+        self._parser = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        self._replies: list[Any] = []
+        self._expected = 0
+        self._future: asyncio.Future[list[Any]] | None = None
+        self._since = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self.lost = False
+        transport.set_protocol(self)
+
+    async def round_trip(self, commands: list[bytes]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        self._replies, self._expected = [], len(commands)
+        self._since = loop.time()
+        if self._watch is None:
+            self._watch = loop.call_later(_SOCKET_TIMEOUT_S, self._check)
+        self._transport.write(b"".join(commands))
+        try:
+            replies: list[Any] = await future
+        except BaseException:
+            self.drop()  # a reply may still come: this connection is out of step now
+            raise
+        finally:
+            self._future = None
+        return replies
+
+    def _check(self) -> None:
+        self._watch = None
+        future = self._future
+        if future is None or future.done():
+            return
+        loop = future.get_loop()
+        late = self._since + _SOCKET_TIMEOUT_S - loop.time()
+        if late > 0:
+            self._watch = loop.call_later(late, self._check)
+        else:
+            future.set_exception(TimeoutError("the session store did not answer in time"))
+
+    def drop(self) -> None:
+        self.lost = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        try:
+            reply = parser.gets()
+            while reply is not False:
+                self._replies.append(reply)
+                reply = parser.gets()
+        except InvalidResponse as exc:
+            self._fail(exc)
+            self.drop()
+            return
+        future = self._future
+        if future is not None and len(self._replies) >= self._expected and not future.done():
+            future.set_result(self._replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(RedisConnectionError("the session store closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_exception(exc)

@@ -74,24 +74,30 @@ class FeedSink(Outbox):
     under load a session costs Redis about one event per request per round trip, not per token,
     and a token waits no longer than it waits anyway for the write before any transport has it."""
 
-    __slots__ = ("_log", "_on_done")
+    __slots__ = ("_log", "_on_done", "_refused")
 
     def __init__(self, event_log: RedisEventLog, on_done: Callable[[Done], None]) -> None:
         super().__init__(encode=lambda message: b"", soft_bytes=1, hard_bytes=1)
         self._log = event_log
         # Each done, as it is logged (before it is written: see `ClusterSession.done_logged`).
         self._on_done = on_done
+        # Whether `has_room` said no since the last idle (only then may the runtime hold text).
+        self._refused = False
         event_log.on_idle = self._idle
 
     @property
     def has_room(self) -> bool:
-        return not self._log.writing
+        if self._log.writing:
+            self._refused = True
+            return False
+        return True
 
     def check_bound(self, pending_bytes: int = 0) -> bool:
         return False  # what waits here waits for Redis, not for a slow reader
 
     def _idle(self) -> None:
-        if self.on_room is not None and not self.closed:
+        if self._refused and self.on_room is not None and not self.closed:
+            self._refused = False
             self.on_room()
 
     def push(self, message: object) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
@@ -467,3 +468,21 @@ async def test_on_thread_start_runs_first_on_the_worker_thread() -> None:
     finally:
         await batcher.close()
     assert seen == ["start:batcher-t", "forward:batcher-t"]
+
+
+async def test_start_returns_after_on_thread_start_and_survives_its_failure() -> None:
+    seen: list[str] = []
+
+    def set_up() -> None:
+        time.sleep(0.05)
+        seen.append("set up")
+        raise RuntimeError("calibration broke")
+
+    batcher: MicroBatcher[str, str] = MicroBatcher("t", lambda items: list(items), max_batch=4, max_queue=16)
+    batcher.on_thread_start = set_up
+    batcher.start()
+    assert seen == ["set up"]  # before start returned
+    try:
+        assert await batcher.submit(["a"]) == ["a"]  # the worker runs passes all the same
+    finally:
+        await batcher.close()

@@ -205,11 +205,30 @@ def test_calibration_times_each_count_after_a_warm_up_pass_of_that_count() -> No
         tuner.record(len(texts) * 26, threads, 0.01)
         return np.zeros((len(texts), 2), np.float32)
 
-    tuner.current = 2  # as if the loading thread had set two threads
     calibrate(encode, tuner)
-    assert tuner.current == 0  # so the worker thread sets its own count on its first pass
     assert seen == [rows for rows, _ in CALIBRATION for _ in range(4)]
     assert tuner.measured_classes() == sorted({tuner.size_class(rows * 26) for rows, _ in CALIBRATION})
+
+
+async def test_calibration_runs_on_the_worker_thread_before_start_returns() -> None:
+    tuner = ThreadTuner([1, 2], clock=FakeClock())
+    threads: list[str] = []
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        threads.append(threading.current_thread().name)
+        tuner.record(len(texts) * 26, tuner.choose(len(texts) * 26), 0.01)
+        return np.zeros((len(texts), 2), np.float32)
+
+    embedder = SentenceEmbedder("cal", encode, 2, settings(), tuner=tuner)
+    assert threads == []  # nothing is timed before the worker starts
+    embedder.start()
+    try:
+        # Timed where the passes run, and done by the time start returns.
+        assert threads == ["batcher-cal"] * (4 * len(CALIBRATION))
+        assert len(tuner.measured_classes()) == len(CALIBRATION)
+        assert (await embedder.embed(["x"], normalize=False)).shape == (1, 2)
+    finally:
+        await embedder.close()
 
 
 class FakeClock:

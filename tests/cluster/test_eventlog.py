@@ -400,6 +400,45 @@ async def test_a_refused_command_in_a_round_trip_is_answered_in_its_place(store:
     assert await store.round_trip([pack(1, [bulk(b"PING")])]) == [b"PONG"]
 
 
+def _incr() -> list[bytes]:
+    return [pack(2, [bulk(b"INCR"), bulk(b"n")])]
+
+
+async def _client_id(store: RedisStore) -> int:
+    (client_id,) = await store.round_trip([pack(2, [bulk(b"CLIENT"), bulk(b"ID")])])
+    assert isinstance(client_id, int)
+    return client_id
+
+
+async def test_round_trips_share_one_connection_that_reconnects_once_it_is_killed(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    first = await _client_id(store)
+    for n in range(1, 51):
+        assert await store.round_trip(_incr()) == [n]
+    assert await _client_id(store) == first
+    redis_server.command("CLIENT", "KILL", "ID", str(first))
+    await asyncio.sleep(0.1)  # the link hears it is closed
+    assert await store.round_trip(_incr()) == [51]
+    assert await _client_id(store) != first
+
+
+async def test_a_round_trip_redis_does_not_answer_in_time_fails_and_the_next_one_reconnects(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    assert await store.round_trip(_incr()) == [1]
+    redis_server.command("CLIENT", "PAUSE", "3000", "WRITE")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await store.round_trip(_incr())
+    assert 1.9 < loop.time() - started < 2.9
+    redis_server.command("CLIENT", "UNPAUSE")
+    # The late reply of the abandoned round trip never answers a later one (a new connection).
+    assert await store.round_trip([pack(2, [bulk(b"GET"), bulk(b"n")])]) in ([b"1"], [b"2"])
+    assert await store.round_trip([pack(1, [bulk(b"PING")])]) == [b"PONG"]
+
+
 async def test_a_burst_of_commands_past_the_pool_size_waits_for_connections(store: RedisStore) -> None:
     replies = await asyncio.gather(*(store.run(store.client.ping()) for _ in range(300)))
     assert replies == [True] * 300

@@ -1,15 +1,20 @@
 """A node's bound on what the logs of the sessions it homes hold in Redis, against a real
 redis-server: past it, detached sessions' logs are trimmed first (the longest detached first),
 then the largest attached ones, exactly, with each one's next write (no Redis call of its own);
-a resume that needs a trimmed event is refused whole (`server.cluster.logbound`)."""
+a resume that needs a trimmed event is refused whole, on its home and on any other node, and the
+sessions left whole resume exactly (`server.cluster.logbound`)."""
 
 from __future__ import annotations
 
-from protocol.messages import Delta
+import asyncio
+
+from protocol.messages import Delta, Generate
 from server.cluster.eventlog import LogWriter, RedisEventLog, read_after
 from server.cluster.logbound import RedisBound, release
 from server.cluster.redis import RedisStore
 from server.cluster.scripts import log_key, meta_key
+from tests.cluster.inprocess import collect, outbox, start_node, terminal, welcome
+from tests.server.fakes import FakeRegistry, ScriptedGenerator
 from tests.support.redis_server import RedisServer
 
 NODE = "n_a"
@@ -85,3 +90,48 @@ async def test_with_every_session_attached_the_largest_gives_up_its_oldest_event
     # A session that ends (or moves) here no longer counts.
     release(large)
     assert bound.budget.held == small_bytes
+
+
+async def test_a_session_trimmed_past_the_bound_resumes_as_a_new_one_on_any_node_the_others_exactly(
+    redis_server: RedisServer,
+) -> None:
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    generator = ScriptedGenerator(pieces=[f"{n:03d}" + "x" * 97 for n in range(40)], delay_s=0.002)
+    # A request logs about 6 kB of JSON: the bound holds two and a half.
+    a = await start_node(redis_server.url, "n_a", FakeRegistry(generator), log_budget_bytes=15_000)
+    b = await start_node(redis_server.url, "n_b", FakeRegistry(generator))
+    try:
+        bound = a.sessions.redis_bound
+        assert bound is not None
+        box = outbox()
+        detached = (await a.sessions.connect(box, key_id="k", welcome=welcome)).runtime
+        detached.handle(Generate(type="generate", id="g0", prompt="hi"))
+        await collect(box, terminal("g0"))
+        detached.detach(box)
+        await asyncio.sleep(0.05)  # the home hears the transport left
+        live_box = outbox()
+        live = (await a.sessions.connect(live_box, key_id="k", welcome=welcome)).runtime
+        events = []
+        for request_id in ("g1", "g2"):
+            live.handle(Generate(type="generate", id=request_id, prompt="hi"))
+            events += await collect(live_box, terminal(request_id))
+        await a.sessions.writer.flush()
+        await a.sessions.writer.flush()  # the trimmed session's own write
+        seqs, _ = await _in_redis(a.store, detached.id)
+        assert not seqs or seqs[0] > 1  # trimmed from its oldest
+        assert (await _in_redis(a.store, live.id))[0][0] == 1  # untouched
+        assert bound.budget.held <= bound.budget.max_bytes
+        for node in (a, b):
+            again = await node.sessions.connect(outbox(), key_id="k", welcome=welcome, resume=detached.id)
+            assert not again.resumed  # never a partial replay
+            resumed_box = outbox()
+            exact = await node.sessions.connect(resumed_box, key_id="k", welcome=welcome, resume=live.id)
+            assert exact.resumed
+            replayed = await collect(resumed_box, lambda got: len(got) > len(events) - 1)
+            assert replayed[1:] == events[1:]
+            exact.runtime.detach(resumed_box)
+    finally:
+        await a.close()
+        await b.close()

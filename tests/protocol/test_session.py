@@ -327,6 +327,16 @@ def test_fail_is_the_terminal_error_with_id() -> None:
     )
 
 
+def test_a_request_lost_before_it_reached_the_session_ends_with_a_logged_error() -> None:
+    s = session()
+    accept(s, gen("g"))
+    stopped = SluiceError(ErrorCode.INTERNAL, "the node that took it stopped", retryable=True)
+    assert s.lost("g", stopped) is None  # one of that id runs here: its own end is to come
+    error = s.lost("other", stopped)
+    assert error == Error(id="other", seq=1, code=ErrorCode.INTERNAL, message=stopped.message, retryable=True)
+    assert s.replay(0) == [error] and "g" in s.inflight
+
+
 def test_reporting_the_wrong_kind_of_result_is_a_caller_bug() -> None:
     s = session()
     accept(s, emb("e"))
