@@ -217,7 +217,11 @@ class Orphans:
         if not await self.node.alive(stored.node):
             return await self.settle(stored)
         events = await self.shared.read(stored.response["id"])
-        return {**stored.response, "output": output_so_far(events, "in_progress")}
+        output = output_so_far(events, "in_progress")
+        # ``stored`` was read before its node stored it as started, its events after: it has
+        # output, so it runs (a queued response has none).
+        status = "in_progress" if output else stored.response["status"]
+        return {**stored.response, "status": status, "output": output}
 
     async def check(self, response_id: str, owner: str) -> None:
         """Settle ``response_id`` if it runs on a node that is dead."""
