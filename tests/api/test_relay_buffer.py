@@ -24,6 +24,8 @@ pytestmark = pytest.mark.timeout(120)
 
 HARD_BYTES = 4096
 TOKENS = 50_000  # far more than the buffers hold: the stream must be cut, not finish
+ROOMY_BYTES = 16 * 1_048_576  # more than a whole stream of TOKENS pieces
+WAITING_PIECES = 10_000  # over 200 KiB of framed pieces, a fifth of the stream
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,18 @@ def bounded(fast_emulator: Emulator) -> Iterator[ServerProcess]:
     env = {
         "SLUICE_OLLAMA_URLS": fast_emulator.url,
         "SLUICE_OUTBOUND_HARD_BYTES": str(HARD_BYTES),
+        "SLUICE_SOCKET_SEND_BUFFER_BYTES": "4096",
+    }
+    with sluice(env) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def roomy(fast_emulator: Emulator) -> Iterator[ServerProcess]:
+    """The same small socket buffers, with a bound above the whole stream's bytes."""
+    env = {
+        "SLUICE_OLLAMA_URLS": fast_emulator.url,
+        "SLUICE_OUTBOUND_HARD_BYTES": str(ROOMY_BYTES),
         "SLUICE_SOCKET_SEND_BUFFER_BYTES": "4096",
     }
     with sluice(env) as process:
@@ -88,15 +102,22 @@ async def test_a_client_that_stops_reading_ends_slow_consumer_and_closes_the_ups
 
 
 async def test_a_client_that_leaves_while_pieces_wait_closes_the_upstream(
-    bounded: ServerProcess, fast_emulator: Emulator
+    roomy: ServerProcess, fast_emulator: Emulator
 ) -> None:
-    fast_emulator.configure(token_rate=2000.0)
+    # The pieces' bytes pass what the kernel buffers and the transport's write buffer hold
+    # (well under 200 KiB) long before the stream ends, and never reach the roomy bound: however
+    # the machine schedules the test, the client leaves while pieces wait in the relay's buffer.
+    fast_emulator.configure(token_rate=5000.0)
     try:
         prompt = "stop reading: leave"
-        _, writer = await _open(bounded.url, prompt)
-        await asyncio.sleep(0.3)  # not reading: the kernel buffers fill, pieces wait
+        _, writer = await _open(roomy.url, prompt)
+        assert await fast_emulator.until(
+            lambda: (r := _record(fast_emulator, prompt)) is not None and r.pieces_sent >= WAITING_PIECES,
+            30.0,
+        )
         record = _record(fast_emulator, prompt)
         assert record is not None and not record.client_closed_early
+        assert record.pieces_sent < TOKENS  # still streaming
         writer.transport.abort()
         assert await fast_emulator.until(
             lambda: (r := _record(fast_emulator, prompt)) is not None and r.client_closed_early, 5.0
