@@ -14,7 +14,7 @@ from tests.client_python.fake_server import FakeServer, expected_text, expected_
 from tests.client_python.knobs import FAST
 
 
-async def _until(predicate, within: float = 3.0) -> bool:
+async def _until(predicate, within: float = 20.0) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while loop.time() < deadline:

@@ -16,7 +16,7 @@ from tests.client_python.fake_server import FakeServer, expected_text, expected_
 from tests.client_python.knobs import FAST
 
 
-def _until(predicate, within: float = 3.0) -> bool:
+def _until(predicate, within: float = 20.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if predicate():

@@ -10,7 +10,7 @@ prove a cancel reached upstream.
 In tests: ``with start_emulator(token_rate=200) as emu: ... emu.url ...`` (its own loop in a
 background thread); ``emu.records`` / ``emu.generations()`` to inspect, ``emu.reset()`` to clear,
 ``emu.configure(...)`` to change `EmulatorConfig` for later requests, ``await emu.until(pred)``
-(or ``emu.wait(pred)`` from sync code) to wait for a record to change. For other processes: ``python -m tests.support.ollama_emulator --port 0``
+(or ``emu.wait(pred)`` from sync code) to wait for a record to change (up to `WAIT_S`). For other processes: ``python -m tests.support.ollama_emulator --port 0``
 prints ``listening on <url>`` and serves until SIGTERM, one asyncio loop for any number of streams.
 This is test support: it must never be imported by ``server/`` or listen beyond 127.0.0.1 by default.
 """
@@ -37,6 +37,9 @@ from tests.support.ollama_replies import ReplyFault, format_pieces, plan_calls
 
 __all__ = ["DEFAULT_MODELS", "FAULT_MODELS", "Emulator", "EmulatorConfig", "RequestRecord", "start_emulator"]
 
+# How long `Emulator.wait` / `Emulator.until` wait by default for a record to change: long, since
+# they return as soon as it has; a 2-core machine busy with the whole suite can take seconds.
+WAIT_S = 20.0
 DEFAULT_MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "smollm2:135m", "nomic-embed-text")
 FAULT_MODELS = (
     "fault-error-midstream",  # `fault_after` pieces, then an {"error": ...} line (status stays 200)
@@ -646,7 +649,7 @@ class Emulator:
     def expected_embedding(self, text: str) -> list[float]:
         return embedding_for(text, self.config.embed_dimensions)
 
-    def wait(self, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    def wait(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() >= deadline:
@@ -654,7 +657,7 @@ class Emulator:
             time.sleep(0.005)
         return True
 
-    async def until(self, predicate: Callable[[], bool], within: float = 2.0) -> bool:
+    async def until(self, predicate: Callable[[], bool], within: float = WAIT_S) -> bool:
         """`wait` for async tests: polls without blocking the caller's loop."""
         deadline = time.monotonic() + within
         while not predicate():

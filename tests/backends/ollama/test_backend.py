@@ -302,7 +302,7 @@ async def test_hung_stream_times_out_and_closes_upstream(emu: Emulator) -> None:
     finally:
         await ollama.aclose()
     assert caught.value.code is ErrorCode.TIMEOUT
-    assert 0.25 <= waited < 2.0
+    assert 0.25 <= waited < 5.0  # the 0.3 s timeout, not one of the 10 s ones (a busy machine is late)
     record = only_generation(emu)
     assert "".join(pieces) == record.text_sent
     assert await emu.until(lambda: record.client_closed_early)
@@ -318,7 +318,7 @@ async def test_hang_before_first_token_times_out(emu: Emulator, model: str) -> N
         await ollama.aclose()
     assert pieces == []
     assert error.code is ErrorCode.TIMEOUT and error.retryable
-    assert 0.25 <= time.monotonic() - started < 2.0
+    assert 0.25 <= time.monotonic() - started < 5.0  # the 0.3 s timeout, not the 30 s idle one
     record = only_generation(emu)
     assert await emu.until(lambda: record.client_closed_early)
 
@@ -351,7 +351,7 @@ async def test_aclose_closes_the_upstream_response_at_once(emu: Emulator, backen
     closed = time.monotonic()
     await stream.aclose()  # type: ignore[attr-defined]
     record = only_generation(emu)
-    assert await emu.until(lambda: record.client_closed_early, within=1.0)
+    assert await emu.until(lambda: record.client_closed_early)
     assert record.closed_at is not None and record.closed_at - closed < 0.5
     assert record.pieces_sent < 10
     assert backend.status()[emu.url]["inflight"] == 0
@@ -374,7 +374,7 @@ async def test_cancelling_the_task_closes_the_upstream_response(
     with pytest.raises(asyncio.CancelledError):
         await task
     record = only_generation(emu)
-    assert await emu.until(lambda: record.client_closed_early, within=1.0)
+    assert await emu.until(lambda: record.client_closed_early)
     assert record.closed_at is not None and record.closed_at - cancelled < 0.5
     assert record.pieces_sent < 10
 
@@ -386,7 +386,7 @@ async def test_cancel_while_waiting_for_the_first_token(emu: Emulator, backend: 
     with pytest.raises(asyncio.CancelledError):
         await task
     record = only_generation(emu)
-    assert await emu.until(lambda: record.client_closed_early, within=1.0)
+    assert await emu.until(lambda: record.client_closed_early)
 
 
 async def test_completed_streams_leave_their_connections_for_reuse(

@@ -89,7 +89,7 @@ async def test_a_callback_that_raises_ends_the_stream_and_closes_upstream(
     assert caught.value.code is ErrorCode.INTERNAL
     assert len(got) == 2  # nothing handed on after the raise
     record = only_generation(emu)
-    assert await emu.until(lambda: record.client_closed_early, within=1.0)
+    assert await emu.until(lambda: record.client_closed_early)
     assert backend.status()[emu.url]["inflight"] == 0
 
 
@@ -107,7 +107,7 @@ async def test_a_hung_relay_times_out_and_closes_upstream(emu: Emulator) -> None
     finally:
         await ollama.aclose()
     assert caught.value.code is ErrorCode.TIMEOUT
-    assert 0.25 <= waited < 2.0
+    assert 0.25 <= waited < 5.0  # the 0.3 s timeout, not one of the 10 s ones (a busy machine is late)
     record = only_generation(emu)
     assert len(stamps) == record.pieces_sent
     assert await emu.until(lambda: record.client_closed_early)
@@ -136,6 +136,6 @@ async def test_cancelling_the_task_stops_handing_on_and_closes_upstream(
         await task
     assert after_cancel == []
     record = only_generation(emu)
-    assert await emu.until(lambda: record.client_closed_early, within=1.0)
+    assert await emu.until(lambda: record.client_closed_early)
     assert record.closed_at is not None and record.closed_at - closed < 0.5
     assert backend.status()[emu.url]["inflight"] == 0

@@ -117,7 +117,7 @@ async def test_cancel_ends_the_request_once_and_closes_the_upstream_stream(
     assert done is not None and done["type"] == "done" and done["finish_reason"] == "cancelled"
     assert done["usage"]["completion_tokens"] >= 3
     record = record_for(emu, "please cancel me")
-    assert await emu.until(lambda: record.client_closed_early, within=3), "upstream stream still open"
+    assert await emu.until(lambda: record.client_closed_early), "upstream stream still open"
     assert record.pieces_sent < 400
     # Nothing carries the id after its terminal message.
     await client.send({"type": "ping", "nonce": 7})
