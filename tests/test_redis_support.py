@@ -79,6 +79,24 @@ def test_a_failed_start_says_why_and_leaves_nothing_running() -> None:
         assert redis.command("PING") == "PONG"
 
 
+def test_a_picked_port_taken_before_redis_bound_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support import redis_server as support
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        picks = iter([taken])
+        real = support._free_port
+        monkeypatch.setattr(support, "_free_port", lambda: next(picks, None) or real())
+        with run_redis() as redis:
+            assert redis.port != taken and redis.url == f"redis://127.0.0.1:{redis.port}/0"
+            assert redis.command("PING") == "PONG"
+            held = redis.port
+            redis.restart()  # once it has held a port, it keeps it
+            assert redis.port == held and redis.command("PING") == "PONG"
+
+
 # -- what README's "Redis persistence" table says of each setting, observed on the real server --
 
 

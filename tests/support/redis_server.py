@@ -44,6 +44,8 @@ __all__ = ["RedisError", "RedisServer", "redis_server_binary", "run_redis"]
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+# How many times a first start whose picked port was taken before Redis bound it picks another.
+PORT_RETRIES = 3
 _Reply = bytes | int | str | list["_Reply"] | None
 
 
@@ -104,6 +106,9 @@ class RedisServer:
             raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
         self.binary = binary
         self.port = port if port is not None else _free_port()
+        # Until it first starts, a port picked here that another socket took before Redis bound
+        # it is replaced by another (`start`); a given port, or one Redis has held, is kept.
+        self._repick = port is None
         self.host = "127.0.0.1"
         self.url = f"redis://{self.host}:{self.port}/0"
         self.appendonly = appendonly
@@ -118,6 +123,21 @@ class RedisServer:
         """Start the server (on the same port and directory as before) and wait until it answers."""
         if self.running:
             return
+        for attempt in range(PORT_RETRIES + 1):
+            try:
+                self._start(timeout)
+                break
+            except RuntimeError:
+                if not (
+                    self._repick and attempt < PORT_RETRIES and "Address already in use" in self.log_text()
+                ):
+                    raise
+                self.log_path.unlink(missing_ok=True)
+                self.port = _free_port()
+                self.url = f"redis://{self.host}:{self.port}/0"
+        self._repick = False
+
+    def _start(self, timeout: float) -> None:
         command = [
             self.binary,
             "--bind",

@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Loading the models can take a while on a busy 2-core machine (the first run converts the GGUF).
 READY_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
+# How many times a server whose picked port was taken before it bound it is started on another.
+PORT_RETRIES = 3
 
 
 def free_port() -> int:
@@ -65,27 +67,32 @@ class ServerProcess:
     """A running ``sluice serve``; `stop` it (or use `run_server`, which does)."""
 
     def __init__(self, env: dict[str, str] | None = None, *, port: int | None = None) -> None:
-        self.port = port if port is not None else free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        full_env = dict(os.environ)
-        full_env.update(
+        self._env = dict(os.environ)
+        self._env.update(
             {
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "SLUICE_OLLAMA_URLS": "",
                 "SLUICE_HOST": "127.0.0.1",
-                "SLUICE_PORT": str(self.port),
             }
         )
-        full_env.update(env or {})
+        self._env.update(env or {})
+        # A port picked here may be taken (by any process's outgoing connection) before the
+        # server binds it: `wait_ready` then starts it again on another one. A given port is kept.
+        self._picked = port is None
+        self._spawn(port if port is not None else free_port())
+
+    def _spawn(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}/v1/ws"
         self._log = tempfile.NamedTemporaryFile(prefix="sluice-server-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
         self.process = subprocess.Popen(
             _sluice_command(),
             cwd=ROOT,
-            env=full_env,
+            env=self._env | {"SLUICE_PORT": str(port)},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -98,9 +105,15 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
+        respawns = PORT_RETRIES
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
+                    if self._picked and respawns and "address already in use" in self.log_text(4000).lower():
+                        respawns -= 1
+                        self._close_log()
+                        self._spawn(free_port())
+                        continue
                     raise RuntimeError(
                         f"sluice exited with {self.process.returncode} before it was ready:\n{self.log_text(4000)}"
                     )
@@ -125,6 +138,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
         self._log.close()
         with contextlib.suppress(OSError):
             self.log_path.unlink()

@@ -62,8 +62,10 @@ async def test_a_fast_stream_arrives_in_fewer_larger_deltas_with_the_exact_text(
 
 
 async def test_a_slow_stream_is_never_held(held: ServerProcess, emu: Emulator) -> None:
-    # A piece every 100 ms, five windows apart: each goes out alone, as soon as it is read.
-    emu.configure(token_rate=10, tokens=8, lines_per_write=1, split_lines=False)
+    # A piece every 500 ms, 25 windows apart: each goes out alone, as soon as it is read. (At 100 ms
+    # apart, a server or emulator stalled for 200 ms on a busy machine read three pieces at once,
+    # and the third was rightly held with the second.)
+    emu.configure(token_rate=2, tokens=6, lines_per_write=1, split_lines=False)
     client = await Client.connect(held.ws_url)
     await client.send(generate("slow", "a slow stream"))
     events = await client.until_terminal("slow")
