@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from server.cluster.logbound import RedisShare
 
 __all__ = [
+    "DELTA_HEAD",
+    "SEQ_FIELD",
     "WRITE_INTERVAL_S",
     "WRITE_WINDOW_S",
     "Framed",
@@ -110,16 +112,17 @@ class Framed(NamedTuple):
         return decode_event(self.frame)
 
 
-_DELTA_HEAD = b'{"type":"delta",'
-_SEQ = b',"seq":'
+# How a logged delta's JSON begins, and the field its seq follows (`framed`).
+DELTA_HEAD = b'{"type":"delta",'
+SEQ_FIELD = b',"seq":'
 
 
 def framed(line: bytes) -> LoggedMessage | Framed:
     """A logged event's JSON: a delta as it is (`Framed`), anything else decoded. A delta's seq
     follows its id, a JSON string, which cannot hold an unescaped quote: the first ``,"seq":`` is
     the field."""
-    if line.startswith(_DELTA_HEAD):
-        at = line.find(_SEQ) + len(_SEQ)
+    if line.startswith(DELTA_HEAD):
+        at = line.find(SEQ_FIELD) + len(SEQ_FIELD)
         return Framed(int(line[at : line.index(b",", at)]), line.decode())
     return decode_event(line)
 

@@ -48,7 +48,7 @@ from protocol.errors import SluiceError
 from protocol.messages import ChatMessage, ClientMessage, Done, Goaway, LoggedMessage, Ping, Pong, Welcome
 from protocol.session import Accepted, Ignored, Outcome, Reply
 from server.cluster import forwarded, forwarding
-from server.cluster.eventlog import Framed, RedisEventLog, framed
+from server.cluster.eventlog import DELTA_HEAD, SEQ_FIELD, Framed, RedisEventLog, framed
 from server.cluster.homes import attach_generation
 from server.outbox import Outbox
 from server.runtime import SessionRuntime
@@ -64,6 +64,7 @@ _IGNORED = Ignored()
 _TAKEN_OVER = "session taken over by another connection"
 # How many forwards' answers the home keeps (`ClusterSession.answered`).
 _APPLIED_KEPT = 256
+_SEQ_LEN = len(SEQ_FIELD)
 
 
 class FeedSink(Outbox):
@@ -271,6 +272,26 @@ class ClusterSession:
                 if line.startswith(b"!"):
                     self._notice(line)
             return
+        outbox = self._outbox
+        if self._held is None and outbox is not None and outbox.sends_json and not outbox.closed:
+            # The usual run, in one flat loop: deltas that follow the last one delivered, each
+            # handed to the transport as its frame, with no event built for it. The first line
+            # that is anything else (a notice, another event, a seq out of turn) and all after it
+            # take the general path below.
+            delivered, push_frame, start = self._delivered, outbox.push_frame, 0
+            for line in lines:
+                if not line.startswith(DELTA_HEAD):
+                    break
+                at = line.find(SEQ_FIELD) + _SEQ_LEN
+                seq = int(line[at : line.index(b",", at)])
+                if seq != delivered + 1:
+                    break
+                push_frame(line.decode())
+                self._delivered = delivered = seq
+                start += 1
+            if start == len(lines):
+                return
+            lines = lines[start:]
         events: list[LoggedMessage | Framed] = []
         for line in lines:
             if line.startswith(b"!"):
@@ -290,24 +311,26 @@ class ClusterSession:
         outbox = self._outbox
         if outbox is None or outbox.closed:
             return
-        sends_json = outbox.sends_json
+        # A delta as it was logged goes as its frame, never decoded (`push_frame`).
+        push_frame = outbox.push_frame if outbox.sends_json else None
         for index, event in enumerate(events):
-            if event.seq <= self._delivered:
+            seq = event.seq
+            if seq <= self._delivered:
                 continue  # the log gave it already
-            if event.seq != self._delivered + 1:
+            if seq != self._delivered + 1:
                 self._held = list(events[index:])
                 self._registry.fill_gap(self, self._delivered)
                 return
             if isinstance(event, Framed):
-                if sends_json:  # a delta as it was logged: its frame, never decoded
-                    outbox.push_frame(event.frame)
+                if push_frame is not None:
+                    push_frame(event.frame)
                 else:
                     outbox.push(event.event())
             else:
                 outbox.push(event)
                 if isinstance(event, Goaway):
                     self._goaway_due = False
-            self._delivered = event.seq
+            self._delivered = seq
 
     def gap_filled(self, events: list[LoggedMessage] | None) -> None:
         """The log's events after the last delivered one (None: the log no longer has them all)."""
