@@ -253,8 +253,14 @@ class Session:
         caller builds the frame from ``request_id``, the seq and ``text``); ``None`` when the
         request already ended. A `DeltaLog` (a `MemoryEventLog`, a cluster home's log) takes the
         fields as they are, so no model is built; any other log is given the `Delta`."""
-        if not self._piece(request_id, text):
+        # `_piece`, inlined for a running generation (once per token).
+        entry = self._inflight.get(request_id)
+        if entry is None:
             return None
+        if entry.state is not State.RUNNING or entry.kind != "generate":
+            self._running(request_id, "generate")  # once per request: start it, or raise
+        if entry._reply is not None:
+            entry._reply.append(text)
         seq = self._seq + 1
         append_delta = self._append_delta
         if append_delta is not None:

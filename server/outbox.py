@@ -195,7 +195,15 @@ class Outbox:
         if self._close_code is not None or self._finishing is not None:
             return
         frame = encode_delta(request_id, seq, text)
-        if self.write_now is not None and self._sender_idle() and self.write_now(frame):
+        # `_sender_idle`, inlined: this runs once per token.
+        write_now, waiter = self.write_now, self._waiter
+        if (
+            write_now is not None
+            and waiter is not None
+            and not waiter.done()
+            and not self._frames
+            and write_now(frame)
+        ):
             return
         self._queue_frame(frame)
 

@@ -60,6 +60,8 @@ __all__ = ["DETACHED_CHUNK_CHARS", "SessionRuntime"]
 log = logging.getLogger("sluice.runtime")
 
 _IGNORED = Ignored()
+# The hold window's clock (read once per token while a window is set).
+_hold_clock = time.perf_counter
 
 # With no connection attached, a generation's text is numbered in pieces of about this size, so a
 # long generation costs the replay log a few large deltas instead of thousands of tiny ones.
@@ -370,41 +372,44 @@ class SessionRuntime:
         return outbox
 
     def _delta(self, request_id: str, text: str) -> None:
-        outbox = self._live()
+        # Once per token, so the common case is inline: a live outbox with room (`has_room` is
+        # False once it is closed), the hold window's check, then numbered and pushed as fields
+        # (no message model is built for it).
+        outbox = self._outbox
         if outbox is not None and outbox.has_room:
-            if outbox.hold_s and self._held(request_id, text, outbox.hold_s):
-                return
+            hold_s = outbox.hold_s
+            if hold_s:
+                now = _hold_clock()
+                sent = self._sent_at.get(request_id)
+                if sent is not None and now - sent < hold_s:
+                    self._hold(request_id, text, hold_s)
+                    return
+                self._sent_at[request_id] = now
+                if request_id in self._pending:
+                    # Its window is over before its timer fired: the held text and this token,
+                    # one delta.
+                    self._merge(request_id, text)
+                    self._flush_one(request_id)
+                    return
             if self._pending:
                 self._flush_pending()
-            # Once per token: straight to the outbox just checked (`_send` would look it up again),
-            # as fields: no message model is built for it.
             seq = self.session.numbered_delta(request_id, text)
             if seq is not None:
                 outbox.push_delta(request_id, seq, text)
             return
+        outbox = self._live()
         if self._merge(request_id, text):
             self._metrics.outbound_merge()
         if outbox is None and self._pending_chars[request_id] >= DETACHED_CHUNK_CHARS:
             self._flush_one(request_id)
 
-    def _held(self, request_id: str, text: str, hold_s: float) -> bool:
-        """Whether ``text`` went out with this request's held text (now or later) rather than as its
-        own delta: held when the request's previous delta went out less than ``hold_s`` ago."""
-        now = time.perf_counter()
-        sent = self._sent_at.get(request_id)
-        if sent is not None and now - sent < hold_s:
-            self._merge(request_id, text)
-            if request_id not in self._releases:
-                loop = asyncio.get_running_loop()
-                self._releases[request_id] = loop.call_later(hold_s, self._release, request_id)
-            return True
-        self._sent_at[request_id] = now
-        if request_id not in self._pending:
-            return False
-        # Its window is over before its timer fired: the held text and this token, one delta.
+    def _hold(self, request_id: str, text: str, hold_s: float) -> None:
+        """``text`` came less than ``hold_s`` after this request's previous delta went out: it
+        waits, merged with what follows, for the release timer (armed once per window)."""
         self._merge(request_id, text)
-        self._flush_one(request_id)
-        return True
+        if request_id not in self._releases:
+            loop = asyncio.get_running_loop()
+            self._releases[request_id] = loop.call_later(hold_s, self._release, request_id)
 
     def _release(self, request_id: str) -> None:
         """A request's hold window is over: its held text goes out as one delta. Without room (or a
@@ -412,7 +417,7 @@ class SessionRuntime:
         self._releases.pop(request_id, None)
         outbox = self._live()
         if request_id in self._pending and outbox is not None and outbox.has_room:
-            self._sent_at[request_id] = time.perf_counter()
+            self._sent_at[request_id] = _hold_clock()
             self._flush_one(request_id)
 
     def _merge(self, request_id: str, text: str) -> bool:

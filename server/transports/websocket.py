@@ -71,7 +71,8 @@ class SessionSocket:
         websocket = WebSocket(scope, receive, send)
         frames = scope.get("extensions", {}).get(FRAMES)
         write_frames = frames.get("write") if isinstance(frames, dict) else None
-        await WebSocketConnection(websocket, services_of(websocket), send, write_frames).serve()
+        write_one = frames.get("write_one") if isinstance(frames, dict) else None
+        await WebSocketConnection(websocket, services_of(websocket), send, write_frames, write_one).serve()
 
 
 session_socket = SessionSocket()
@@ -90,6 +91,7 @@ class WebSocketConnection:
         services: Services,
         send: Send | None = None,
         write_frames: Callable[[Sequence[str]], bool] | None = None,
+        write_one: Callable[[Frame], bool] | None = None,
     ) -> None:
         self._ws = websocket
         # The ASGI send of this connection, for data frames (see the module docstring).
@@ -102,6 +104,8 @@ class WebSocketConnection:
         self._stopping_read = False
         # The server's many-frames write (`FRAMES`), when it offers one (then `send` is its send).
         self._write_frames = write_frames if send is not None else None
+        # Its one-frame form (`Outbox.write_now` itself: no wrapper per token), when it has one.
+        self._write_now = (write_one or self._write_one) if self._write_frames is not None else None
 
     async def serve(self) -> None:
         ws, services = self._ws, self._services
@@ -184,8 +188,7 @@ class WebSocketConnection:
 
         sender.add_done_callback(stop_reading)
         outbox.on_close = stop_sending
-        if self._write_frames is not None:
-            outbox.write_now = self._write_one
+        outbox.write_now = self._write_now
         peer_left = False
         try:
             peer_left = await self._read_loop(runtime)

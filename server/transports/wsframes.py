@@ -14,7 +14,9 @@ object that frames everything else on the connection and written with one ``tran
   connection can take them at once (open, not closing, its write buffer below the high-water
   mark) and returns True; otherwise it writes nothing and returns False, and the caller falls
   back to the awaiting send. This lets the runtime that produced a token write it in the same
-  step, instead of waking the connection's sender task once per token.
+  step, instead of waking the connection's sender task once per token;
+- ``scope["extensions"][FRAMES]["write_one"](frame)`` is ``write`` of one frame (a token's, the
+  hot path: no sequence built), False without writing for anything but a ``str``.
 
 Without extensions negotiated (sluice turns permessage-deflate off) a server's text frame is a
 two-to-ten-byte header and the payload (RFC 6455 §5.2: FIN, opcode 1, no mask), which `text_frame`
@@ -70,22 +72,39 @@ class FramesProtocol(WebSocketsSansIOProtocol):
         if self.response.status_code == 101:
             # The application's task is created but has not run yet: it sees the extension.
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[FRAMES] = {"write": self.write_frames}
+            extensions[FRAMES] = {"write": self.write_frames, "write_one": self.write_one}
 
-    def write_frames(self, frames: Sequence[str]) -> bool:
-        """Write ``frames`` now, one text frame each, in one ``transport.write``; False (nothing
-        written) when the connection cannot take them without waiting."""
-        conn = self.conn
-        if (
+    def _can_write(self) -> bool:
+        """Whether a frame written now goes out without waiting (module docstring)."""
+        return not (
             self.disconnected
             or self.close_sent
             or not self.handshake_complete
             or self.initial_response is not None
             or not self.writable.is_set()
-            or conn.state is not State.OPEN
+            or self.conn.state is not State.OPEN
             or self.transport.is_closing()
-        ):
+        )
+
+    def write_one(self, frame: str | bytes) -> bool:
+        """`write_frames` of the one text frame ``frame`` (once per token: the same checks and bytes,
+        no sequence built); False, writing nothing, for a binary frame."""
+        if type(frame) is not str or not self._can_write():
             return False
+        conn = self.conn
+        if conn.extensions or conn.writes:
+            return self.write_frames((frame,))
+        payload = frame.encode()
+        size = len(payload)
+        self.transport.write(_HEAD_SHORT[size] + payload if size < 126 else text_frame(payload))
+        return True
+
+    def write_frames(self, frames: Sequence[str]) -> bool:
+        """Write ``frames`` now, one text frame each, in one ``transport.write``; False (nothing
+        written) when the connection cannot take them without waiting."""
+        if not self._can_write():
+            return False
+        conn = self.conn
         if conn.extensions:
             try:
                 for frame in frames:

@@ -139,6 +139,7 @@ class OllamaBackend(Generator):
         assert task is not None
         cancelled_before = task.cancelling()
         first = True
+        keep = check.text if check.checks_text else None
 
         def feed(data: bytes) -> None:
             nonlocal first
@@ -151,7 +152,9 @@ class OllamaBackend(Generator):
                     first = False
                     guard.first_piece()
                 if text:
-                    on_text(check.text(text))
+                    if keep is not None:
+                        keep(text)
+                    on_text(text)
                 # A read that completed text and a call gives the text first.
                 for call in calls or ():
                     on_call(check.call(call))

@@ -61,6 +61,11 @@ class ReplyCheck:
         self._text: list[str] | None = [] if request.format is not None else None
         self._calls = 0
 
+    @property
+    def checks_text(self) -> bool:
+        """Whether `text` must see every piece (else it can be skipped: it only returns it)."""
+        return self._text is not None
+
     def text(self, piece: str) -> str:
         if self._text is not None:
             self._text.append(piece)

@@ -155,6 +155,9 @@ class StreamDecoder:
     def feed(self, data: bytes) -> str:
         if self._buffer:
             data = self._buffer + data
+        elif data.find(b"\n") == len(data) - 1:
+            # One whole line (how Ollama writes a token): no split (orjson allows its newline).
+            return self._line(data)
         lines = data.split(b"\n")
         # The last element is the start of a line still on its way ("" when data ended a line).
         self._buffer = lines.pop()

@@ -2,9 +2,10 @@
 
 Pure: `text_frame` writes byte for byte what ``websockets`` writes for a server's text frame.
 Outside: a real uvicorn on loopback running `FramesProtocol` under a small ASGI app, and the real
-``websockets`` client: frames written at once, frames sent as one batch and plain
-``websocket.send`` messages arrive as separate messages, in order; the extension is advertised in
-the scope; a write after the close is refused.
+``websockets`` client: frames written at once (one by one, through ``write_one``, or several),
+frames sent as one batch and plain ``websocket.send`` messages arrive as separate messages, in
+order; the extension is advertised in the scope; ``write_one`` refuses a binary frame; a write
+after the close is refused.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ async def test_frames_written_at_once_and_in_batches_arrive_as_separate_messages
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         write = scope["extensions"][FRAMES]["write"]
+        write_one = scope["extensions"][FRAMES]["write_one"]
         seen["single"] = write(["zero"])  # one token's frame: the path without a join
+        seen["one"] = (write_one("zero+"), write_one("é" * 100), write_one(b"binary"))
         seen["direct"] = write(["one", "two"])
         await send({"type": FRAMES_SEND, "frames": ["three", "four", "é" * 200]})
         await send({"type": "websocket.send", "text": "five"})
         await send({"type": "websocket.close", "code": 1000})
-        seen["after_close"] = write(["six"])
+        seen["after_close"] = (write(["six"]), write_one("six"))
         await receive()
 
     listener = socket.socket()
@@ -61,9 +64,14 @@ async def test_frames_written_at_once_and_in_batches_arrive_as_separate_messages
                 break
             await asyncio.sleep(0.01)
         async with connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
-            got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(7)]
+            got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(9)]
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
-    assert got == ["zero", "one", "two", "three", "four", "é" * 200, "five"]
-    assert seen == {"single": True, "direct": True, "after_close": False}
+    assert got == ["zero", "zero+", "é" * 100, "one", "two", "three", "four", "é" * 200, "five"]
+    assert seen == {
+        "single": True,
+        "one": (True, True, False),
+        "direct": True,
+        "after_close": (False, False),
+    }
