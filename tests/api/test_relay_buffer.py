@@ -34,27 +34,26 @@ def fast_emulator() -> Iterator[Emulator]:
         yield emu
 
 
-@pytest.fixture(scope="module")
-def bounded(fast_emulator: Emulator) -> Iterator[ServerProcess]:
+def _server(emulator: Emulator, hard_bytes: int) -> Iterator[ServerProcess]:
+    """A server on ``emulator`` with small socket send buffers and ``hard_bytes`` as its bound."""
     env = {
-        "SLUICE_OLLAMA_URLS": fast_emulator.url,
-        "SLUICE_OUTBOUND_HARD_BYTES": str(HARD_BYTES),
+        "SLUICE_OLLAMA_URLS": emulator.url,
+        "SLUICE_OUTBOUND_HARD_BYTES": str(hard_bytes),
         "SLUICE_SOCKET_SEND_BUFFER_BYTES": "4096",
     }
     with sluice(env) as process:
         yield process
+
+
+@pytest.fixture(scope="module")
+def bounded(fast_emulator: Emulator) -> Iterator[ServerProcess]:
+    yield from _server(fast_emulator, HARD_BYTES)
 
 
 @pytest.fixture(scope="module")
 def roomy(fast_emulator: Emulator) -> Iterator[ServerProcess]:
     """The same small socket buffers, with a bound above the whole stream's bytes."""
-    env = {
-        "SLUICE_OLLAMA_URLS": fast_emulator.url,
-        "SLUICE_OUTBOUND_HARD_BYTES": str(ROOMY_BYTES),
-        "SLUICE_SOCKET_SEND_BUFFER_BYTES": "4096",
-    }
-    with sluice(env) as process:
-        yield process
+    yield from _server(fast_emulator, ROOMY_BYTES)
 
 
 async def _open(url: str, prompt: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
